@@ -1,0 +1,1 @@
+"""The ``fisherstore`` command (installed as ``fisherstore.cli``): argument parsing and output only."""

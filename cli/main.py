@@ -1,0 +1,86 @@
+"""Entry point of the ``fisherstore`` command: global options, logging, errors → exit codes.
+
+Exit codes: 0 success; 1 a check found a problem (``verify``) or an
+unexpected internal error; 2 bad input or usage (one line on stderr; the
+traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from fisherstore import __version__
+from fisherstore.errors import FisherStoreError
+from fisherstore.progress import set_quiet
+
+__all__ = ["main", "build_parser"]
+
+#: Sub-command modules, in the order ``--help`` lists them.
+COMMANDS = ("info", "convert", "verify", "importance")
+
+EPILOG = """\
+typical session:
+  fisherstore info fisher.pt                      what is in a legacy file
+  fisherstore convert fisher.pt store/            stream it into a sharded safetensors store
+  fisherstore convert store/ store.zarr --compression blosc-zstd-bitshuffle
+  fisherstore verify store/                       check every checksum (exit 1 if corrupt)
+  fisherstore importance store/ -o layer_importance.json
+
+Run 'fisherstore COMMAND --help' for each command's options and examples.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fisherstore",
+        description="Extract, store, read and use the diagonal Fisher information of large language models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fisherstore {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done (INFO level)")
+    parser.add_argument("--debug", action="store_true", help="debug logging and full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"fisherstore.cli.cmd_{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    set_quiet(args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("fisherstore: interrupted", file=sys.stderr)
+        return 130
+    except (FisherStoreError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fisherstore: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"fisherstore: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

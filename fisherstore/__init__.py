@@ -1,0 +1,44 @@
+"""fisherstore: extract, store, read and use the diagonal Fisher of large language models.
+
+The public API is re-exported here; see ARCHITECTURE.md for how the modules are cut.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    BadInputError,
+    ChecksumMismatchError,
+    CorruptDataError,
+    FisherStoreError,
+    IncompleteStoreError,
+    StoreNotFoundError,
+    TensorNotFoundError,
+    UnsafePickleError,
+)
+from .importance import load_importance
+from .manifest import GroupInfo, Manifest, TensorInfo, TensorSpec
+from .store import FisherStore, open_store
+from .writer import StoreWriter, plan_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "open_store",
+    "FisherStore",
+    "StoreWriter",
+    "plan_groups",
+    "load_importance",
+    "Manifest",
+    "TensorInfo",
+    "TensorSpec",
+    "GroupInfo",
+    "FisherStoreError",
+    "BadInputError",
+    "CorruptDataError",
+    "ChecksumMismatchError",
+    "UnsafePickleError",
+    "StoreNotFoundError",
+    "TensorNotFoundError",
+    "IncompleteStoreError",
+]

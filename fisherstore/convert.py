@@ -1,0 +1,151 @@
+"""Conversion between every pair of formats, one bounded buffer at a time.
+
+Sources: a store (safetensors or zarr), a legacy ``fisher.pt``, a bare
+``.safetensors`` file.  Targets: a safetensors store, a zarr store, a
+``fisher.pt``.  Bytes move in buffers of at most ``chunk_bytes`` (at least one
+row), so peak memory does not grow with the file.  Where the source recorded
+checksums they are checked on the way through, for free.  The target appears
+under its final name only when complete: a store is built in a temporary
+directory beside it and renamed, a ``fisher.pt`` is written to a temporary
+file and renamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ._io import TMP_PREFIX, fsync_dir
+from ._tally import Tally
+from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
+from .manifest import GroupInfo, TensorInfo, now_iso
+from .progress import progress
+from .store import DEFAULT_CHUNK_BYTES, FisherStore, open_store
+from .writer import StoreWriter, plan_groups
+
+__all__ = ["convert", "infer_target", "TARGETS"]
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("safetensors", "zarr", "pt")
+
+
+def infer_target(dst: Path) -> str:
+    """Target format from a destination name: ``*.pt``/``*.pth`` → pt, ``*.zarr`` → zarr, else safetensors."""
+    if dst.suffix in (".pt", ".pth"):
+        return "pt"
+    if dst.suffix == ".zarr":
+        return "zarr"
+    return "safetensors"
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    to: str | None = None,
+    backend_options: dict[str, Any] | None = None,
+    group_size: int = 8,
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Path:
+    """Convert ``src`` into a new ``dst`` of format ``to`` (inferred from ``dst`` when omitted).
+
+    Returns ``dst``.  The source is only read.  Store groups are kept as they
+    are; a file source is split into groups of ``group_size`` layers.
+    """
+    src, dst = Path(src), Path(dst)
+    to = to or infer_target(dst)
+    if to not in TARGETS:
+        raise BadInputError(f"unknown target format {to!r}; choose one of {TARGETS}")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise BadInputError(f"destination {dst} must not be the source or lie inside it")
+    if dst.exists() and not overwrite:
+        raise BadInputError(f"{dst} already exists; choose a new path or pass --overwrite")
+    if chunk_bytes < 1:
+        raise BadInputError(f"chunk size must be positive, got {chunk_bytes}")
+    with open_store(src) as store:
+        if not store.complete:
+            missing = [g.index for g in store.manifest.groups if not g.complete]
+            raise IncompleteStoreError(f"{src}: groups {missing} are not written; resume the store before converting it")
+        if backend_options and to == "pt":
+            raise BadInputError("fisher.pt takes no backend options (compression, chunking)")
+        with progress(total=store.nbytes, desc=f"convert → {to}", unit="B", unit_scale=True, unit_divisor=1024) as bar:
+            if to == "pt":
+                _to_pt(store, dst, chunk_bytes, bar)
+            else:
+                _to_store(store, dst, to, backend_options or {}, group_size, chunk_bytes, bar)
+    log.info("converted %s → %s (%s)", src, dst, to)
+    return dst
+
+
+def _checked_chunks(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[memoryview]:
+    """A tensor's bytes, checked against its recorded checksum once the last chunk has passed."""
+    tally = Tally(info.dtype) if info.checksum else None
+    for chunk in store.iter_bytes(info.name, chunk_bytes):
+        if tally:
+            tally.update(chunk)
+        bar.update(len(chunk))
+        yield chunk
+    if tally and tally.checksum.hexdigest() != info.checksum:
+        raise ChecksumMismatchError(
+            f"tensor {info.name!r}: source bytes hash to {tally.checksum.hexdigest()}, its manifest says "
+            f"{info.checksum}; the source is corrupt (run fisherstore verify on it)"
+        )
+
+
+def _to_pt(store: FisherStore, dst: Path, chunk_bytes: int, bar: Any) -> None:
+    from .formats.legacy_pt import write_pt
+
+    infos = [store.info(n) for n in store.names]
+    write_pt(dst, [i.spec for i in infos], ((i.spec, _checked_chunks(store, i, chunk_bytes, bar)) for i in infos))
+
+
+def _plan(store: FisherStore, group_size: int) -> tuple[GroupInfo, ...]:
+    if store.format in ("safetensors", "zarr"):
+        return store.manifest.groups
+    return plan_groups([store.info(n).spec for n in store.names], group_size)
+
+
+def _to_store(
+    store: FisherStore, dst: Path, backend: str, options: dict[str, Any], group_size: int, chunk_bytes: int, bar: Any
+) -> None:
+    tmp = dst.parent / f"{TMP_PREFIX}{dst.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    source_meta = {"path": str(store.path), "format": store.format, "converted": now_iso()}
+    provenance = {**store.manifest.provenance, "converted_from": source_meta}
+    if store.manifest.kind == "masks" and backend == "safetensors":
+        options = {"prefix": "masks", **options}
+    try:
+        writer = StoreWriter.create(
+            tmp, _plan(store, group_size), backend=backend, backend_options=options,
+            kind=store.manifest.kind, provenance=provenance, attrs=store.manifest.attrs,
+        )
+        with writer:
+            for group in writer.manifest.groups:
+                infos = [store.info(s.name) for s in group.tensors]
+                items: Iterable = ((i.spec, _stream(store, i, chunk_bytes, bar)) for i in infos)
+                writer.stream_group(
+                    group.index, items,
+                    attrs={i.name: i.attrs for i in infos},
+                    expect={i.name: i.checksum for i in infos},
+                )
+            writer.finish()
+        if dst.exists():  # overwrite: the new store is complete before the old one goes
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _stream(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[memoryview]:
+    for chunk in store.iter_bytes(info.name, chunk_bytes):
+        bar.update(len(chunk))
+        yield chunk

@@ -1,0 +1,57 @@
+"""One error hierarchy for the whole library.
+
+Every error fisherstore raises on purpose derives from :class:`FisherStoreError`
+and also from the builtin it resembles, so callers may catch either
+(``except KeyError`` still works for a missing tensor).  The CLI maps
+:class:`BadInputError` (and its children) to exit code 2 and prints
+``str(error)`` as the one-line message, so messages name the offending path,
+key or value and, where possible, say what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FisherStoreError",
+    "BadInputError",
+    "CorruptDataError",
+    "ChecksumMismatchError",
+    "UnsafePickleError",
+    "StoreNotFoundError",
+    "TensorNotFoundError",
+    "IncompleteStoreError",
+]
+
+
+class FisherStoreError(Exception):
+    """Base class of every error raised by fisherstore."""
+
+
+class BadInputError(FisherStoreError, ValueError):
+    """The input (a file, a name, an option) cannot be used as given."""
+
+
+class CorruptDataError(BadInputError):
+    """A file is structurally invalid: truncated, inconsistent header, missing chunk."""
+
+
+class ChecksumMismatchError(CorruptDataError):
+    """A tensor's bytes do not match the checksum recorded in the manifest."""
+
+
+class UnsafePickleError(BadInputError):
+    """A pickle asks for a global or opcode that a safe tensor reader refuses."""
+
+
+class StoreNotFoundError(BadInputError, FileNotFoundError):
+    """The path names no store, no fisher.pt and no mask store."""
+
+
+class TensorNotFoundError(FisherStoreError, KeyError):
+    """A tensor name is not in the store."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else "tensor not found"
+
+
+class IncompleteStoreError(FisherStoreError, RuntimeError):
+    """The store's manifest says some groups were never written (resume it first)."""

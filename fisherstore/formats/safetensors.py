@@ -1,0 +1,267 @@
+"""safetensors backend: one shard file per layer group plus an HF-style index.
+
+Shards are ordinary safetensors files (``fisher-00001-of-00008.safetensors``)
+and ``<prefix>.safetensors.index.json`` holds ``{"metadata": {"total_size"},
+"weight_map"}``, so ``safetensors.safe_open`` and HF tooling read a store
+without fisherstore.  Headers are written first (every group's specs are
+planned), then tensor bytes stream in with ``pwrite``; the shard appears under
+its final name only on commit.
+
+This module also parses and validates headers for bare ``.safetensors``
+files (:class:`SafetensorsFileSource`), refusing the header lies the
+safetensors spec forbids: oversize headers, holes, overlaps, offsets past the
+end, sizes that disagree with dtype × shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import TMP_PREFIX, fsync_dir, pread_tensor, write_all, write_json_atomic
+from ..errors import BadInputError, CorruptDataError
+from ..manifest import DTYPES, GroupInfo, TensorInfo, TensorSpec
+from ..naming import parse_name, validate_name
+from .base import Backend, Buffer, GroupSink, rows_of
+
+__all__ = ["SafetensorsBackend", "SafetensorsFileSource", "read_header", "ST_DTYPES"]
+
+#: safetensors dtype codes ↔ manifest dtype names.
+ST_DTYPES: dict[str, str] = {
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "I8": "int8",
+    "U8": "uint8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "BOOL": "bool",
+}
+_CODES = {v: k for k, v in ST_DTYPES.items()}
+_HEADER_CAP = 100_000_000  # the safetensors spec's cap on the JSON header
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
+    """Parse and validate a safetensors header.
+
+    Returns ``(data_start, entries, metadata)`` where ``entries`` maps a name to
+    ``(dtype name, shape, absolute begin, absolute end)``.  Raises
+    :class:`CorruptDataError` for anything the spec forbids.
+    """
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise CorruptDataError(f"{where}: {size} bytes is too short for a safetensors file")
+    (n,) = torch.frombuffer(bytearray(os.pread(fd, 8, 0)), dtype=torch.int64).tolist()
+    if n <= 0 or n > _HEADER_CAP or 8 + n > size:
+        raise CorruptDataError(f"{where}: header length {n} is invalid for a {size}-byte file (truncated or not safetensors)")
+    try:
+        header = json.loads(os.pread(fd, n, 8))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptDataError(f"{where}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CorruptDataError(f"{where}: header must be a JSON object")
+    metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CorruptDataError(f"{where}: __metadata__ must map strings to strings")
+    start = 8 + n
+    entries = {}
+    spans = []
+    for name, e in header.items():
+        try:
+            validate_name(name)
+        except BadInputError as exc:
+            raise CorruptDataError(f"{where}: {exc}") from None
+        if not isinstance(e, dict) or e.get("dtype") not in ST_DTYPES:
+            raise CorruptDataError(f"{where}: tensor {name!r} has an unknown dtype {e.get('dtype') if isinstance(e, dict) else e!r}")
+        shape, offs = e.get("shape"), e.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CorruptDataError(f"{where}: tensor {name!r} has a bad shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs) and 0 <= offs[0] <= offs[1]):
+            raise CorruptDataError(f"{where}: tensor {name!r} has bad data_offsets {offs!r}")
+        dtype = ST_DTYPES[e["dtype"]]
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        if offs[1] - offs[0] != expected:
+            raise CorruptDataError(
+                f"{where}: tensor {name!r} spans {offs[1] - offs[0]} bytes but {e['dtype']}{shape} needs {expected}"
+            )
+        entries[name] = (dtype, tuple(shape), start + offs[0], start + offs[1])
+        spans.append((offs[0], offs[1], name))
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            kind = "overlaps the previous tensor" if begin < pos else f"leaves a hole of {begin - pos} bytes"
+            raise CorruptDataError(f"{where}: tensor {name!r} {kind}")
+        pos = end
+    if start + pos != size:
+        raise CorruptDataError(
+            f"{where}: header describes {start + pos} bytes but the file has {size} (truncated or padded)"
+        )
+    return start, entries, metadata
+
+
+class _ShardSink(GroupSink):
+    """Writes one shard: header first, then each tensor's bytes at its offset."""
+
+    def __init__(self, backend: SafetensorsBackend, group: GroupInfo, num_groups: int) -> None:
+        self.final = backend.root / backend.shard_name(group.index, num_groups)
+        self.tmp = backend.root / f"{TMP_PREFIX}{self.final.name}"
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "fisherstore"}}
+        pos = 0
+        for spec in group.tensors:
+            header[spec.name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [pos, pos + spec.nbytes]}
+            pos += spec.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as safetensors itself does
+        self.data_start = 8 + len(blob)
+        self.offsets = {s.name: self.data_start + header[s.name]["data_offsets"][0] for s in group.tensors}
+        self.pending = {s.name for s in group.tensors}
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0)
+
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
+        begin = self.offsets[spec.name]
+        pos = begin
+        for chunk in chunks:
+            pos = write_all(self.fd, chunk, pos)
+        if pos - begin != spec.nbytes:
+            raise CorruptDataError(f"tensor {spec.name!r}: got {pos - begin} bytes, expected {spec.nbytes}")
+        self.pending.discard(spec.name)
+        return {"file": self.final.name, "offsets": [begin, pos]}
+
+    def commit(self) -> None:
+        if self.pending:
+            raise CorruptDataError(f"{self.final.name}: tensors never written: {sorted(self.pending)}")
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+class _ShardReader:
+    """Open shard files, validated once against their own headers (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]] = {}
+        self._lock = threading.Lock()
+
+    def entries(self, path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
+        with self._lock:
+            if path not in self._fds:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CorruptDataError(f"{path}: shard file is missing") from None
+                try:
+                    self._fds[path] = (fd, read_header(fd, str(path))[1])
+                except BaseException:
+                    os.close(fd)
+                    raise
+            return self._fds[path]
+
+    def read(self, path: Path, name: str, dtype: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        fd, entries = self.entries(path)
+        entry = entries.get(name)
+        if entry is None or entry[0] != dtype or entry[1] != shape:
+            raise CorruptDataError(f"{path}: header entry for {name!r} is {entry and entry[:2]}, manifest says {(dtype, shape)}")
+        nrows, per_row = rows_of(shape)
+        if not 0 <= start <= stop <= nrows:
+            raise BadInputError(f"rows [{start}, {stop}) out of range for {name!r} with {nrows} rows")
+        itemsize = DTYPES[dtype].itemsize
+        raw = pread_tensor(fd, (stop - start) * per_row * itemsize, entry[2] + start * per_row * itemsize, f"{path} tensor {name!r}")
+        out = raw.view(DTYPES[dtype])
+        return out.reshape(shape) if len(shape) == 0 else out.reshape((stop - start, *shape[1:]))
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class SafetensorsBackend(Backend):
+    """A store whose groups are safetensors shards (see module docstring)."""
+
+    name = "safetensors"
+
+    def __init__(self, root: Path, options: dict[str, Any] | None = None) -> None:
+        super().__init__(root, options)
+        self._reader = _ShardReader()
+
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(options) - {"prefix"}
+        if unknown:
+            raise BadInputError(f"safetensors backend options are 'prefix'; got unknown {sorted(unknown)}")
+        prefix = options.get("prefix", "fisher")
+        if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+            raise BadInputError(f"safetensors shard prefix {prefix!r} must be 1-64 letters, digits, '_' or '-'")
+        return {"prefix": prefix}
+
+    def shard_name(self, index: int, num_groups: int) -> str:
+        return f"{self.options['prefix']}-{index + 1:05d}-of-{num_groups:05d}.safetensors"
+
+    @property
+    def index_name(self) -> str:
+        return f"{self.options['prefix']}.safetensors.index.json"
+
+    def begin_group(self, group: GroupInfo, num_groups: int) -> GroupSink:
+        return _ShardSink(self, group, num_groups)
+
+    def _file(self, info: TensorInfo) -> Path:
+        name = info.location.get("file")
+        if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".safetensors") or name.startswith("."):
+            raise CorruptDataError(f"tensor {info.name!r}: manifest location file {name!r} is not a shard name")
+        return self.root / name
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        return self._reader.read(self._file(info), info.name, info.dtype, info.shape, start, stop)
+
+    def finalize(self, tensors: dict[str, TensorInfo], groups: tuple[GroupInfo, ...]) -> None:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+            "weight_map": {n: t.location["file"] for n, t in tensors.items()},
+        }
+        write_json_atomic(self.root / self.index_name, index)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class SafetensorsFileSource:
+    """A bare ``.safetensors`` file read lazily as a tensor source (no manifest, no checksums)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._reader = _ShardReader()
+        _, entries = self._reader.entries(self.path)
+        self.infos: dict[str, TensorInfo] = {}
+        for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+            layer, kind = parse_name(name)
+            self.infos[name] = TensorInfo(
+                name=name, shape=shape, dtype=dtype, group=0, layer=layer, kind=kind,
+                location={"file": self.path.name, "offsets": [begin, end]}, checksum="", sum=float("nan"),
+            )
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        return self._reader.read(self.path, info.name, info.dtype, info.shape, start, stop)
+
+    def close(self) -> None:
+        self._reader.close()

@@ -1,0 +1,341 @@
+"""The store manifest (``fisherstore.json``) as small, validated dataclasses.
+
+The manifest is the single source of truth about a store: what tensors exist,
+where their bytes are, their checksums and sums, which layer groups were
+planned and which are complete.  ``from_dict`` validates everything it reads
+and quotes the bad value, because a manifest is input like any other file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CorruptDataError
+from .naming import parse_name, validate_name
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "DTYPES",
+    "TensorSpec",
+    "TensorInfo",
+    "GroupInfo",
+    "Manifest",
+    "dtype_name",
+    "torch_dtype",
+    "now_iso",
+]
+
+FORMAT_NAME = "fisherstore"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "fisherstore.json"
+
+#: Storable dtypes, by the name the manifest uses.
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The manifest name of a torch dtype (``torch.bfloat16`` → ``"bfloat16"``)."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise CorruptDataError(f"dtype {dtype} is not storable; use one of {sorted(DTYPES)}") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a manifest dtype name."""
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise CorruptDataError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def _dtype(value: Any) -> str:
+    """Validate a manifest dtype name and return it."""
+    torch_dtype(value)
+    return value
+
+
+def _bad(where: str, msg: str) -> CorruptDataError:
+    return CorruptDataError(f"{where}: {msg}")
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    ):
+        raise _bad(where, f"shape must be a list of non-negative integers, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor will be before it is written: name, shape, dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        torch_dtype(self.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype].itemsize
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(name, tuple(tensor.shape), dtype_name(tensor.dtype))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "spec") -> TensorSpec:
+        if not isinstance(d, dict):
+            raise _bad(where, f"expected an object, got {d!r}")
+        try:
+            return cls(validate_name(d.get("name")), _shape(d.get("shape"), where), _dtype(d.get("dtype")))
+        except CorruptDataError:
+            raise
+        except ValueError as exc:
+            raise _bad(where, str(exc)) from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A written tensor: its spec plus where its bytes are and what they hash and sum to."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    group: int
+    location: dict[str, Any]
+    checksum: str
+    sum: float
+    layer: int | None = None
+    kind: str = "other"
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.shape, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.spec.nbytes
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "layer": self.layer,
+            "kind": self.kind,
+            "group": self.group,
+            "location": self.location,
+            "checksum": self.checksum,
+            "sum": self.sum,
+            "attrs": self.attrs,
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, d: Any) -> TensorInfo:
+        where = f"tensor {name!r}"
+        try:
+            validate_name(name)
+        except ValueError as exc:
+            raise CorruptDataError(f"manifest: {exc}") from None
+        if not isinstance(d, dict):
+            raise _bad(where, f"expected an object, got {d!r}")
+        for key in ("shape", "dtype", "group", "location", "checksum", "sum"):
+            if key not in d:
+                raise _bad(where, f"missing field {key!r}")
+        layer, kind = parse_name(name)
+        group = d["group"]
+        if not isinstance(group, int) or isinstance(group, bool) or group < 0:
+            raise _bad(where, f"group must be a non-negative integer, got {group!r}")
+        if not isinstance(d["location"], dict):
+            raise _bad(where, f"location must be an object, got {d['location']!r}")
+        if not isinstance(d["checksum"], str) or not d["checksum"].startswith("crc32c:"):
+            raise _bad(where, f"checksum must look like 'crc32c:xxxxxxxx', got {d['checksum']!r}")
+        if not isinstance(d["sum"], (int, float)) or isinstance(d["sum"], bool):
+            raise _bad(where, f"sum must be a number, got {d['sum']!r}")
+        attrs = d.get("attrs", {})
+        if not isinstance(attrs, dict):
+            raise _bad(where, f"attrs must be an object, got {attrs!r}")
+        return cls(
+            name=name,
+            shape=_shape(d["shape"], where),
+            dtype=_dtype(d["dtype"]),
+            group=group,
+            location=d["location"],
+            checksum=d["checksum"],
+            sum=float(d["sum"]),
+            layer=layer,
+            kind=kind,
+            attrs=attrs,
+        )
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One planned unit of work (a layer group): its tensors and whether it is written."""
+
+    index: int
+    layers: tuple[int, ...]
+    tensors: tuple[TensorSpec, ...]
+    complete: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "layers": list(self.layers),
+            "complete": self.complete,
+            "tensors": [t.to_dict() for t in self.tensors],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> GroupInfo:
+        if not isinstance(d, dict):
+            raise _bad(where, f"expected an object, got {d!r}")
+        index = d.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise _bad(where, f"index must be a non-negative integer, got {index!r}")
+        tensors = d.get("tensors", [])
+        if not isinstance(tensors, list):
+            raise _bad(where, f"tensors must be a list, got {tensors!r}")
+        return cls(
+            index=index,
+            layers=_shape(d.get("layers", []), where),
+            tensors=tuple(TensorSpec.from_dict(t, f"{where} tensor {i}") for i, t in enumerate(tensors)),
+            complete=bool(d.get("complete", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything ``fisherstore.json`` says about a store."""
+
+    backend: str
+    groups: tuple[GroupInfo, ...]
+    tensors: dict[str, TensorInfo]
+    kind: str = "fisher"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    updated: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.groups) and all(g.complete for g in self.groups)
+
+    def with_group(self, group: GroupInfo, infos: list[TensorInfo]) -> Manifest:
+        """A copy with ``group`` replaced and ``infos`` recorded."""
+        groups = tuple(group if g.index == group.index else g for g in self.groups)
+        tensors = dict(self.tensors)
+        tensors.update({i.name: i for i in infos})
+        return replace(self, groups=groups, tensors=tensors, updated=now_iso())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "kind": self.kind,
+            "backend": self.backend,
+            "backend_options": self.backend_options,
+            "complete": self.complete,
+            "created": self.created,
+            "updated": self.updated,
+            "groups": [g.to_dict() for g in self.groups],
+            "tensors": {n: t.to_dict() for n, t in self.tensors.items()},
+            "provenance": self.provenance,
+            "attrs": self.attrs,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = MANIFEST_NAME) -> Manifest:
+        if not isinstance(d, dict):
+            raise _bad(where, f"expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT_NAME:
+            raise _bad(where, f"format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
+        version = d.get("version")
+        if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
+            raise _bad(where, f"version {version!r} is not supported (this fisherstore reads 1..{FORMAT_VERSION}); upgrade fisherstore")
+        backend = d.get("backend")
+        if not isinstance(backend, str):
+            raise _bad(where, f"backend must be a string, got {backend!r}")
+        groups = d.get("groups")
+        tensors = d.get("tensors")
+        if not isinstance(groups, list) or not isinstance(tensors, dict):
+            raise _bad(where, "'groups' must be a list and 'tensors' an object")
+        for key in ("backend_options", "provenance", "attrs"):
+            if not isinstance(d.get(key, {}), dict):
+                raise _bad(where, f"{key!r} must be an object")
+        parsed_groups = tuple(GroupInfo.from_dict(g, f"{where} group {i}") for i, g in enumerate(groups))
+        parsed = {n: TensorInfo.from_dict(n, t) for n, t in tensors.items()}
+        indices = {g.index for g in parsed_groups}
+        for info in parsed.values():
+            if info.group not in indices:
+                raise _bad(where, f"tensor {info.name!r} names group {info.group}, which is not planned")
+        return cls(
+            backend=backend,
+            groups=parsed_groups,
+            tensors=parsed,
+            kind=str(d.get("kind", "fisher")),
+            backend_options=d.get("backend_options", {}),
+            provenance=d.get("provenance", {}),
+            attrs=d.get("attrs", {}),
+            created=str(d.get("created", "")),
+            updated=str(d.get("updated", "")),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        """Read and validate a manifest file."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise CorruptDataError(f"{path}: manifest missing") from None
+        if len(raw) > 256 << 20:
+            raise CorruptDataError(f"{path}: manifest is {len(raw)} bytes, over the 256 MiB cap")
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptDataError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,248 @@
+"""Reading stores lazily: ``open_store`` and :class:`FisherStore`.
+
+A :class:`FisherStore` sits over a *tensor source*: a store directory (its
+manifest plus a backend), a legacy ``fisher.pt`` or a bare ``.safetensors``
+file.  Every read goes to the source for exactly the rows asked for; nothing
+loads a whole store or a whole file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ._tally import Tally
+from .errors import BadInputError, StoreNotFoundError, TensorNotFoundError
+from .formats import get_backend
+from .formats.base import Backend, rows_of
+from .importance import importance_document, layer_sums
+from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo
+
+__all__ = ["open_store", "FisherStore", "TensorSource", "DEFAULT_CHUNK_BYTES"]
+
+#: Bounded buffer used when streaming a tensor's bytes (conversion, verify).
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+class TensorSource(Protocol):
+    """What :class:`FisherStore` reads through."""
+
+    infos: dict[str, TensorInfo]
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class _BackendSource:
+    """A store directory: tensors from its manifest, bytes from its backend."""
+
+    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+        self.infos = manifest.tensors
+        self.backend = backend
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        return self.backend.read_rows(info, start, stop)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "legacy_pt"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors-file"
+    if head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05") or path.suffix in (".pt", ".pth", ".bin"):
+        return "old-pickle"
+    raise BadInputError(f"{path}: not a fisherstore store, a torch zip fisher.pt or a safetensors file")
+
+
+def open_store(path: str | Path) -> FisherStore:
+    """Open a store directory, a legacy ``fisher.pt`` or a ``.safetensors`` file for lazy reading.
+
+    Raises :class:`StoreNotFoundError` when nothing is there and
+    :class:`~fisherstore.errors.BadInputError` (or its child
+    ``CorruptDataError``) when what is there cannot be read safely.
+    """
+    path = Path(path)
+    if path.is_dir():
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise StoreNotFoundError(f"{path} is a directory without {MANIFEST_NAME}: not a fisherstore store")
+        manifest = Manifest.load(manifest_path)
+        backend = get_backend(manifest.backend, path, manifest.backend_options)
+        return FisherStore(path, manifest, _BackendSource(manifest, backend))
+    if not path.is_file():
+        raise StoreNotFoundError(f"{path}: no such store or file")
+    kind = _sniff(path)
+    if kind == "old-pickle":
+        raise BadInputError(
+            f"{path} is a pre-1.6 (non-zip) torch file, which cannot be read lazily or safely; "
+            "re-save it with a recent torch (torch.save) first"
+        )
+    source: Any
+    if kind == "legacy_pt":
+        from .formats.legacy_pt import LegacyPtSource
+
+        source = LegacyPtSource(path)
+    else:
+        from .formats.safetensors import SafetensorsFileSource
+
+        source = SafetensorsFileSource(path)
+    layers = tuple(sorted({i.layer for i in source.infos.values() if i.layer is not None}))
+    manifest = Manifest(
+        backend=kind,
+        groups=(GroupInfo(0, layers, tuple(i.spec for i in source.infos.values()), complete=True),),
+        tensors=source.infos,
+        provenance={"source_file": str(path)},
+    )
+    return FisherStore(path, manifest, source)
+
+
+class FisherStore:
+    """Lazy, read-only access to the tensors of a store (see :func:`open_store`)."""
+
+    def __init__(self, path: Path, manifest: Manifest, source: TensorSource) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._source = source
+
+    # -- what is there --------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in store order."""
+        return list(self._source.infos)
+
+    @property
+    def format(self) -> str:
+        """``safetensors``, ``zarr``, ``legacy_pt`` or ``safetensors-file``."""
+        return self.manifest.backend
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.complete
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({i.layer for i in self._source.infos.values() if i.layer is not None})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self._source.infos.values())
+
+    def info(self, name: str) -> TensorInfo:
+        """The manifest entry of ``name``; suggests close names when it is absent."""
+        try:
+            return self._source.infos[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self._source.infos, n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise TensorNotFoundError(f"{self.path}: no tensor {name!r}{hint}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._source.infos
+
+    def __len__(self) -> int:
+        return len(self._source.infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source.infos)
+
+    # -- reading --------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def read(
+        self,
+        name: str,
+        rows: slice | tuple[int, int] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> torch.Tensor:
+        """Read a tensor, or rows ``[start, stop)`` of it, touching only those bytes.
+
+        ``dtype``/``device`` convert after reading (e.g. ``dtype=torch.float32``
+        for numerics: bf16 has no SVD kernels).
+        """
+        info = self.info(name)
+        nrows = rows_of(info.shape)[0]
+        if rows is None:
+            start, stop = 0, nrows
+        elif isinstance(rows, slice):
+            if rows.step not in (None, 1):
+                raise BadInputError(f"row slices must have step 1, got {rows.step}")
+            start, stop, _ = rows.indices(nrows)
+            stop = max(start, stop)
+        else:
+            start, stop = rows
+            if not 0 <= start <= stop <= nrows:
+                raise BadInputError(f"rows ({start}, {stop}) out of range for {name!r} with {nrows} rows")
+        out = self._source.read_rows(info, start, stop)
+        if dtype is not None or device is not None:
+            out = out.to(device=device, dtype=dtype)
+        return out
+
+    def iter_rows(self, name: str, block_rows: int, *, dtype: torch.dtype | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, rows)`` blocks of ``block_rows`` rows, one block in memory at a time."""
+        if block_rows < 1:
+            raise BadInputError(f"block_rows must be >= 1, got {block_rows}")
+        nrows = rows_of(self.info(name).shape)[0]
+        for start in range(0, nrows, block_rows):
+            yield start, self.read(name, (start, min(nrows, start + block_rows)), dtype=dtype)
+
+    def iter_bytes(self, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[memoryview]:
+        """Yield a tensor's C-order bytes in buffers of about ``chunk_bytes`` (at least one row)."""
+        info = self.info(name)
+        if info.nbytes == 0:
+            return
+        row_bytes = rows_of(info.shape)[1] * info.torch_dtype.itemsize
+        block = max(1, chunk_bytes // max(1, row_bytes))
+        for _, rows in self.iter_rows(name, block):
+            yield memoryview(rows.reshape(-1).view(torch.uint8).numpy())
+
+    def _missing_sums(self) -> dict[str, float] | None:
+        """Per-tensor sums streamed from the bytes when the source recorded none (``fisher.pt``)."""
+        if not any(math.isnan(i.sum) for i in self._source.infos.values() if i.layer is not None):
+            return None
+        sums = {}
+        for name, info in self._source.infos.items():
+            if info.layer is not None:
+                tally = Tally(info.dtype)
+                for chunk in self.iter_bytes(name):
+                    tally.update(chunk)
+                sums[name] = tally.sum
+        return sums
+
+    def layer_importance(self) -> dict[int, float]:
+        """Per-layer Fisher sums: from the manifest, or one streaming pass when sums are unknown."""
+        return layer_sums(self._source.infos, self._missing_sums())[0]
+
+    def importance_document(self) -> dict[str, Any]:
+        """The full ``layer_importance.json`` document (with the per-kind split)."""
+        return importance_document(self.manifest, self._missing_sums())
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self) -> FisherStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "INCOMPLETE"
+        return f"FisherStore({str(self.path)!r}, {self.format}, {len(self)} tensors, {state})"

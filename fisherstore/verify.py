@@ -1,0 +1,64 @@
+"""Checking a store against its manifest: every tensor's bytes, shape and checksum."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._tally import Tally
+from .errors import CorruptDataError
+from .progress import progress
+from .store import FisherStore, open_store
+
+__all__ = ["Problem", "verify"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a store; ``name`` is the tensor (``None`` for the store as a whole)."""
+
+    name: str | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.message}" if self.name else self.message
+
+
+def verify(path: str | Path | FisherStore) -> list[Problem]:
+    """Read every tensor once and compare it with the manifest; return the problems found.
+
+    An empty list means the store is sound.  Sources without checksums (a
+    legacy ``fisher.pt``) are checked for structure and readability only.
+    """
+    store = path if isinstance(path, FisherStore) else open_store(path)
+    problems = []
+    try:
+        incomplete = [g.index for g in store.manifest.groups if not g.complete]
+        if incomplete:
+            problems.append(Problem(None, f"incomplete: groups {incomplete} were never written (resume the run)"))
+        with progress(total=store.nbytes, desc="verify", unit="B", unit_scale=True, unit_divisor=1024) as bar:
+            for name in store.names:
+                info = store.info(name)
+                tally = Tally(info.dtype)
+                try:
+                    for chunk in store.iter_bytes(name):
+                        tally.update(chunk)
+                        bar.update(len(chunk))
+                except CorruptDataError as exc:
+                    problems.append(Problem(name, str(exc)))
+                    continue
+                if tally.nbytes != info.nbytes:
+                    problems.append(Problem(name, f"{tally.nbytes} bytes read, {info.nbytes} expected"))
+                elif info.checksum and tally.checksum.hexdigest() != info.checksum:
+                    problems.append(
+                        Problem(name, f"checksum mismatch: bytes hash to {tally.checksum.hexdigest()}, manifest says {info.checksum}")
+                    )
+    finally:
+        if not isinstance(path, FisherStore):
+            store.close()
+    for p in problems:
+        log.debug("verify: %s", p)
+    return problems

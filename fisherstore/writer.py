@@ -1,0 +1,324 @@
+"""Writing stores: planned groups, streamed bytes, atomic commits, a background thread.
+
+A store is written as a sequence of *groups* (layer groups for a Fisher
+store) planned up front.  Each group is written by its backend to temporary
+files, made durable and renamed into place (``GroupSink.commit``), and only
+then is the manifest rewritten — atomically — to mark the group complete.  A
+crash at any point therefore leaves a store whose manifest describes exactly
+the groups that are really on disk, and ``resume=True`` continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import TMP_PREFIX, write_json_atomic
+from ._tally import Tally
+from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
+from .formats import get_backend
+from .formats.base import Buffer
+from .importance import IMPORTANCE_NAME, importance_document
+from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo, TensorSpec, now_iso
+from .naming import parse_name
+
+__all__ = ["StoreWriter", "plan_groups", "tensor_bytes"]
+
+log = logging.getLogger(__name__)
+
+
+def plan_groups(specs: Sequence[TensorSpec], group_size: int) -> tuple[GroupInfo, ...]:
+    """Split tensors into groups of ``group_size`` consecutive layers, in the given order.
+
+    Tensors outside the decoder layers go into one final group.  Group indices
+    are 0-based and dense.
+    """
+    if group_size < 1:
+        raise BadInputError(f"group size must be >= 1, got {group_size}")
+    by_layer: dict[int, list[TensorSpec]] = {}
+    other: list[TensorSpec] = []
+    for spec in specs:
+        layer = parse_name(spec.name)[0]
+        (other if layer is None else by_layer.setdefault(layer, [])).append(spec)
+    layers = sorted(by_layer)
+    groups = []
+    for i in range(0, len(layers), group_size):
+        chunk = layers[i : i + group_size]
+        groups.append(GroupInfo(len(groups), tuple(chunk), tuple(s for l in chunk for s in by_layer[l])))
+    if other:
+        groups.append(GroupInfo(len(groups), (), tuple(other)))
+    return tuple(groups)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The C-order bytes of a CPU tensor, without a copy when it is already contiguous."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class StoreWriter:
+    """Writes a store group by group; see the module docstring for the guarantees."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.backend = get_backend(manifest.backend, root, manifest.backend_options)
+        self.blocked_seconds = 0.0
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._slot = threading.Semaphore(1)
+        self._futures: list[Future[None]] = []
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        plan: Sequence[GroupInfo],
+        *,
+        backend: str = "safetensors",
+        backend_options: dict[str, Any] | None = None,
+        kind: str = "fisher",
+        provenance: dict[str, Any] | None = None,
+        attrs: dict[str, Any] | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> StoreWriter:
+        """Start a new store at ``path`` (or continue one with ``resume=True``).
+
+        ``resume`` requires the existing manifest to have the same backend and
+        the same planned groups; its complete groups are kept
+        (:attr:`completed_groups`) and leftovers of an interrupted group are
+        removed.  Without ``resume`` an existing store is refused unless
+        ``overwrite`` is given.
+        """
+        root = Path(path)
+        plan = tuple(replace(g, complete=False) for g in plan)
+        if [g.index for g in plan] != list(range(len(plan))):
+            raise BadInputError("group indices must be 0..N-1 in order")
+        names = [s.name for g in plan for s in g.tensors]
+        if len(set(names)) != len(names):
+            raise BadInputError("the plan names a tensor twice")
+        manifest_path = root / MANIFEST_NAME
+        if resume and manifest_path.exists():
+            old = Manifest.load(manifest_path)
+            if old.backend != backend or [(g.layers, g.tensors) for g in old.groups] != [(g.layers, g.tensors) for g in plan]:
+                raise BadInputError(
+                    f"{root}: cannot resume: the existing store was planned with a different backend, "
+                    "groups or tensors; write to a new path or pass --overwrite"
+                )
+            for leftover in root.glob(f"{TMP_PREFIX}*"):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            writer = cls(root, old)
+            log.info("resuming %s: %d of %d groups already complete", root, len(writer.completed_groups), len(plan))
+            return writer
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            if not overwrite:
+                raise BadInputError(f"{root} already exists; choose a new path, pass --resume to continue it, or --overwrite")
+            if root.is_dir() and not manifest_path.exists():
+                raise BadInputError(f"{root} is not empty and not a fisherstore store; refusing to overwrite it")
+            shutil.rmtree(root) if root.is_dir() else root.unlink()
+        root.mkdir(parents=True, exist_ok=True)
+        backend_obj = get_backend(backend, root, backend_options)
+        manifest = Manifest(
+            backend=backend,
+            groups=plan,
+            tensors={},
+            kind=kind,
+            backend_options=backend_obj.options,
+            provenance=dict(provenance or {}),
+            attrs=dict(attrs or {}),
+            created=now_iso(),
+            updated=now_iso(),
+        )
+        backend_obj.close()
+        writer = cls(root, manifest)
+        writer._save_manifest()
+        return writer
+
+    @property
+    def completed_groups(self) -> set[int]:
+        """Indices of the groups already written and committed."""
+        return {g.index for g in self.manifest.groups if g.complete}
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """Update manifest-level attributes (saved now)."""
+        with self._lock:
+            self.manifest = replace(self.manifest, attrs={**self.manifest.attrs, **attrs})
+            self._save_manifest()
+
+    def set_provenance(self, **provenance: Any) -> None:
+        """Update provenance fields (saved now)."""
+        with self._lock:
+            self.manifest = replace(self.manifest, provenance={**self.manifest.provenance, **provenance})
+            self._save_manifest()
+
+    # -- writing ----------------------------------------------------------------------------
+    def _group(self, index: int) -> GroupInfo:
+        if not 0 <= index < len(self.manifest.groups):
+            raise BadInputError(f"group {index} is not planned (plan has {len(self.manifest.groups)} groups)")
+        group = self.manifest.groups[index]
+        if group.complete:
+            raise BadInputError(f"group {index} is already complete")
+        return group
+
+    def stream_group(
+        self,
+        index: int,
+        items: Iterable[tuple[TensorSpec, Iterable[Buffer]]],
+        attrs: Mapping[str, dict[str, Any]] | None = None,
+        expect: Mapping[str, str] | None = None,
+    ) -> list[TensorInfo]:
+        """Write group ``index`` from ``(spec, byte chunks)`` pairs in plan order, then commit it.
+
+        ``expect`` maps names to checksums the bytes must have (a conversion
+        checks its source this way for free); a mismatch aborts the group.
+        """
+        group = self._group(index)
+        sink = self.backend.begin_group(group, len(self.manifest.groups))
+        infos = []
+        try:
+            planned = iter(group.tensors)
+            for spec, chunks in items:
+                want = next(planned, None)
+                if spec != want:
+                    raise BadInputError(f"group {index}: got tensor {spec}, the plan expects {want}")
+                tally = Tally(spec.dtype)
+                location = sink.write_tensor(spec, _tallied(chunks, tally))
+                checksum = tally.checksum.hexdigest()
+                if expect and expect.get(spec.name) and expect[spec.name] != checksum:
+                    raise ChecksumMismatchError(
+                        f"tensor {spec.name!r}: source bytes hash to {checksum}, the source manifest says "
+                        f"{expect[spec.name]}; the source is corrupt (run fisherstore verify on it)"
+                    )
+                layer, kind = parse_name(spec.name)
+                infos.append(
+                    TensorInfo(
+                        name=spec.name, shape=spec.shape, dtype=spec.dtype, group=index, location=location,
+                        checksum=checksum, sum=tally.sum, layer=layer, kind=kind,
+                        attrs=dict((attrs or {}).get(spec.name, {})),
+                    )
+                )
+            missing = [s.name for s in planned]
+            if missing:
+                raise BadInputError(f"group {index}: tensors {missing} were planned but not given")
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+        with self._lock:
+            self.manifest = self.manifest.with_group(replace(group, complete=True), infos)
+            self.backend.finalize(self.manifest.tensors, self.manifest.groups)
+            self._save_manifest()
+        log.debug("group %d committed (%d tensors)", index, len(infos))
+        return infos
+
+    def write_group(
+        self, index: int, tensors: Mapping[str, torch.Tensor], attrs: Mapping[str, dict[str, Any]] | None = None
+    ) -> list[TensorInfo]:
+        """Write group ``index`` from whole tensors (names, shapes and dtypes must equal the plan)."""
+        group = self._group(index)
+        given = set(tensors)
+        planned = {s.name for s in group.tensors}
+        if given != planned:
+            raise BadInputError(
+                f"group {index}: missing {sorted(planned - given)}, unexpected {sorted(given - planned)}"
+            )
+        items = ((spec, [tensor_bytes(_check(spec, tensors[spec.name]))]) for spec in group.tensors)
+        return self.stream_group(index, items, attrs)
+
+    def submit_group(
+        self, index: int, tensors: Mapping[str, torch.Tensor], attrs: Mapping[str, dict[str, Any]] | None = None
+    ) -> Future[None]:
+        """Write a group on the background thread; blocks only while a previous group is still being written.
+
+        The time spent blocked is added to :attr:`blocked_seconds`.  An error of
+        an earlier background write is raised here (and by :meth:`finish`).
+        """
+        self._raise_failed()
+        start = time.perf_counter()
+        self._slot.acquire()
+        self.blocked_seconds += time.perf_counter() - start
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisherstore-writer")
+        try:
+            future = self._executor.submit(self.write_group, index, tensors, attrs)
+        except BaseException:
+            self._slot.release()
+            raise
+        future.add_done_callback(lambda _: self._slot.release())
+        self._futures.append(future)
+        return future
+
+    def _raise_failed(self) -> None:
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+
+    def wait(self) -> None:
+        """Wait for every submitted group; re-raise the first background error."""
+        start = time.perf_counter()
+        for f in self._futures:
+            f.result()
+        self.blocked_seconds += time.perf_counter() - start
+        self._futures.clear()
+
+    def finish(self) -> Manifest:
+        """Wait for background writes, write ``layer_importance.json`` and return the final manifest.
+
+        Raises :class:`IncompleteStoreError` if planned groups were never written.
+        """
+        self.wait()
+        missing = [g.index for g in self.manifest.groups if not g.complete]
+        if missing:
+            raise IncompleteStoreError(f"{self.root}: groups {missing} were never written; the store is incomplete")
+        if self.manifest.kind == "fisher":
+            write_json_atomic(self.root / IMPORTANCE_NAME, importance_document(self.manifest))
+        self.close()
+        return self.manifest
+
+    def close(self) -> None:
+        """Stop the background thread (waiting for it) and release files."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.backend.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _save_manifest(self) -> None:
+        write_json_atomic(self.root / MANIFEST_NAME, self.manifest.to_dict())
+
+
+def _tallied(chunks: Iterable[Buffer], tally: Tally) -> Iterator[Buffer]:
+    for chunk in chunks:
+        tally.update(chunk)
+        yield chunk
+
+
+def _check(spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise BadInputError(f"{spec.name!r}: expected a tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
+        raise BadInputError(
+            f"{spec.name!r}: got {str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}, "
+            f"the plan says {spec.dtype}{list(spec.shape)}"
+        )
+    return tensor
+
+
