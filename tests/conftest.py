@@ -1,0 +1,83 @@
+"""Shared fixtures: Fisher-like tensors shaped like a tiny Gemma-4, stores built from them, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from fisherstore import StoreWriter, TensorSpec, plan_groups
+from fisherstore.cli.main import main as cli_main
+from fisherstore.testing import fisher_like_tensors, tiny_gemma4_config
+
+SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "smollm2_fisher_layers_0_15.safetensors"
+
+
+@pytest.fixture(scope="session")
+def gemma_config():
+    return tiny_gemma4_config()
+
+
+@pytest.fixture(scope="session", params=["bfloat16", "float32"])
+def gemma_tensors(request, gemma_config) -> dict[str, torch.Tensor]:
+    """Fisher-like tensors for every target of the tiny Gemma-4 (layers 1 and 3 have no v_proj)."""
+    return fisher_like_tensors(gemma_config, dtype=getattr(torch, request.param))
+
+
+@pytest.fixture(scope="session")
+def gemma_bf16(gemma_config) -> dict[str, torch.Tensor]:
+    return fisher_like_tensors(gemma_config, dtype=torch.bfloat16)
+
+
+def write_store(path: Path, tensors: dict[str, torch.Tensor], backend: str = "safetensors", group_size: int = 2, **options) -> Path:
+    """Write ``tensors`` as a complete store at ``path``."""
+    plan = plan_groups([TensorSpec.of(n, t) for n, t in tensors.items()], group_size)
+    with StoreWriter.create(path, plan, backend=backend, backend_options=options or None) as w:
+        for g in plan:
+            w.write_group(g.index, {s.name: tensors[s.name] for s in g.tensors})
+        w.finish()
+    return path
+
+
+@pytest.fixture
+def make_store(tmp_path) -> Callable[..., Path]:
+    counter = iter(range(1000))
+
+    def make(tensors, backend="safetensors", group_size=2, **options):
+        return write_store(tmp_path / f"store{next(counter)}", tensors, backend, group_size, **options)
+
+    return make
+
+
+@pytest.fixture
+def cli(capsys) -> Callable[..., tuple[int, str, str]]:
+    """Run the CLI in-process: ``code, out, err = cli("info", path)``."""
+
+    def run(*args) -> tuple[int, str, str]:
+        code = cli_main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def tree_digest(path: Path) -> str:
+    """A digest of every file name and byte under ``path`` (to prove a source is unchanged)."""
+    h = hashlib.sha256()
+    paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in paths:
+        h.update(str(p.relative_to(path.parent)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def assert_same_tensors(store, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor present, same dtype and shape, bit-identical."""
+    assert sorted(store.names) == sorted(tensors)
+    for name, expected in tensors.items():
+        got = store[name]
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        assert torch.equal(got.view(torch.uint8) if got.dim() else got, expected.view(torch.uint8) if expected.dim() else expected), name

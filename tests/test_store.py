@@ -1,0 +1,101 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fisherstore import TensorNotFoundError, open_store
+from fisherstore._tally import Tally
+from fisherstore.errors import BadInputError, StoreNotFoundError
+
+from .conftest import SHARED_SAMPLE
+
+
+@pytest.fixture
+def store(make_store, gemma_bf16):
+    with open_store(make_store(gemma_bf16)) as s:
+        yield s
+
+
+def test_metadata(store, gemma_bf16):
+    assert store.names == list(gemma_bf16)
+    assert store.layers == [0, 1, 2, 3]
+    assert store.nbytes == sum(t.numel() * 2 for t in gemma_bf16.values())
+    assert "model.layers.1.self_attn.v_proj.weight" not in store
+    assert store.shape("model.layers.1.self_attn.q_proj.weight") == (128, 64)
+    assert store.shape("model.layers.0.self_attn.q_proj.weight") == (64, 64)
+
+
+def test_row_reads_dtype_and_device(store, gemma_bf16):
+    name = "model.layers.2.mlp.up_proj.weight"
+    ref = gemma_bf16[name]
+    assert torch.equal(store.read(name, rows=(5, 9)), ref[5:9])
+    assert torch.equal(store.read(name, rows=slice(120, None)), ref[120:])
+    assert torch.equal(store.read(name, rows=slice(3, 3)), ref[3:3])
+    got = store.read(name, dtype=torch.float32, device="cpu")
+    assert got.dtype == torch.float32 and torch.equal(got, ref.float())
+    blocks = list(store.iter_rows(name, 50))
+    assert [s for s, _ in blocks] == [0, 50, 100]
+    assert torch.equal(torch.cat([b for _, b in blocks]), ref)
+    with pytest.raises(BadInputError, match="out of range"):
+        store.read(name, rows=(0, 1000))
+
+
+def test_iter_bytes_bounded_chunks(store, gemma_bf16):
+    name = "model.layers.0.mlp.down_proj.weight"  # 64 rows x 256 bytes
+    chunks = list(store.iter_bytes(name, chunk_bytes=1000))
+    assert all(len(c) <= 1000 for c in chunks) and len(chunks) == 22
+    assert b"".join(bytes(c) for c in chunks) == gemma_bf16[name].view(torch.uint8).numpy().tobytes()
+
+
+def test_missing_tensor_suggests(store):
+    with pytest.raises(TensorNotFoundError, match="did you mean 'model.layers.1.self_attn.q_proj.weight'"):
+        store["model.layers.1.self_attn.q_proj.weights"]
+    with pytest.raises(KeyError):  # also a KeyError, for dict-like callers
+        store["nope"]
+
+
+def test_plain_safetensors_reads_shards_through_the_index(store, gemma_bf16):
+    index = json.loads((store.path / "fisher.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == store.nbytes
+    assert set(index["weight_map"]) == set(gemma_bf16)
+    for name, file in index["weight_map"].items():
+        with safe_open(store.path / file, "pt") as fh:
+            assert torch.equal(fh.get_tensor(name), gemma_bf16[name])
+
+
+def test_layer_importance_matches_fp64(store, gemma_bf16):
+    imp = store.layer_importance()
+    for layer, value in imp.items():
+        assert value == pytest.approx(sum(t.double().sum().item() for n, t in gemma_bf16.items() if f"layers.{layer}." in n), rel=1e-6)
+
+
+def test_open_bare_safetensors_file_and_streamed_importance():
+    with open_store(SHARED_SAMPLE) as s:
+        assert len(s) == 14 and s.layers == [0, 15] and s.format == "safetensors-file"
+        name = "model.layers.15.mlp.down_proj.weight"
+        with safe_open(SHARED_SAMPLE, "pt") as fh:
+            ref = fh.get_tensor(name)
+        assert torch.equal(s.read(name, rows=(10, 20)), ref[10:20])
+        imp = s.layer_importance()
+    assert imp[0] > imp[15] > 0
+
+
+def test_tally_sum_independent_of_chunking():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300_001, generator=g).to(torch.bfloat16)
+    raw = x.view(torch.uint8).numpy().tobytes()
+    whole, pieces = Tally("bfloat16"), Tally("bfloat16")
+    whole.update(raw)
+    for i in range(0, len(raw), 70_001):
+        pieces.update(raw[i : i + 70_001])
+    assert whole.sum == pieces.sum
+    assert whole.sum == pytest.approx(x.double().sum().item(), rel=1e-6)
+    assert whole.checksum.hexdigest() == pieces.checksum.hexdigest()
+
+
+def test_open_missing(tmp_path):
+    with pytest.raises(StoreNotFoundError, match="no such store"):
+        open_store(tmp_path / "absent")
+    with pytest.raises(StoreNotFoundError, match="without fisherstore.json"):
+        open_store(tmp_path)
