@@ -60,7 +60,7 @@ def _sniff(path: Path) -> str:
         return "legacy_pt"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors-file"
-    if head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05") or path.suffix in (".pt", ".pth", ".bin"):
+    if head[:1] == b"\x80":  # a raw pickle: torch.save before the zip format (1.6)
         return "old-pickle"
     raise BadInputError(f"{path}: not a fisherstore store, a torch zip fisher.pt or a safetensors file")
 

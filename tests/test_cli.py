@@ -1,0 +1,90 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fisherstore import open_store
+
+from .conftest import SHARED_SAMPLE
+
+
+def test_console_script_runs_and_teaches():
+    out = subprocess.run([sys.executable, "-m", "fisherstore.cli.main", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("info", "convert", "verify", "importance"):
+        assert cmd in out
+    assert "typical session" in out
+
+
+def test_info_text_and_json(cli, make_store, gemma_bf16):
+    path = make_store(gemma_bf16)
+    code, out, _ = cli("info", path)
+    assert code == 0 and "26" in out and "complete" in out and "(0..3)" in out
+    code, out, _ = cli("info", path, "--json", "--tensors")
+    doc = json.loads(out)
+    assert doc["tensors"] == 26 and doc["complete"] is True and doc["dtypes"] == {"bfloat16": 26}
+    assert doc["kinds"]["v"] == 2  # layers 1 and 3 are full attention: no v_proj
+    assert len(doc["tensor_list"]) == 26
+
+
+def test_verify_ok_then_corrupt_names_the_tensor(cli, make_store, gemma_bf16):
+    path = make_store(gemma_bf16)
+    code, out, _ = cli("verify", path)
+    assert code == 0 and "OK" in out
+    info = open_store(path).info("model.layers.2.mlp.gate_proj.weight")
+    shard = path / info.location["file"]
+    data = bytearray(shard.read_bytes())
+    data[info.location["offsets"][0] + 7] ^= 0x40
+    shard.write_bytes(data)
+    code, _, err = cli("verify", path)
+    assert code == 1
+    assert "model.layers.2.mlp.gate_proj.weight: checksum mismatch" in err
+    assert err.count("BAD ") == 1
+
+
+def test_verify_reports_incomplete(cli, tmp_path, gemma_bf16):
+    from fisherstore import StoreWriter, TensorSpec, plan_groups
+
+    plan = plan_groups([TensorSpec.of(n, t) for n, t in gemma_bf16.items()], 2)
+    w = StoreWriter.create(tmp_path / "s", plan)
+    w.write_group(0, {s.name: gemma_bf16[s.name] for s in plan[0].tensors})
+    w.close()
+    code, _, err = cli("verify", tmp_path / "s")
+    assert code == 1 and "incomplete: groups [1]" in err
+    code, out, _ = cli("info", tmp_path / "s")
+    assert "INCOMPLETE (1 of 2 groups written)" in out
+
+
+def test_importance_writes_document(cli, tmp_path):
+    out_file = tmp_path / "imp.json"
+    code, out, _ = cli("importance", SHARED_SAMPLE, "-o", out_file)
+    assert code == 0 and "wrote" in out
+    doc = json.loads(out_file.read_text())
+    assert list(doc["layers"]) == ["0", "15"] and doc["vector"][0] > doc["vector"][1]
+    assert set(doc["by_kind"]["0"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+
+
+def test_bad_input_is_one_line_exit_2(cli, tmp_path):
+    code, out, err = cli("info", tmp_path / "nope")
+    assert code == 2 and err.startswith("fisherstore: error:") and err.count("\n") == 1
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(os.urandom(100))
+    code, _, err = cli("info", junk)
+    assert code == 2 and "not a fisherstore store" in err
+
+
+def test_convert_refuses_existing_destination(cli, make_store, gemma_bf16, tmp_path):
+    src = make_store(gemma_bf16)
+    (tmp_path / "taken").mkdir()
+    code, _, err = cli("convert", src, tmp_path / "taken")
+    assert code == 2 and "already exists" in err
+    code, _, err = cli("convert", src, tmp_path / "x", "--compression", "zstd")
+    assert code == 2 and "zarr targets only" in err
+
+
+def test_usage_error_exit_2(cli):
+    with pytest.raises(SystemExit) as exc:
+        cli("convert")
+    assert exc.value.code == 2
