@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from fisherstore import __version__
 from fisherstore.errors import FisherStoreError
+from fisherstore._io import set_durable
 from fisherstore.progress import set_quiet
 
 __all__ = ["main", "build_parser"]
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done (INFO level)")
     parser.add_argument("--debug", action="store_true", help="debug logging and full tracebacks on errors")
+    parser.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip flushing writes to disk (still atomic against a crashed process, not against power loss; "
+        "also FISHERSTORE_NO_FSYNC=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"fisherstore.cli.cmd_{name}").register(sub)
@@ -58,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     set_quiet(args.quiet)
+    if args.no_fsync:
+        set_durable(False)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

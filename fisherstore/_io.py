@@ -22,10 +22,28 @@ if TYPE_CHECKING:
 import google_crc32c
 import numpy as np
 
-__all__ = ["Checksum", "atomic_file", "write_json_atomic", "fsync_dir", "pread_tensor", "write_all", "TMP_PREFIX"]
+__all__ = ["Checksum", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_tensor", "write_all", "TMP_PREFIX"]
 
 #: Prefix of every temporary file or directory fisherstore creates inside a store.
 TMP_PREFIX = ".fstmp-"
+
+# Durability: on by default.  ``--no-fsync`` (or FISHERSTORE_NO_FSYNC=1) keeps the
+# temp-file + rename atomicity, which protects against a crashed *process*, but
+# skips the flush to disk, which protects against a crashed *machine*: for
+# scratch outputs where page-cache speed matters more than power-loss safety.
+_durable = os.environ.get("FISHERSTORE_NO_FSYNC", "") in ("", "0")
+
+
+def set_durable(durable: bool) -> None:
+    """Turn fsync on (default) or off for every write of this process."""
+    global _durable
+    _durable = durable
+
+
+def fsync(fd: int) -> None:
+    """``os.fsync`` unless durability was turned off (see :func:`set_durable`)."""
+    if _durable:
+        os.fsync(fd)
 
 
 class Checksum:
@@ -52,6 +70,8 @@ class Checksum:
 
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry (after a rename) to disk."""
+    if not _durable:
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -71,7 +91,7 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

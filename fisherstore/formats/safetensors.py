@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .._io import TMP_PREFIX, fsync_dir, pread_tensor, write_all, write_json_atomic
+from .._io import TMP_PREFIX, fsync, fsync_dir, pread_tensor, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import DTYPES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import parse_name, validate_name
@@ -142,7 +142,7 @@ class _ShardSink(GroupSink):
     def commit(self) -> None:
         if self.pending:
             raise CorruptDataError(f"{self.final.name}: tensors never written: {sorted(self.pending)}")
-        os.fsync(self.fd)
+        fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.replace(self.tmp, self.final)

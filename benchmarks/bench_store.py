@@ -1,0 +1,193 @@
+"""Store benchmark (issue 2): conversions, loads and lazy reads side by side, as child processes.
+
+For each size a synthetic Fisher-like ``fisher.pt`` is generated (non-negative,
+heavy-tailed, nearly rank-1 values; gemma-like layers with the largest tensor
+about 100 MB; every fourth layer has no v_proj).  Then, in one run, each
+competitor runs as its own child process and we record wall time and peak RSS:
+
+  cp, cp + sync            the floor for moving the bytes (page cache / durable)
+  torch.load               full load; mmap=True touching every tensor
+  fisherstore convert      → safetensors, → zarr (none), → zarr (compressed), store → fisher.pt,
+                           each durable (fsync) and with --no-fsync
+  single tensor            fisherstore lazy read vs torch.load full vs safe_open().get_tensor,
+                           each reading every byte (timed inside the child, excluding imports)
+
+Usage: python benchmarks/bench_store.py --sizes 2 8 [--workdir /tmp/fsbench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import python, run_child, this_command, write_results  # noqa: E402
+
+GEN = r"""
+import sys, math, torch
+from fisherstore.manifest import TensorSpec
+from fisherstore.formats.legacy_pt import write_pt
+from fisherstore.testing import fisher_like
+target, path = float(sys.argv[1]) * 1e9, sys.argv[2]
+H, I = 5120, 10240           # gate/up/down: 5120 x 10240 bf16 = 105 MB, the largest tensor
+shapes = {"self_attn.q_proj": (H, H), "self_attn.k_proj": (H // 4, H), "self_attn.v_proj": (H // 4, H),
+          "self_attn.o_proj": (H, H), "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
+specs, total, layer = [], 0, 0
+while total < target:
+    for kind, shape in shapes.items():
+        if kind == "self_attn.v_proj" and layer % 4 == 3:
+            continue  # full-attention layers share k and v
+        s = TensorSpec(f"model.layers.{layer}.{kind}.weight", shape, "bfloat16")
+        specs.append(s); total += s.nbytes
+    layer += 1
+g = torch.Generator().manual_seed(0)
+def items():
+    for s in specs:
+        t = fisher_like(s.shape, g)
+        yield s, [memoryview(t.view(torch.uint8).numpy().reshape(-1))]
+write_pt(path, specs, items())
+print(len(specs), total, max(specs, key=lambda s: s.nbytes).name)
+"""
+
+TORCH_LOAD = "import sys, torch; d = torch.load(sys.argv[1], weights_only=True); print(len(d))"
+TORCH_MMAP = (
+    "import sys, torch; d = torch.load(sys.argv[1], mmap=True, weights_only=True)\n"
+    "print(sum(float(t.sum(dtype=torch.float32)) for t in d.values()))"
+)
+SINGLE = {
+    "fisherstore lazy (fisher.pt)": (
+        "import sys, time, torch; from fisherstore import open_store\n"
+        "t0 = time.perf_counter(); s = open_store(sys.argv[1]); x = s[sys.argv[2]]; v = float(x.sum(dtype=torch.float32))\n"
+        "print(time.perf_counter() - t0)"
+    ),
+    "fisherstore lazy (safetensors store)": None,  # same code, store path
+    "fisherstore lazy (zarr store)": None,
+    "torch.load full": (
+        "import sys, time, torch\n"
+        "t0 = time.perf_counter(); d = torch.load(sys.argv[1], weights_only=True); x = d[sys.argv[2]]; v = float(x.sum(dtype=torch.float32))\n"
+        "print(time.perf_counter() - t0)"
+    ),
+    "safe_open().get_tensor": (
+        "import sys, time, json, torch; from pathlib import Path; from safetensors import safe_open\n"
+        "root = Path(sys.argv[1]); t0 = time.perf_counter()\n"
+        "shard = json.loads((root / 'fisher.safetensors.index.json').read_text())['weight_map'][sys.argv[2]]\n"
+        "with safe_open(root / shard, 'pt') as f: x = f.get_tensor(sys.argv[2])\n"
+        "v = float(x.sum(dtype=torch.float32)); print(time.perf_counter() - t0)"
+    ),
+}
+
+
+def fs(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fisherstore.cli.main", "--quiet", *args]
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def bench_size(gb: float, work: Path, repeats: int) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "fisher.pt"
+    n, total, largest = run_child("generate", python(GEN, str(gb), str(src)), env={"FISHERSTORE_NO_FSYNC": "1"}).stdout.split()
+    nbytes = src.stat().st_size
+    print(f"[{gb} GB] {n} tensors, {int(total) / 1e9:.2f} GB of tensor data, file {nbytes / 1e9:.2f} GB", flush=True)
+    st, zr = work / "st", work / "z.zarr"
+    ops: list[tuple[str, list[str], Path | None]] = [
+        ("startup: fisherstore --version (imports only)", fs("--version"), None),
+        ("cp", ["cp", str(src), str(work / "copy.pt")], work / "copy.pt"),
+        ("cp + sync", ["sh", "-c", f"cp {src} {work / 'copy.pt'} && sync {work / 'copy.pt'}"], work / "copy.pt"),
+        ("torch.load", python(TORCH_LOAD, str(src)), None),
+        ("torch.load mmap, touch all", python(TORCH_MMAP, str(src)), None),
+    ]
+    for durable in (False, True):
+        flag = [] if durable else ["--no-fsync"]
+        tag = "" if durable else " --no-fsync"
+        ops += [
+            (f"convert → safetensors{tag}", fs(*flag, "convert", str(src), str(st)), st),
+            (f"convert → zarr (none){tag}", fs(*flag, "convert", str(src), str(zr)), zr),
+            (f"convert → zarr (blosc-zstd-bitshuffle){tag}",
+             fs(*flag, "convert", str(src), str(zr), "--compression", "blosc-zstd-bitshuffle"), zr),
+        ]
+    rows = []
+    for label, argv, out in ops:
+        best = None
+        for _ in range(repeats):
+            if out is not None and out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            r = run_child(label, argv)
+            best = r if best is None or r.wall_s < best.wall_s else best
+        row = {"op": label, "wall_s": best.wall_s, "peak_rss_mb": best.peak_rss_mb}
+        if out is not None:
+            row["out_bytes"] = size_of(out)
+            row["size_ratio"] = nbytes / row["out_bytes"]
+        rows.append(row)
+        print(f"  {label:<48} {best.wall_s:7.2f} s  {best.peak_rss_mb:8.0f} MiB", flush=True)
+        if out is not None and label != "convert → safetensors --no-fsync" and out not in (st,):
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+    # store → fisher.pt (back), from the safetensors store kept above
+    for flag, tag in (([], ""), (["--no-fsync"], " --no-fsync")):
+        back = work / "back.pt"
+        r = run_child("back", fs(*flag, "convert", str(st), str(back)))
+        rows.append({"op": f"convert safetensors store → fisher.pt{tag}", "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb})
+        print(f"  {rows[-1]['op']:<48} {r.wall_s:7.2f} s  {r.peak_rss_mb:8.0f} MiB", flush=True)
+        back.unlink()
+    run_child("zarr for lazy reads", fs("--no-fsync", "convert", str(src), str(zr)))
+    # single-tensor loads, timed inside the child
+    single = []
+    code_fs = SINGLE["fisherstore lazy (fisher.pt)"]
+    for label, code, path in [
+        ("fisherstore lazy (fisher.pt)", code_fs, src),
+        ("fisherstore lazy (safetensors store)", code_fs, st),
+        ("fisherstore lazy (zarr store)", code_fs, zr),
+        ("safe_open().get_tensor", SINGLE["safe_open().get_tensor"], st),
+        ("torch.load full", SINGLE["torch.load full"], src),
+    ]:
+        times, rss = [], []
+        for _ in range(repeats if label != "torch.load full" else 1):
+            r = run_child(label, python(code, str(path), largest))
+            times.append(float(r.stdout.splitlines()[-1]))
+            rss.append(r.peak_rss_mb)
+        single.append({"op": label, "seconds": min(times), "peak_rss_mb": min(rss)})
+        print(f"  single tensor: {label:<36} {min(times) * 1e3:9.1f} ms  {min(rss):8.0f} MiB", flush=True)
+    shutil.rmtree(work)
+    return {"size_gb": gb, "file_bytes": nbytes, "tensors": int(n), "largest": largest, "largest_bytes": 5120 * 10240 * 2,
+            "ops": rows, "single_tensor": single}
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    for res in results:
+        cp = next(r for r in res["ops"] if r["op"] == "cp")["wall_s"]
+        cps = next(r for r in res["ops"] if r["op"] == "cp + sync")["wall_s"]
+        boot = res["ops"][0]["wall_s"]
+        mb = res["file_bytes"] / 2**20
+        lines += [f"### {res['file_bytes'] / 1e9:.2f} GB fisher.pt, {res['tensors']} tensors, largest {res['largest_bytes'] / 1e6:.0f} MB",
+                  "", "| operation | wall s | MB/s | × cp throughput | × (cp + sync) | × cp, startup excluded | peak RSS MiB | size ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in res["ops"]:
+            ratio = f"{r['size_ratio']:.3f}" if "size_ratio" in r else ""
+            steady = f"{cp / (r['wall_s'] - boot):.2f}" if r["op"].startswith("convert") else ""
+            lines.append(f"| {r['op']} | {r['wall_s']:.2f} | {mb / r['wall_s']:.0f} | {cp / r['wall_s']:.2f} | {cps / r['wall_s']:.2f} | {steady} | {r['peak_rss_mb']:.0f} | {ratio} |")
+        fs_lazy = next(r for r in res["single_tensor"] if r["op"] == "fisherstore lazy (fisher.pt)")["seconds"]
+        lines += ["", "| single largest tensor, every byte read | ms | × fisherstore lazy (fisher.pt) | peak RSS MiB |", "|---|---:|---:|---:|"]
+        for r in res["single_tensor"]:
+            lines.append(f"| {r['op']} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / fs_lazy:.2f} | {r['peak_rss_mb']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=float, nargs="+", default=[2, 8], help="fisher.pt sizes in GB")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/fisherstore-bench"))
+    ap.add_argument("--repeats", type=int, default=1, help="runs per operation (best is kept)")
+    ap.add_argument("--name", default="store", help="results file stem")
+    args = ap.parse_args()
+    results = [bench_size(gb, args.workdir / f"{gb:g}gb", args.repeats) for gb in args.sizes]
+    write_results(args.name, this_command(), {"results": results}, table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
