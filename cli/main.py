@@ -22,15 +22,19 @@ from fisherstore.progress import set_quiet
 __all__ = ["main", "build_parser"]
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ("info", "convert", "verify", "importance")
+COMMANDS = ("extract", "info", "convert", "verify", "importance", "svd", "plot", "blend")
 
 EPILOG = """\
 typical session:
+  fisherstore extract --out fisher/ --num-prompts 32   Fisher of the embedded SmolLM2-135M-Instruct
   fisherstore info fisher.pt                      what is in a legacy file
   fisherstore convert fisher.pt store/            stream it into a sharded safetensors store
   fisherstore convert store/ store.zarr --compression blosc-zstd-bitshuffle
   fisherstore verify store/                       check every checksum (exit 1 if corrupt)
   fisherstore importance store/ -o layer_importance.json
+  fisherstore svd store/ --rank 8 --out masks/    top-k subspaces, out of core
+  fisherstore plot masks/ -o profile.png
+  fisherstore blend adapter/ --importance store/ --out blended/
 
 Run 'fisherstore COMMAND --help' for each command's options and examples.
 """

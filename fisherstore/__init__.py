@@ -15,9 +15,20 @@ from .errors import (
     TensorNotFoundError,
     UnsafePickleError,
 )
+from .blend import BlendReport, blend_adapter
 from .importance import load_importance
 from .manifest import GroupInfo, Manifest, TensorInfo, TensorSpec
 from .store import FisherStore, open_store
+from .training import (
+    Coverage,
+    LayerScaler,
+    ProjectorConfig,
+    ScaleRule,
+    SubspaceProjector,
+    TrainingHooks,
+    attach_training,
+    format_factor_table,
+)
 from .writer import StoreWriter, plan_groups
 
 __version__ = "0.1.0"
@@ -29,6 +40,16 @@ __all__ = [
     "StoreWriter",
     "plan_groups",
     "load_importance",
+    "SubspaceProjector",
+    "ProjectorConfig",
+    "LayerScaler",
+    "ScaleRule",
+    "TrainingHooks",
+    "Coverage",
+    "attach_training",
+    "format_factor_table",
+    "blend_adapter",
+    "BlendReport",
     "Manifest",
     "TensorInfo",
     "TensorSpec",

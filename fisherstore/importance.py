@@ -70,6 +70,8 @@ def load_importance(source: str | Any) -> dict[int, float]:
     data: Any = source
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if path.is_dir() and not (path / "fisherstore.json").exists() and (path / IMPORTANCE_NAME).is_file():
+            path = path / IMPORTANCE_NAME  # a folder holding only the importance document
         if path.suffix == ".json" and path.is_file():
             try:
                 data = json.loads(path.read_text())
