@@ -87,6 +87,7 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; published files are as readable as any other output
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
