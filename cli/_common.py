@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
 
-__all__ = ["human_bytes", "print_json"]
+from fisherstore.errors import BadInputError
+
+__all__ = ["human_bytes", "print_json", "add_zarr_options", "zarr_options"]
 
 
 def human_bytes(n: float) -> str:
@@ -21,3 +24,22 @@ def human_bytes(n: float) -> str:
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=1)
     sys.stdout.write("\n")
+
+
+def add_zarr_options(group: argparse._ActionsContainer, chunking: bool = True) -> None:
+    """The zarr backend's options, spelled the same in every command that writes a store."""
+    group.add_argument("--compression", help="zarr only: none (default), zstd, blosc-zstd-shuffle, blosc-zstd-bitshuffle")
+    group.add_argument("--level", type=int, help="zarr only: compression level (default: the codec's)")
+    if chunking:
+        group.add_argument("--chunk-mb", type=float, help="zarr only: target size of a row chunk in MiB (default 4)")
+        group.add_argument("--shard-mb", type=float, help="zarr only: target size of a shard file in MiB")
+
+
+def zarr_options(args: argparse.Namespace, target: str) -> dict[str, Any]:
+    """The zarr options given on the command line; refused when the target is not zarr."""
+    names = ("compression", "level", "chunk_mb", "shard_mb")
+    options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if options and target != "zarr":
+        flag = "--" + next(iter(options)).replace("_", "-")
+        raise BadInputError(f"{flag} applies to zarr targets only (target is {target})")
+    return options

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fisherstore.convert import TARGETS, convert, infer_target
+
+from ._common import add_zarr_options, zarr_options
 
 EPILOG = """\
 The target format comes from --to, else from DST: *.pt → fisher.pt, *.zarr → zarr store,
@@ -30,10 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="store directory, fisher.pt or .safetensors file")
     p.add_argument("dst", help="new store directory or .pt file")
     p.add_argument("--to", choices=TARGETS, help="target format (default: from DST's name)")
-    p.add_argument("--compression", help="zarr only: none (default), zstd, blosc-zstd-shuffle, blosc-zstd-bitshuffle")
-    p.add_argument("--level", type=int, help="zarr only: compression level")
-    p.add_argument("--chunk-mb", type=float, help="zarr only: target size of a row chunk in MiB (default 4)")
-    p.add_argument("--shard-mb", type=float, help="zarr only: target size of a shard file in MiB")
+    add_zarr_options(p)
     p.add_argument("--group-size", type=int, default=8, help="layers per shard when SRC is a single file (default 8)")
     p.add_argument("--buffer-mb", type=int, default=64, help="streaming buffer size in MiB (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only after the new one is complete)")
@@ -41,17 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    to = args.to or infer_target(__import__("pathlib").Path(args.dst))
-    options = {
-        k: v
-        for k, v in {"compression": args.compression, "level": args.level, "chunk_mb": args.chunk_mb, "shard_mb": args.shard_mb}.items()
-        if v is not None
-    }
-    if options and to != "zarr":
-        from fisherstore.errors import BadInputError
-
-        raise BadInputError(f"--{next(iter(options)).replace('_', '-')} applies to zarr targets only (target is {to})")
-    convert(args.src, args.dst, to=to, backend_options=options, group_size=args.group_size,
+    to = args.to or infer_target(Path(args.dst))
+    convert(args.src, args.dst, to=to, backend_options=zarr_options(args, to), group_size=args.group_size,
             overwrite=args.overwrite, chunk_bytes=args.buffer_mb << 20)
     print(f"wrote {args.dst} ({to})")
     return 0

@@ -16,8 +16,11 @@ from .errors import (
     UnsafePickleError,
 )
 from .blend import BlendReport, blend_adapter
+from .extract import ExtractSummary, extract
 from .importance import load_importance
 from .manifest import GroupInfo, Manifest, TensorInfo, TensorSpec
+from .models import LoadedModel, load_model
+from .prompts import PromptSet, load_prompts
 from .store import FisherStore, open_store
 from .training import (
     Coverage,
@@ -40,6 +43,12 @@ __all__ = [
     "StoreWriter",
     "plan_groups",
     "load_importance",
+    "extract",
+    "ExtractSummary",
+    "load_model",
+    "LoadedModel",
+    "load_prompts",
+    "PromptSet",
     "SubspaceProjector",
     "ProjectorConfig",
     "LayerScaler",

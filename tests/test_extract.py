@@ -1,0 +1,303 @@
+"""Fisher extraction checked against an independent per-sample-gradient reference (torch.func)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+
+from fisherstore import open_store
+from fisherstore.errors import BadInputError
+from fisherstore.extract import (
+    DEFAULT_GROUP_SIZE,
+    _sampled_labels,
+    auto_group_size,
+    extract,
+    parse_bytes,
+    target_parameters,
+)
+from fisherstore.manifest import TensorSpec
+from fisherstore.models import TINY_GEMMA4, load_model
+from fisherstore.prompts import as_prompt_set, encode_prompts, load_prompts
+
+MAX_LENGTH = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's kernels are small: one intra-op thread is faster and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(TINY_GEMMA4)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return load_prompts(limit=3)
+
+
+def run(tiny, prompts, out, **kwargs):
+    kwargs.setdefault("max_length", MAX_LENGTH)
+    kwargs.setdefault("dtype", "fp32")
+    summary = extract(tiny.model, tiny.tokenizer, prompts, out, provenance=tiny.provenance, **kwargs)
+    with open_store(out) as store:
+        return summary, {n: store[n] for n in store.names}
+
+
+def reference_fisher(model, inputs, names, labels=None):
+    """Mean over prompts of squared per-prompt gradients, by torch.func (no hooks, no groups, no store)."""
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+
+    def loss(tp, ids, y):
+        logits = functional_call(model, tp, (ids,), {"use_cache": False}).logits[0, :-1].float()
+        return F.cross_entropy(logits, y)
+
+    per_sample_grad = grad(loss)
+    total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+    for i, ids in enumerate(inputs):
+        g = per_sample_grad(params, ids, ids[0, 1:] if labels is None else labels[i])
+        for n in total:
+            total[n] += g[n].float() ** 2
+    return {n: t / len(inputs) for n, t in total.items()}
+
+
+def assert_matches(got, ref):
+    assert sorted(got) == sorted(ref)
+    for name, expected in ref.items():
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-7 * float(expected.max()), msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, prompts):
+    inputs = encode_prompts(tiny.tokenizer, prompts, max_length=MAX_LENGTH)
+    return reference_fisher(tiny.model, inputs, set(target_parameters(tiny.model)))
+
+
+def test_grouped_runs_match_torch_func_reference(tiny, prompts, reference, tmp_path):
+    results = {}
+    for size in (1, 2, 4):  # one layer per group, two, all layers
+        summary, results[size] = run(tiny, prompts, tmp_path / f"g{size}", group_size=size)
+        assert summary.groups_total == summary.groups_run == 4 // size
+        assert_matches(results[size], reference)
+    # 26 tensors: full-attention layers 1 and 3 share k and v, so they have no v_proj.
+    assert len(results[1]) == 26
+    assert [n for n in results[1] if "v_proj" in n] == [f"model.layers.{i}.self_attn.v_proj.weight" for i in (0, 2)]
+    for size in (2, 4):
+        assert all(torch.equal(results[1][n], results[size][n]) for n in results[1]), f"group size {size} differs"
+
+
+def test_sampled_estimator(tiny, prompts, tmp_path):
+    inputs = encode_prompts(tiny.tokenizer, prompts, max_length=MAX_LENGTH)
+    with torch.no_grad():
+        labels = [_sampled_labels(tiny.model(input_ids=ids).logits[0, :-1].float(), 0, i) for i, ids in enumerate(inputs)]
+    assert not all(torch.equal(y, ids[0, 1:]) for y, ids in zip(labels, inputs, strict=True))
+    names = set(target_parameters(tiny.model))
+    _, one = run(tiny, prompts, tmp_path / "s1", estimator="sampled", group_size=1)
+    assert_matches(one, reference_fisher(tiny.model, inputs, names, labels))
+    summary, four = run(tiny, prompts, tmp_path / "s4", estimator="sampled", group_size=4)
+    assert all(torch.equal(one[n], four[n]) for n in one)  # the same labels in every group
+    _, other_seed = run(tiny, prompts, tmp_path / "seed1", estimator="sampled", group_size=4, seed=1)
+    assert not all(torch.equal(one[n], other_seed[n]) for n in one)
+    with open_store(tmp_path / "s4") as store:
+        assert store.manifest.provenance["estimator"] == store.manifest.attrs["estimator"] == "sampled"
+        assert store.manifest.provenance["seed"] == 0
+
+
+def test_bf16_store_is_the_rounded_fp32_mean(tiny, prompts, tmp_path):
+    _, fp32 = run(tiny, prompts, tmp_path / "fp32", group_size=2)
+    _, bf16 = run(tiny, prompts, tmp_path / "bf16", group_size=2, dtype="bf16")
+    assert all(bf16[n].dtype == torch.bfloat16 and torch.equal(bf16[n], fp32[n].to(torch.bfloat16)) for n in fp32)
+
+
+def test_provenance_summary_and_importance(tiny, prompts, tmp_path):
+    summary, tensors = run(tiny, prompts, tmp_path / "p", group_size=2, dtype="bf16")
+    with open_store(tmp_path / "p") as store:
+        prov, attrs = store.manifest.provenance, store.manifest.attrs
+        assert store.manifest.complete
+    lengths = [ids.shape[1] for ids in encode_prompts(tiny.tokenizer, prompts, max_length=MAX_LENGTH)]
+    assert prov["model"] == prov["tokenizer"] == TINY_GEMMA4 and prov["model_class"] == "Gemma4ForCausalLM"
+    assert prov["config_hash"].startswith("sha256:") and prov["prompts_sha256"] == prompts.sha256
+    assert prov["num_prompts"] == attrs["num_samples"] == 3 and prov["tokens"] == attrs["tokens"] == sum(lengths)
+    assert (prov["max_length"], prov["chat_template"], prov["estimator"], prov["group_size"]) == (MAX_LENGTH, True, "empirical", 2)
+    assert prov["chat_template_sha256"].startswith("sha256:") and prov["compute_dtype"] == "float32"
+    assert set(prov["versions"]) == {"fisherstore", "torch", "transformers"}
+    assert (summary.groups_total, summary.groups_run, summary.num_prompts) == (2, 2, 3)
+    assert summary.tokens_per_pass == sum(lengths) and summary.tokens_processed == 2 * sum(lengths)
+    assert len(summary.group_seconds) == 2 and 0 <= summary.writer_blocked_seconds < summary.seconds
+    assert summary.peak_rss_bytes > 100 << 20 and summary.peak_device_bytes is None
+    assert json.loads(json.dumps(summary.to_dict()))["group_seconds"] == list(summary.group_seconds)
+    importance = json.loads((tmp_path / "p" / "layer_importance.json").read_text())
+    for layer in range(4):
+        expected = sum(t.double().sum().item() for n, t in tensors.items() if f"layers.{layer}." in n)
+        assert importance["layers"][str(layer)] == pytest.approx(expected, rel=1e-5)
+    assert importance["provenance"] == {"model": TINY_GEMMA4, "estimator": "empirical", "num_prompts": 3}
+
+
+def test_model_is_left_without_grads_or_hooks(tiny, prompts, reference, tmp_path):
+    tiny.model.train()  # dropout must not leak into the estimate, and the caller's mode comes back
+    try:
+        with torch.no_grad():  # extraction enables grad for itself
+            _, tensors = run(tiny, prompts, tmp_path / "clean", group_size=4)
+        assert tiny.model.training
+    finally:
+        tiny.model.eval()
+    assert_matches(tensors, reference)
+    assert all(not p.requires_grad and p.grad is None for p in tiny.model.parameters())
+    # A leftover post-accumulate hook would square the gradient away and free it.
+    weight = tiny.model.model.layers[0].self_attn.q_proj.weight
+    weight.requires_grad_(True)
+    try:
+        ids = torch.tensor([[2, 10, 11, 12]])
+        F.cross_entropy(tiny.model(input_ids=ids).logits[0, :-1], ids[0, 1:]).backward()
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+    finally:
+        weight.requires_grad_(False)
+        weight.grad = None
+
+
+def test_resume_skips_complete_groups_and_refuses_other_inputs(tiny, prompts, tmp_path):
+    out = tmp_path / "r"
+    _, first = run(tiny, prompts, out, group_size=2)
+    summary, again = run(tiny, prompts, out, group_size=2, resume=True)
+    assert summary.groups_run == 0 and summary.groups_total == 2
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    with pytest.raises(BadInputError, match="cannot resume: the store was extracted with prompts_sha256="):
+        run(tiny, as_prompt_set(["Say hello.", "Say goodbye.", "Count to three."]), out, group_size=2, resume=True)
+    with pytest.raises(BadInputError, match="cannot resume: the store was extracted with max_length=40"):
+        run(tiny, prompts, out, group_size=2, resume=True, max_length=30)
+    with pytest.raises(BadInputError, match="already exists"):
+        run(tiny, prompts, out, group_size=2)
+
+
+def test_targets_select_weights(tiny, prompts, tmp_path):
+    _, tensors = run(tiny, prompts, tmp_path / "t", group_size=4, targets="q,down")
+    assert sorted(tensors) == sorted(f"model.layers.{i}.{k}.weight" for i in range(4) for k in ("self_attn.q_proj", "mlp.down_proj"))
+    with pytest.raises(BadInputError, match="matches no parameter"):
+        run(tiny, prompts, tmp_path / "none", targets=r"lora_A")
+
+
+def test_bad_options(tiny, prompts, tmp_path):
+    with pytest.raises(BadInputError, match="fp16 is refused: Fisher values span ~20 decades and ~8% of them flush to zero"):
+        run(tiny, prompts, tmp_path / "a", dtype="fp16")
+    with pytest.raises(BadInputError, match="estimator 'fisher'"):
+        run(tiny, prompts, tmp_path / "b", estimator="fisher")
+    with pytest.raises(BadInputError, match="group size 'many'"):
+        run(tiny, prompts, tmp_path / "c", group_size="many")
+    with pytest.raises(BadInputError, match="group size must be >= 1"):
+        run(tiny, prompts, tmp_path / "d", group_size=0)
+    assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_auto_group_size_and_memory_sizes(tiny):
+    specs = [TensorSpec(n, tuple(p.shape), "bfloat16") for n, p in target_parameters(tiny.model).items()]
+    assert auto_group_size(specs, None) == min(DEFAULT_GROUP_SIZE, 4)
+    layer = [4 * sum(s.numel for s in specs if f"layers.{i}." in s.name) for i in range(4)]
+    largest = [max(4 * s.numel for s in specs if f"layers.{i}." in s.name) for i in range(4)]
+    two = max(layer[0] + layer[1] + max(largest[:2]), layer[2] + layer[3] + max(largest[2:]))
+    assert auto_group_size(specs, two) == 2 and auto_group_size(specs, two - 1) == 1
+    assert auto_group_size(specs, "1TiB") == 4
+    with pytest.raises(BadInputError, match="one layer's fp32 accumulators need"):
+        auto_group_size(specs, 1000)
+    assert [parse_bytes(v) for v in ("8GiB", "500MB", "1.5G", "1024", 7)] == [8 << 30, 500 * 10**6, 15 * 10**8, 1024, 7]
+    for bad in ("lots", "-1G", "0", "5 parsecs"):
+        with pytest.raises(BadInputError, match="memory size"):
+            parse_bytes(bad)
+
+
+def test_device_map_loaded_model_gives_the_same_fisher(tiny, prompts, reference, tmp_path):
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    mapped = load_model(tmp_path / "m", device_map="auto")
+    summary = extract(mapped.model, mapped.tokenizer, prompts, tmp_path / "s", group_size=2, dtype="fp32",
+                      max_length=MAX_LENGTH, provenance=mapped.provenance)
+    with open_store(tmp_path / "s") as store:
+        assert_matches({n: store[n] for n in store.names}, reference)
+        assert store.manifest.provenance["model_format"] == "hf"
+    assert summary.groups_run == 2
+
+
+def test_cli_extract(cli, tmp_path):
+    code, out, _ = cli("--quiet", "extract", TINY_GEMMA4, "--out", tmp_path / "c", "--num-prompts", "2",
+                       "--max-length", "24", "--group-size", "2", "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert (summary["groups_total"], summary["num_prompts"], summary["estimator"]) == (2, 2, "empirical")
+    with open_store(tmp_path / "c") as store:
+        assert len(store) == 26 and store.manifest.complete and store.info(store.names[0]).dtype == "bfloat16"
+    code, _, err = cli("extract", TINY_GEMMA4, "--out", tmp_path / "d", "--dtype", "fp16")
+    assert code == 2 and "fp16 is refused" in err and not (tmp_path / "d").exists()
+    code, _, err = cli("extract", TINY_GEMMA4, "--out", tmp_path / "e", "--backend", "safetensors", "--compression", "zstd")
+    assert code == 2 and "--compression applies to --backend zarr only" in err
+
+
+def _cli_extract(out, *extra):
+    return [sys.executable, "-m", "fisherstore.cli.main", "--quiet", "extract", TINY_GEMMA4, "--out", str(out),
+            "--group-size", "1", "--num-prompts", "120", "--max-length", "64", "--dtype", "fp32", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_group_then_resume_is_bit_identical(tmp_path, cli):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli_extract(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    manifest = killed / "fisherstore.json"
+    try:
+        while True:
+            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+            assert time.monotonic() < deadline, "group 0 was never committed"
+            try:
+                groups = json.loads(manifest.read_text())["groups"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                groups = []
+            if groups and groups[0]["complete"]:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = json.loads(manifest.read_text())
+    assert state["complete"] is False and state["groups"][0]["complete"] and not state["groups"][-1]["complete"]
+    code, _, err = cli("verify", killed)
+    assert code == 1 and "incomplete" in err
+
+    subprocess.run(_cli_extract(killed, "--resume"), env=env, check=True, capture_output=True)
+    whole = tmp_path / "whole"
+    subprocess.run(_cli_extract(whole), env=env, check=True, capture_output=True)
+    assert cli("verify", killed)[0] == 0
+    with open_store(killed) as a, open_store(whole) as b:
+        assert a.names == b.names and len(a) == 26 and a.manifest.complete
+        for name in a.names:
+            assert a.info(name).checksum == b.info(name).checksum, name
+            assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_smollm2_matches_torch_func_reference(tmp_path):
+    smol = load_model()
+    prompts = load_prompts(limit=2)
+    summary = extract(smol.model, smol.tokenizer, prompts, tmp_path / "s", group_size=8, dtype="fp32", max_length=24,
+                      provenance=smol.provenance)
+    assert (summary.groups_total, summary.group_size) == (4, 8)
+    inputs = encode_prompts(smol.tokenizer, prompts, max_length=24)
+    reference = reference_fisher(smol.model, inputs, set(target_parameters(smol.model)))
+    assert len(reference) == 210
+    with open_store(tmp_path / "s") as store:
+        assert store.manifest.provenance["model_format"] == "gguf"
+        assert_matches({n: store[n] for n in store.names}, reference)
