@@ -109,21 +109,24 @@ def test_store_shard_with_a_lying_header(cli, tmp_path, make_store, gemma_bf16):
 
 def test_zarr_store_with_a_missing_chunk(cli, tmp_path, make_store, gemma_bf16):
     z = make_store(gemma_bf16, backend="zarr")
-    victim = sorted(p for p in (z / "model.layers.2.mlp.up_proj.weight").rglob("c/*") if p.is_file() or p.is_dir())
-    target = [p for p in (z / "model.layers.2.mlp.up_proj.weight").rglob("*") if p.is_file() and "zarr.json" not in p.name]
-    assert target, victim
-    target[0].unlink()
-    err = _refused(cli, tmp_path, z, "out.pt", "model.layers.2.mlp.up_proj.weight")
+    shards = [p for p in (z / "model.layers.2.mlp.up_proj.weight").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert shards
+    shards[0].unlink()
+    _refused(cli, tmp_path, z, "out.pt", "model.layers.2.mlp.up_proj.weight")
     code, _, verr = cli("verify", z)
     assert code == 1 and "model.layers.2.mlp.up_proj.weight" in verr
 
 
+def _tamper_manifest(store: Path, tamper) -> None:
+    """Rewrite ``store``'s manifest after ``tamper(first_tensor_name, manifest_dict)``."""
+    manifest = json.loads((store / "fisherstore.json").read_text())
+    tamper(next(iter(manifest["tensors"])), manifest)
+    (store / "fisherstore.json").write_text(json.dumps(manifest))
+
+
 def test_manifest_naming_a_tensor_outside_the_store(cli, tmp_path, make_store, gemma_bf16):
     store = make_store(gemma_bf16)
-    manifest = json.loads((store / "fisherstore.json").read_text())
-    name = next(iter(manifest["tensors"]))
-    manifest["tensors"]["../../x"] = manifest["tensors"].pop(name)
-    (store / "fisherstore.json").write_text(json.dumps(manifest))
+    _tamper_manifest(store, lambda name, m: m["tensors"].update({"../../x": m["tensors"].pop(name)}))
     _refused(cli, tmp_path, store, "out", "unsafe tensor name '../../x'")
     code, _, err = cli("info", store)
     assert code == 2 and "../../x" in err
@@ -131,8 +134,5 @@ def test_manifest_naming_a_tensor_outside_the_store(cli, tmp_path, make_store, g
 
 def test_manifest_location_escaping_the_store(cli, tmp_path, make_store, gemma_bf16):
     store = make_store(gemma_bf16)
-    manifest = json.loads((store / "fisherstore.json").read_text())
-    name = next(iter(manifest["tensors"]))
-    manifest["tensors"][name]["location"]["file"] = "../../etc/passwd"
-    (store / "fisherstore.json").write_text(json.dumps(manifest))
+    _tamper_manifest(store, lambda name, m: m["tensors"][name]["location"].update(file="../../etc/passwd"))
     _refused(cli, tmp_path, store, "out.pt", "not a shard name")
