@@ -28,7 +28,11 @@ def print_json(obj: Any) -> None:
 
 def add_zarr_options(group: argparse._ActionsContainer, chunking: bool = True) -> None:
     """The zarr backend's options, spelled the same in every command that writes a store."""
-    group.add_argument("--compression", help="zarr only: none (default), zstd, blosc-zstd-shuffle, blosc-zstd-bitshuffle")
+    group.add_argument(
+        "--compression",
+        help="zarr only: none (default), zstd, blosc-zstd-shuffle, blosc-zstd-bitshuffle (best ratio, ~1.46x on "
+        "real bf16 Fisher), blosc-lz4-bitshuffle (fastest, ~1.43x)",
+    )
     group.add_argument("--level", type=int, help="zarr only: compression level (default: the codec's)")
     if chunking:
         group.add_argument("--chunk-mb", type=float, help="zarr only: target size of a row chunk in MiB (default 4)")

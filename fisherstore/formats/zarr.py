@@ -1,0 +1,653 @@
+"""zarr v3 backend: one sharded, row-chunked array per tensor in a zarr group.
+
+Layout (what this module writes and the only layout its reader accepts):
+
+* The store root is a zarr v3 group (``zarr.json`` with ``node_type: group``),
+  so ``zarr.open_group(root)`` lists the arrays; each tensor is the array at
+  path ``<tensor name>`` and its manifest location is ``{"array": name}``.
+* Arrays are chunked by whole rows of dim 0, about ``chunk_mb`` MiB per inner
+  chunk, and stored with the ``sharding_indexed`` codec: a shard file
+  (``<name>/c/<s>/0...``) holds up to ``shard_mb`` MiB of consecutive row
+  chunks followed by the shard index (``(offset, nbytes)`` uint64
+  little-endian pairs, then a CRC-32C of them).  Edge chunks are padded to the
+  full chunk shape with the fill value (0), as zarr requires.
+* Inner chunks are ``bytes`` (little-endian) optionally followed by one
+  compressor (``zstd`` or ``blosc``).  bf16 uses the zarr-extensions
+  ``bfloat16`` data type, which tensorstore reads natively; importing this
+  module registers it with zarr-python (numpy dtype ``ml_dtypes.bfloat16``).
+
+Why not write through zarr-python: its write path runs at about a quarter of
+``cp`` speed.  Here a shard is written sequentially by ``pwrite`` — with no
+compression the caller's buffers go straight to the file, which matches ``cp``
+— while compression runs on a thread pool (numcodecs releases the GIL) and
+shard ``fsync`` runs in the background.  Tests check that the files are
+byte-identical to zarr-python's and that zarr-python and tensorstore read every
+array identically.  Reads take local paths only (``pread`` of the index, then
+of the needed chunks); other stores can be read with zarr-python.
+
+Atomicity: a group's arrays are written under a temporary directory in the
+root, every file fsynced; ``commit`` fsyncs the directories, renames each
+array into place (replacing a leftover of an interrupted attempt) and fsyncs
+the root.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import google_crc32c
+import ml_dtypes
+import numpy as np
+import torch
+from numcodecs import Zstd, blosc
+from zarr.core.dtype import data_type_registry
+from zarr.core.dtype.npy.float import BaseFloat
+
+from .._io import TMP_PREFIX, fsync_dir, write_all, write_json_atomic
+from ..errors import BadInputError, CorruptDataError
+from ..manifest import DTYPES, GroupInfo, TensorInfo, TensorSpec
+from ..naming import validate_name
+from .base import Backend, Buffer, GroupSink, rows_of
+
+__all__ = ["ZarrBackend", "BFloat16", "COMPRESSIONS", "register_bfloat16"]
+
+log = logging.getLogger(__name__)
+
+_MIB = 1 << 20
+_EMPTY = 2**64 - 1  # shard index entry of a chunk that was never written
+_WORKERS = min(8, os.cpu_count() or 1)
+_GROUP_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+
+
+# -- bfloat16 for zarr-python ------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class BFloat16(BaseFloat[Any, Any]):  # type: ignore[type-var]
+    """The zarr-extensions ``bfloat16`` data type for zarr-python (numpy dtype ``ml_dtypes.bfloat16``).
+
+    It behaves like the core float types (fill values, JSON) except that only
+    little-endian storage can be decoded: numpy has no big-endian bfloat16.
+    """
+
+    dtype_cls = type(np.dtype(ml_dtypes.bfloat16))
+    _zarr_v3_name: ClassVar[Literal["bfloat16"]] = "bfloat16"  # type: ignore[assignment]
+    _zarr_v2_names: ClassVar[tuple[str, ...]] = ()  # zarr v2 has no bfloat16
+
+    @property
+    def item_size(self) -> int:
+        return 2
+
+    def to_native_dtype(self) -> np.dtype[Any]:
+        if self.endianness != "little":
+            raise ValueError("big-endian bfloat16 has no numpy dtype; read this array with tensorstore")
+        return np.dtype(ml_dtypes.bfloat16)
+
+    def from_json_scalar(self, data: Any, *, zarr_format: Any) -> Any:
+        # "0x" + 4 hex digits is a bf16 bit pattern; the base class would read it as float16 bits.
+        if isinstance(data, str) and data.startswith("0x") and len(data) == 6:
+            return np.array(int(data, 16), dtype=np.uint16).view(ml_dtypes.bfloat16)[()]
+        return super().from_json_scalar(data, zarr_format=zarr_format)
+
+
+def register_bfloat16() -> None:
+    """Register :class:`BFloat16` with zarr-python, unless some ``bfloat16`` type already is (idempotent)."""
+    if "bfloat16" not in data_type_registry.contents:
+        data_type_registry.register("bfloat16", BFloat16)
+
+
+register_bfloat16()
+
+
+# -- compression ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Compression:
+    """One value of the ``compression`` option: the zarr codec it writes and how to run it."""
+
+    codec: Literal["zstd", "blosc"]
+    default_level: int
+    max_level: int
+    cname: str = ""
+    shuffle: Literal["", "shuffle", "bitshuffle"] = ""
+    blocksize: int = 0  # blosc block size in bytes (0: blosc chooses)
+
+    def metadata(self, level: int, itemsize: int) -> dict[str, Any]:
+        if self.codec == "zstd":
+            return {"name": "zstd", "configuration": {"level": level, "checksum": False}}
+        return {
+            "name": "blosc",
+            "configuration": {
+                "cname": self.cname,
+                "clevel": level,
+                "shuffle": self.shuffle,
+                "typesize": itemsize,
+                "blocksize": self.blocksize,
+            },
+        }
+
+    def encode(self, data: np.ndarray, level: int, itemsize: int) -> bytes:
+        if self.codec == "zstd":
+            return bytes(Zstd(level=level).encode(data))
+        shuffle = blosc.BITSHUFFLE if self.shuffle == "bitshuffle" else blosc.SHUFFLE
+        return bytes(blosc.compress(data, self.cname.encode(), level, shuffle, self.blocksize, typesize=itemsize))
+
+
+#: ``compression`` option values.  Measured on real bf16 Fisher (4 MiB chunks, one core):
+#: blosc-zstd-bitshuffle 1.46x smaller at ~1 GB/s (256 KiB blocks: 1.42x with blosc's own choice),
+#: blosc-lz4-bitshuffle 1.43x at ~1.7 GB/s, zstd 1.32x, blosc-zstd-shuffle 1.38x.
+COMPRESSIONS: dict[str, _Compression | None] = {
+    "none": None,
+    "zstd": _Compression("zstd", default_level=1, max_level=22),
+    "blosc-zstd-shuffle": _Compression("blosc", 1, 9, "zstd", "shuffle", 256 << 10),
+    "blosc-zstd-bitshuffle": _Compression("blosc", 1, 9, "zstd", "bitshuffle", 256 << 10),
+    "blosc-lz4-bitshuffle": _Compression("blosc", 5, 9, "lz4", "bitshuffle", 128 << 10),
+}
+_DEFAULTS: dict[str, Any] = {"compression": "none", "level": None, "chunk_mb": 4, "shard_mb": 256}
+
+
+def _decoded_size(codec: str, data: bytes) -> int:
+    """The size a zstd frame or blosc buffer says it decodes to, read from its header.
+
+    Checked before decoding, so that a lying header can neither make the
+    decoder allocate what it claims nor leave part of the output unwritten.
+    """
+    if codec == "blosc":  # version, versionlz, flags, typesize, then uint32 nbytes, blocksize, cbytes
+        if len(data) < 16 or int.from_bytes(data[12:16], "little") != len(data):
+            raise ValueError("blosc header is truncated or its compressed size disagrees with the chunk's")
+        return int.from_bytes(data[4:8], "little")
+    if len(data) < 6 or data[:4] != b"\x28\xb5\x2f\xfd":
+        raise ValueError("not a zstd frame")
+    descriptor = data[4]
+    single_segment = (descriptor >> 5) & 1
+    size_bytes = (single_segment, 2, 4, 8)[descriptor >> 6]
+    if size_bytes == 0:
+        raise ValueError("zstd frame does not record its content size")
+    pos = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]  # skip the window and dictionary-id fields
+    return int.from_bytes(data[pos : pos + size_bytes], "little") + (256 if size_bytes == 2 else 0)
+
+
+def _decode_into(codec: str, data: bytes, out: memoryview) -> None:
+    """Decompress one inner chunk into ``out``, which must be exactly its decoded size."""
+    size = _decoded_size(codec, data)
+    if size != len(out):
+        raise ValueError(f"it decodes to {size} bytes, expected {len(out)}")
+    if codec == "zstd":
+        Zstd().decode(data, out=out)
+    else:
+        blosc.decompress(data, out)
+
+
+def _number(options: dict[str, Any], key: str, low: float, high: float) -> float:
+    value = options[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+        raise BadInputError(f"zarr option {key}={value!r} must be a number > {low} and <= {high}")
+    return value
+
+
+# -- array layout ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """Where a tensor's bytes go: chunk and shard rows, codec; renders and parses ``zarr.json``."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_rows: int
+    shard_rows: int
+    compression: str = "none"
+    level: int | None = None
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return rows_of(self.shape)[1] * self.itemsize
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.row_bytes
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    @property
+    def num_chunks(self) -> int:
+        rows, per_row = rows_of(self.shape)
+        return 0 if rows * per_row == 0 else -(-rows // self.chunk_rows)
+
+    @property
+    def index_bytes(self) -> int:
+        return 16 * self.chunks_per_shard + 4
+
+    @property
+    def codec(self) -> _Compression | None:
+        return COMPRESSIONS[self.compression]
+
+    @classmethod
+    def plan(cls, spec: TensorSpec, options: dict[str, Any]) -> _Layout:
+        """Rows per chunk and per shard for ``spec``: as even as possible, about the option sizes."""
+        rows, per_row = rows_of(spec.shape)
+        row_bytes = per_row * DTYPES[spec.dtype].itemsize
+        chunk_rows = shard_rows = 1
+        if rows * row_bytes:
+            num_chunks = min(rows, math.ceil(rows * row_bytes / (options["chunk_mb"] * _MIB)))
+            chunk_rows = -(-rows // num_chunks)
+            num_chunks = -(-rows // chunk_rows)
+            num_shards = min(num_chunks, math.ceil(rows * row_bytes / (options["shard_mb"] * _MIB)))
+            shard_rows = -(-num_chunks // num_shards) * chunk_rows
+        return cls(spec.shape, spec.dtype, chunk_rows, shard_rows, options["compression"], options["level"])
+
+    def _grid(self, rows: int) -> list[int]:
+        return [] if not self.shape else [rows, *(max(1, d) for d in self.shape[1:])]
+
+    def metadata(self) -> dict[str, Any]:
+        """This array's ``zarr.json``."""
+        bytes_codec: dict[str, Any] = {"name": "bytes"}
+        if self.itemsize > 1:
+            bytes_codec["configuration"] = {"endian": "little"}
+        inner = [bytes_codec]
+        if self.codec is not None:
+            inner.append(self.codec.metadata(self.level, self.itemsize))  # type: ignore[arg-type]
+        is_float = DTYPES[self.dtype].is_floating_point
+        return {
+            "zarr_format": 3,
+            "node_type": "array",
+            "shape": list(self.shape),
+            "data_type": self.dtype,  # manifest dtype names are the zarr v3 names (bfloat16: zarr-extensions)
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": self._grid(self.shard_rows)}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": 0.0 if is_float else (False if self.dtype == "bool" else 0),
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {
+                        "chunk_shape": self._grid(self.chunk_rows),
+                        "codecs": inner,
+                        "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                        "index_location": "end",
+                    },
+                }
+            ],
+            "attributes": {},
+            "storage_transformers": [],
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: Any, where: str) -> _Layout:
+        """Parse a ``zarr.json`` this module wrote; anything else is :class:`CorruptDataError`."""
+        try:
+            shape = tuple(meta["shape"])
+            dtype = meta["data_type"]
+            sharding = meta["codecs"][0]["configuration"]
+            shard_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][:1] or [1]
+            chunk_rows = sharding["chunk_shape"][:1] or [1]
+            compressors = sharding["codecs"][1:]
+            compression, level = "none", None
+            if compressors:
+                (codec,) = compressors
+                config = codec["configuration"]
+                level = config.get("level", config.get("clevel"))
+                compression = next(
+                    name
+                    for name, c in COMPRESSIONS.items()
+                    if c is not None and c.codec == codec["name"] and c.cname == config.get("cname", "")
+                    and c.shuffle == config.get("shuffle", "")
+                )
+            layout = cls(shape, dtype, chunk_rows[0], shard_rows[0], compression, level)
+            expected = layout.metadata()
+            if compressors and codec["name"] == "blosc":  # the block size only tunes compression: any value decodes
+                expected["codecs"][0]["configuration"]["codecs"][1]["configuration"]["blocksize"] = config.get("blocksize")
+            ok = (
+                all(isinstance(r, int) and r >= 1 for r in (layout.chunk_rows, layout.shard_rows))
+                and layout.shard_rows % layout.chunk_rows == 0
+                and all(meta.get(k) == v for k, v in expected.items() if k not in ("attributes", "storage_transformers"))
+            )
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration, ZeroDivisionError):
+            ok = False
+        if not ok:
+            raise CorruptDataError(
+                f"{where}: not an array in the layout fisherstore writes (sharded row chunks, bytes + zstd/blosc); "
+                "read it with zarr-python or tensorstore"
+            )
+        return layout
+
+    def shard_key(self, shard: int) -> str:
+        """Path of a shard file relative to the array (default chunk key encoding, ``/`` separator)."""
+        return "c" if not self.shape else "/".join(["c", str(shard), *("0" * (len(self.shape) - 1))])
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def _split(chunks: Iterable[Buffer], total: int, step: int, name: str) -> Iterator[tuple[memoryview, bool]]:
+    """Views of a byte stream cut at every multiple of ``step``; the flag marks a view that ends a step or the stream."""
+    pos = 0
+    for buf in chunks:
+        view = memoryview(buf).cast("B")
+        while view:
+            room = min(step - pos % step, total - pos)
+            if room <= 0:
+                raise CorruptDataError(f"tensor {name!r}: got more than the {total} bytes its shape and dtype need")
+            piece = view[:room]
+            view = view[room:]
+            pos += len(piece)
+            yield piece, pos % step == 0 or pos == total
+    if pos != total:
+        raise CorruptDataError(f"tensor {name!r}: got {pos} bytes, expected {total}")
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _ShardStream:
+    """Appends one array's inner chunks, in order, to its shard files, opening and finishing shards as it goes."""
+
+    def __init__(self, sink: _ZarrGroupSink, array_dir: Path, layout: _Layout) -> None:
+        self.sink = sink
+        self.array_dir = array_dir
+        self.layout = layout
+        self.chunk = 0  # index of the chunk being written
+        self.fd = -1
+        self.pos = 0
+        self.chunk_start = 0
+        self.index = np.full((layout.chunks_per_shard, 2), _EMPTY, dtype="<u8")
+
+    def write(self, data: Buffer) -> None:
+        """Append bytes to the current chunk."""
+        if self.fd < 0:
+            path = self.array_dir / self.layout.shard_key(self.chunk // self.layout.chunks_per_shard)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self.pos = 0
+            self.index[:] = _EMPTY
+        self.pos = write_all(self.fd, data, self.pos)
+
+    def end_chunk(self, pad_to: int = 0) -> None:
+        """Close the current chunk (zero-padded to ``pad_to`` bytes); finish the shard when it is full."""
+        if self.pos - self.chunk_start < pad_to:
+            self.write(bytes(pad_to - (self.pos - self.chunk_start)))
+        self.index[self.chunk % self.layout.chunks_per_shard] = (self.chunk_start, self.pos - self.chunk_start)
+        self.chunk += 1
+        self.chunk_start = self.pos
+        if self.chunk % self.layout.chunks_per_shard == 0 or self.chunk == self.layout.num_chunks:
+            raw = self.index.tobytes()
+            self.write(raw + google_crc32c.value(raw).to_bytes(4, "little"))
+            fd, self.fd = self.fd, -1
+            self.chunk_start = 0
+            self.sink.sync_later(fd)
+
+    def close(self) -> None:
+        """Release an unfinished shard (after an error)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _ZarrGroupSink(GroupSink):
+    """Writes one group's arrays under a temporary directory; commit renames them into the root."""
+
+    def __init__(self, backend: ZarrBackend, group: GroupInfo) -> None:
+        self.backend = backend
+        self.group = group
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}zarr-g{group.index:05d}-", dir=backend.root))
+        self.arrays: list[str] = []
+        self._syncs: list[Future[None]] = []
+        self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="fisherstore-zarr-fsync")
+        self._pool: ThreadPoolExecutor | None = None
+
+    def sync_later(self, fd: int) -> None:
+        """fsync and close ``fd`` in the background (the disk flush overlaps the next writes)."""
+        self._syncs.append(self._sync_pool.submit(_fsync_close, fd))
+
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
+        if spec.name in self.arrays:
+            raise BadInputError(f"tensor {spec.name!r} was already written in group {self.group.index}")
+        layout = _Layout.plan(spec, self.backend.options)
+        array_dir = self.tmp / spec.name
+        array_dir.mkdir()
+        self.arrays.append(spec.name)
+        stream = _ShardStream(self, array_dir, layout)
+        try:
+            if layout.codec is None:
+                # Uncompressed inner chunks are the tensor's bytes in order: pass them straight through.
+                for piece, ends in _split(chunks, spec.nbytes, max(1, layout.chunk_bytes), spec.name):
+                    stream.write(piece)
+                    if ends:
+                        stream.end_chunk(pad_to=layout.chunk_bytes)
+            else:
+                self._write_compressed(stream, layout, spec, chunks)
+        finally:
+            stream.close()
+        data = json.dumps(layout.metadata(), indent=1).encode()
+        fd = os.open(array_dir / "zarr.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        write_all(fd, data, 0)
+        self.sync_later(fd)
+        return {"array": spec.name}
+
+    def _write_compressed(self, stream: _ShardStream, layout: _Layout, spec: TensorSpec, chunks: Iterable[Buffer]) -> None:
+        """Copy the stream into whole chunks, compress them on the pool, write them in order.
+
+        At most ``2 * workers`` chunks are in flight and their buffers are
+        reused, so memory stays a few chunks whatever the tensor size.  Input
+        buffers are copied because the caller may reuse them once the next one
+        is asked for.
+        """
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="fisherstore-zarr-compress")
+        codec, level, itemsize = layout.codec, layout.level, layout.itemsize
+        assert codec is not None and level is not None
+        pending: deque[tuple[Future[bytes], np.ndarray]] = deque()
+        free: list[np.ndarray] = []
+
+        def write_oldest() -> None:
+            future, done = pending.popleft()
+            stream.write(future.result())
+            stream.end_chunk()
+            free.append(done)
+
+        buf, fill = np.empty(layout.chunk_bytes, dtype=np.uint8), 0
+        try:
+            for piece, ends in _split(chunks, spec.nbytes, max(1, layout.chunk_bytes), spec.name):
+                buf[fill : fill + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                fill += len(piece)
+                if ends:
+                    buf[fill:] = 0  # edge chunks hold the fill value past the last row
+                    pending.append((self._pool.submit(codec.encode, buf, level, itemsize), buf))
+                    if len(pending) > 2 * _WORKERS:
+                        write_oldest()
+                    buf, fill = (free.pop() if free else np.empty(layout.chunk_bytes, dtype=np.uint8)), 0
+            while pending:
+                write_oldest()
+        finally:
+            for future, _ in pending:
+                future.cancel()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._sync_pool.shutdown(wait=True)
+
+    def commit(self) -> None:
+        self._shutdown()
+        for future in self._syncs:
+            future.result()  # raise the first fsync error
+        for dirpath, _, _ in os.walk(self.tmp, topdown=False):
+            fsync_dir(Path(dirpath))
+        root = self.backend.root
+        for name in self.arrays:
+            final = root / name
+            if final.exists():  # left by an interrupted commit of this group: swap it out, delete below
+                os.rename(final, self.tmp / f"{TMP_PREFIX}old-{name}")
+            os.rename(self.tmp / name, final)
+        if not (root / "zarr.json").exists():  # the root group, so that zarr.open_group(root) lists the arrays
+            write_json_atomic(root / "zarr.json", _GROUP_META)
+        fsync_dir(root)
+        shutil.rmtree(self.tmp)
+        log.debug("zarr group %d committed: %d arrays", self.group.index, len(self.arrays))
+
+    def abort(self) -> None:
+        self._shutdown()
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+
+
+# -- the backend ---------------------------------------------------------------------------------------
+class ZarrBackend(Backend):
+    """A store whose tensors are zarr v3 arrays of one group (see the module docstring).
+
+    Options (all optional, stored in the manifest):
+    ``compression``: one of :data:`COMPRESSIONS` (default ``"none"``);
+    ``level``: compressor level (default per compression: zstd family 1, lz4 5);
+    ``chunk_mb``: MiB per inner row chunk (default 4);
+    ``shard_mb``: MiB per shard file (default 256: one file per tensor up to ~256 MiB).
+    """
+
+    name = "zarr"
+
+    def __init__(self, root: Path, options: dict[str, Any] | None = None) -> None:
+        super().__init__(root, options)
+        self._layouts: dict[str, _Layout] = {}
+
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(options) - set(_DEFAULTS)
+        if unknown:
+            raise BadInputError(f"zarr backend options are {sorted(_DEFAULTS)}; got unknown {sorted(unknown)}")
+        opts = {**_DEFAULTS, **options}
+        compression = opts["compression"]
+        if not isinstance(compression, str) or compression not in COMPRESSIONS:
+            raise BadInputError(f"zarr compression {compression!r} is not one of {sorted(COMPRESSIONS)}")
+        codec, level = COMPRESSIONS[compression], opts["level"]
+        if codec is None and level is not None:
+            raise BadInputError(f"zarr level={level!r} needs a compression; compression is 'none'")
+        if codec is not None:
+            level = codec.default_level if level is None else level
+            if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= codec.max_level:
+                raise BadInputError(f"zarr level={level!r} for {compression!r} must be an integer in 1..{codec.max_level}")
+        chunk_mb = _number(opts, "chunk_mb", 0, 1024)
+        shard_mb = _number(opts, "shard_mb", 0, 64 * 1024)
+        if shard_mb < chunk_mb:
+            raise BadInputError(f"zarr shard_mb={shard_mb!r} must be >= chunk_mb={chunk_mb!r} (a shard holds whole chunks)")
+        return {"compression": compression, "level": level, "chunk_mb": chunk_mb, "shard_mb": shard_mb}
+
+    def begin_group(self, group: GroupInfo, num_groups: int) -> GroupSink:
+        meta_path = self.root / "zarr.json"
+        if meta_path.exists():
+            try:
+                node = json.loads(meta_path.read_bytes()).get("node_type")
+            except (OSError, ValueError, AttributeError):
+                node = None
+            if node != "group":
+                raise BadInputError(f"{meta_path} exists but is not a zarr v3 group; write the store to a new directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        return _ZarrGroupSink(self, group)
+
+    def _layout(self, info: TensorInfo) -> tuple[Path, _Layout]:
+        array = info.location.get("array")
+        try:
+            validate_name(array)
+        except BadInputError:
+            raise CorruptDataError(f"tensor {info.name!r}: manifest location array {array!r} is not a safe name") from None
+        array_dir = self.root / array
+        layout = self._layouts.get(array)
+        if layout is None:
+            meta_path = array_dir / "zarr.json"
+            try:
+                meta = json.loads(meta_path.read_bytes())
+            except FileNotFoundError:
+                raise CorruptDataError(f"tensor {info.name!r}: {meta_path} is missing") from None
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CorruptDataError(f"tensor {info.name!r}: {meta_path} is not valid JSON ({exc})") from None
+            layout = _Layout.from_metadata(meta, f"tensor {info.name!r}: {meta_path}")
+            if layout.shape != info.shape or layout.dtype != info.dtype:
+                raise CorruptDataError(
+                    f"tensor {info.name!r}: {meta_path} says {layout.dtype}{list(layout.shape)}, "
+                    f"the manifest says {info.dtype}{list(info.shape)}"
+                )
+            self._layouts[array] = layout
+        return array_dir, layout
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        array_dir, layout = self._layout(info)
+        rows = rows_of(info.shape)[0]
+        if not 0 <= start <= stop <= rows:
+            raise BadInputError(f"rows [{start}, {stop}) out of range for {info.name!r} with {rows} rows")
+        row_bytes, cr, cps = layout.row_bytes, layout.chunk_rows, layout.chunks_per_shard
+        out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        view = memoryview(out.numpy())
+        if len(view):
+            first, last = start // cr, (stop - 1) // cr
+            for shard in range(first // cps, last // cps + 1):
+                chunks = range(max(first, shard * cps), min(last, shard * cps + cps - 1) + 1)
+                self._read_shard(info.name, array_dir / layout.shard_key(shard), layout, shard, chunks, start, stop, view)
+        shape = (stop - start, *info.shape[1:]) if info.shape else (() if stop > start else (0,))
+        return out.view(info.torch_dtype).reshape(shape)
+
+    @staticmethod
+    def _read_shard(
+        name: str, path: Path, layout: _Layout, shard: int, chunks: range, start: int, stop: int, out: memoryview
+    ) -> None:
+        """Copy rows ``[start, stop)`` ∩ ``chunks`` of one shard into ``out`` (whose row 0 is ``start``)."""
+        where = f"tensor {name!r}: shard file {path}"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptDataError(f"{where} is missing; the store is damaged: restore or re-create it") from None
+        try:
+            data_end = os.fstat(fd).st_size - layout.index_bytes
+            raw = os.pread(fd, layout.index_bytes, max(0, data_end))
+            crc = int.from_bytes(raw[-4:], "little")
+            if data_end < 0 or len(raw) != layout.index_bytes or google_crc32c.value(raw[:-4]) != crc:
+                raise CorruptDataError(f"{where}: shard index is truncated or its crc32c does not match")
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+            row_bytes, cr = layout.row_bytes, layout.chunk_rows
+            codec = layout.codec
+            for chunk in chunks:
+                offset, nbytes = (int(x) for x in index[chunk - shard * layout.chunks_per_shard])
+                lo, hi = max(start, chunk * cr), min(stop, (chunk + 1) * cr)
+                dst = out[(lo - start) * row_bytes : (hi - start) * row_bytes]
+                skip = (lo - chunk * cr) * row_bytes
+                if offset == nbytes == _EMPTY:
+                    dst[:] = bytes(len(dst))  # never-written chunk: the fill value
+                elif offset + nbytes > data_end or (codec is None and nbytes != layout.chunk_bytes):
+                    raise CorruptDataError(f"{where}: chunk {chunk} at ({offset}, {nbytes}) lies outside the shard's data")
+                elif codec is None:
+                    _pread_into(fd, dst, offset + skip, where)
+                else:
+                    blob = os.pread(fd, nbytes, offset)
+                    if len(blob) != nbytes:
+                        raise CorruptDataError(f"{where}: chunk {chunk} is cut short (truncated?)")
+                    whole = len(dst) == layout.chunk_bytes  # decode in place; a partial chunk goes through scratch
+                    scratch = dst if whole else memoryview(bytearray(layout.chunk_bytes))
+                    try:
+                        _decode_into(codec.codec, blob, scratch)
+                    except (RuntimeError, ValueError, TypeError) as exc:
+                        raise CorruptDataError(f"{where}: chunk {chunk} does not decompress ({exc})") from None
+                    if not whole:
+                        dst[:] = scratch[skip : skip + len(dst)]
+        finally:
+            os.close(fd)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, where: str) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; a short file is :class:`CorruptDataError`."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise CorruptDataError(f"{where}: file ends {len(view) - done} bytes early (truncated?)")
+        done += n
