@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 import google_crc32c
 import numpy as np
 
-__all__ = ["Checksum", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_tensor", "write_all", "TMP_PREFIX"]
+__all__ = ["Checksum", "mapped_chunks", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_tensor", "write_all", "TMP_PREFIX"]
 
 #: Prefix of every temporary file or directory fisherstore creates inside a store.
 TMP_PREFIX = ".fstmp-"
@@ -137,3 +138,30 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int
         view = view[n:]
         offset += n
     return offset
+
+
+def mapped_chunks(path: Path, offset: int, nbytes: int, chunk_bytes: int) -> Iterator[memoryview]:
+    """Yield ``nbytes`` of ``path`` from ``offset`` as read-only views of successive mmap windows.
+
+    Each window of about ``chunk_bytes`` is mapped (prefaulted), handed out and
+    unmapped before the next one, so a whole file is never resident at once
+    (peak RSS counts mapped pages) while the bytes reach the consumer without
+    the copy a ``read`` into a buffer costs.  Consumers must not keep a view
+    past the next iteration.
+    """
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    step = max(mmap.ALLOCATIONGRANULARITY, chunk_bytes - chunk_bytes % mmap.ALLOCATIONGRANULARITY)
+    with open(path, "rb") as fh:
+        pos, end = offset, offset + nbytes
+        while pos < end:
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            stop = min(end, base + step)
+            window = mmap.mmap(fh.fileno(), stop - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+            view = memoryview(window)[pos - base : stop - base]
+            try:
+                yield view
+            finally:
+                view.release()
+                with contextlib.suppress(BufferError):  # a consumer kept a view: the GC unmaps it later
+                    window.close()
+            pos = stop

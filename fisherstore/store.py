@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ._io import mapped_chunks
 from ._tally import Tally
 from .errors import BadInputError, StoreNotFoundError, TensorNotFoundError
 from .formats import get_backend
@@ -36,6 +37,10 @@ class TensorSource(Protocol):
 
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor: ...
 
+    def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
+        """``(file, offset)`` where the tensor's C-order bytes lie contiguous and raw, else ``None``."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -48,6 +53,9 @@ class _BackendSource:
 
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         return self.backend.read_rows(info, start, stop)
+
+    def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
+        return self.backend.byte_span(info)
 
     def close(self) -> None:
         self.backend.close()
@@ -203,9 +211,19 @@ class FisherStore:
             yield start, self.read(name, (start, min(nrows, start + block_rows)), dtype=dtype)
 
     def iter_bytes(self, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[memoryview]:
-        """Yield a tensor's C-order bytes in buffers of about ``chunk_bytes`` (at least one row)."""
+        """Yield a tensor's C-order bytes in buffers of about ``chunk_bytes`` (at least one row).
+
+        Where the bytes lie raw and contiguous in a file (safetensors shards, a
+        ``fisher.pt``) they come as views of bounded mmap windows, saving the
+        copy into a buffer; otherwise as decoded row blocks.  A view is valid
+        until the next item is requested.
+        """
         info = self.info(name)
         if info.nbytes == 0:
+            return
+        span = self._source.byte_span(info)
+        if span is not None:
+            yield from mapped_chunks(span[0], span[1], info.nbytes, chunk_bytes)
             return
         row_bytes = rows_of(info.shape)[1] * info.torch_dtype.itemsize
         block = max(1, chunk_bytes // max(1, row_bytes))

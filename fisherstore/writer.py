@@ -11,6 +11,7 @@ the groups that are really on disk, and ``resume=True`` continues it.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
 import time
@@ -201,6 +202,11 @@ class StoreWriter:
                     raise ChecksumMismatchError(
                         f"tensor {spec.name!r}: source bytes hash to {checksum}, the source manifest says "
                         f"{expect[spec.name]}; the source is corrupt (run fisherstore verify on it)"
+                    )
+                if not math.isfinite(tally.sum):
+                    raise BadInputError(
+                        f"tensor {spec.name!r} holds non-finite values (sum {tally.sum}); a Fisher estimate must be "
+                        "finite: check the run that produced it"
                     )
                 layer, kind = parse_name(spec.name)
                 infos.append(

@@ -122,3 +122,15 @@ def test_importance_written_from_the_stream(tmp_path, gemma_bf16):
         assert doc["layers"][str(layer)] == pytest.approx(expected, rel=1e-6)
         assert sum(doc["by_kind"][str(layer)].values()) == pytest.approx(expected, rel=1e-6)
     assert set(doc["by_kind"]["1"]) == {"q", "k", "o", "gate", "up", "down"}  # no v_proj in full attention
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_are_refused(tmp_path, gemma_bf16, bad):
+    plan = _plan(gemma_bf16)
+    tensors = {s.name: gemma_bf16[s.name].clone() for s in plan[0].tensors}
+    first = plan[0].tensors[0].name
+    tensors[first][3, 5] = bad
+    w = StoreWriter.create(tmp_path / "s", plan)
+    with pytest.raises(BadInputError, match=f"{first}.*non-finite"):
+        w.write_group(0, tensors)
+    assert w.completed_groups == set() and sorted(p.name for p in (tmp_path / "s").iterdir()) == ["fisherstore.json"]

@@ -79,6 +79,10 @@ class Backend(abc.ABC):
         when the bytes are missing or short.
         """
 
+    def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
+        """``(file, offset)`` of a tensor's raw contiguous bytes, for zero-copy streaming; ``None`` if encoded."""
+        return None
+
     def finalize(self, tensors: dict[str, TensorInfo], groups: tuple[GroupInfo, ...]) -> None:
         """Write any whole-store side files (e.g. an HF index) after a group commits."""
 

@@ -577,6 +577,10 @@ class LegacyPtSource:
         raw = self._read_span(base + start * stride[0] * itemsize, span * itemsize, info.name)
         return torch.as_strided(raw.view(dtype), out_shape, stride).contiguous()
 
+    def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
+        """``(file, offset)`` of a contiguous tensor's bytes (validated at open); ``None`` for strided views."""
+        return None if info.name in self._strides else (self.path, info.location["offset"])
+
     def _read_span(self, offset: int, nbytes: int, name: str) -> torch.Tensor:
         out = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:

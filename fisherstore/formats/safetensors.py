@@ -176,16 +176,21 @@ class _ShardReader:
                     raise
             return self._fds[path]
 
-    def read(self, path: Path, name: str, dtype: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+    def entry(self, path: Path, name: str, dtype: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        """``(fd, absolute data offset)`` of a tensor, after checking the shard's header agrees with the manifest."""
         fd, entries = self.entries(path)
         entry = entries.get(name)
         if entry is None or entry[0] != dtype or entry[1] != shape:
             raise CorruptDataError(f"{path}: header entry for {name!r} is {entry and entry[:2]}, manifest says {(dtype, shape)}")
+        return fd, entry[2]
+
+    def read(self, path: Path, name: str, dtype: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        fd, offset = self.entry(path, name, dtype, shape)
         nrows, per_row = rows_of(shape)
         if not 0 <= start <= stop <= nrows:
             raise BadInputError(f"rows [{start}, {stop}) out of range for {name!r} with {nrows} rows")
         itemsize = DTYPES[dtype].itemsize
-        raw = pread_tensor(fd, (stop - start) * per_row * itemsize, entry[2] + start * per_row * itemsize, f"{path} tensor {name!r}")
+        raw = pread_tensor(fd, (stop - start) * per_row * itemsize, offset + start * per_row * itemsize, f"{path} tensor {name!r}")
         out = raw.view(DTYPES[dtype])
         return out.reshape(shape) if len(shape) == 0 else out.reshape((stop - start, *shape[1:]))
 
@@ -234,6 +239,10 @@ class SafetensorsBackend(Backend):
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         return self._reader.read(self._file(info), info.name, info.dtype, info.shape, start, stop)
 
+    def byte_span(self, info: TensorInfo) -> tuple[Path, int]:
+        path = self._file(info)
+        return path, self._reader.entry(path, info.name, info.dtype, info.shape)[1]
+
     def finalize(self, tensors: dict[str, TensorInfo], groups: tuple[GroupInfo, ...]) -> None:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
@@ -262,6 +271,9 @@ class SafetensorsFileSource:
 
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         return self._reader.read(self.path, info.name, info.dtype, info.shape, start, stop)
+
+    def byte_span(self, info: TensorInfo) -> tuple[Path, int]:
+        return self.path, self._reader.entry(self.path, info.name, info.dtype, info.shape)[1]
 
     def close(self) -> None:
         self._reader.close()
