@@ -1,0 +1,798 @@
+"""Top-k SVD of Fisher tensors read in row blocks: randomized for large tensors, exact for small ones.
+
+The largest Fisher tensors of a 31B model are 5376×21504; a whole store is
+tens of GB.  A mask needs only the top k singular modes, so each tensor is
+decomposed with the randomized range finder of Halko, Martinsson & Tropp
+(2011, algorithms 4.4 and 5.1) that touches the tensor only through products
+with thin matrices.  Those products are computed block by block as the
+tensor's rows stream from the store (:meth:`FisherStore.iter_rows`)::
+
+    Y = A Ω           Y_i = A_i Ω                 (one read of A)
+    Q = orth(Y)
+    repeat q times:   Z = Aᵀ Q = Σ_i A_iᵀ Q_i     (one read)
+                      Ω = orth(Z);  Y = A Ω;  Q = orth(Y)   (one read)
+    Bᵀ = Aᵀ Q = Σ_i A_iᵀ Q_i                      (one read)
+    Bᵀ = W Σ Zᵀ  ⇒  A ≈ (Q Z_k) Σ_k W_kᵀ
+
+so memory is O((m + n)(k + p)) plus one row block, and a decomposition costs
+2q + 2 reads.  Re-orthonormalising after every product (instead of forming
+(AAᵀ)^q A Ω) keeps singular values below √ε·σ₁ from being lost in fp32.
+When the whole fp32 tensor fits in ``max_memory`` it is read once and kept,
+so the passes cost only arithmetic; otherwise every pass re-reads it.  Tensors
+whose oversampled rank is a quarter of their short side or more are cheaper
+to decompose exactly (LAPACK ``gesdd``) and are, when they fit.
+
+Numerics: everything is decomposed in fp32.  There are no bf16 (or fp16) QR
+or SVD kernels (LAPACK has none, nor does cuSOLVER), bf16's 8-bit mantissa
+would cap orthogonality at ~1e-2, and fp64 would double memory and time for
+precision a bf16 input does not have.  ‖A‖²_F is accumulated per row in
+fp32 and across rows in fp64.
+
+Signs are canonical: each mode is flipped so that its left vector sums to
+>= 0 (a non-negative Fisher's leading vectors are then non-negative), so
+exact and randomized, CPU and GPU results agree up to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import json
+import logging
+import math
+import os
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import BadInputError, FisherStoreError
+from .formats.base import rows_of
+from .manifest import DTYPES, MANIFEST_NAME, Manifest
+from .masks import (
+    MASK_KIND,
+    energy_and_residual,
+    mask_attrs,
+    mask_backend_options,
+    mask_names,
+    plan_mask_groups,
+    source_identity,
+)
+from .progress import progress
+from .store import FisherStore, open_store
+from .writer import StoreWriter
+
+__all__ = [
+    "SVDConfig",
+    "SVDResult",
+    "Plan",
+    "TRANSFORMS",
+    "OUTPUT_DTYPES",
+    "DEFAULT_MAX_MEMORY",
+    "plan_decomposition",
+    "decompose",
+    "decompose_tensor",
+    "frobenius_sq",
+    "svd_store",
+]
+
+log = logging.getLogger(__name__)
+
+#: Element-wise maps applied (in fp32) before decomposing: ``sqrt`` and ``log1p`` compress
+#: the Fisher's ~20 decades of dynamic range so more than the top mode matters.
+TRANSFORMS: dict[str, Callable[..., torch.Tensor] | None] = {
+    "none": None,
+    "sqrt": torch.sqrt,
+    "log1p": torch.log1p,
+}
+
+#: Dtypes the modes may be stored in (computed in fp32 regardless).
+OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+
+#: Default bound on one decomposition's working set.
+DEFAULT_MAX_MEMORY = 2 << 30
+
+#: Largest row block (as fp32) read at once when memory allows more: bigger blocks do not make
+#: the products faster and only grow the transient read buffer.
+_BLOCK_BYTES = 16 << 20
+
+RowReader = Callable[[int], Iterable[tuple[int, torch.Tensor]]]
+"""``read(block_rows)`` → ``(start, rows)`` blocks of a tensor in its stored dtype, on the CPU."""
+
+
+def _int_option(option: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise BadInputError(f"{option} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SVDConfig:
+    """How to decompose: rank, accuracy knobs, numerics and resources.
+
+    ``rank`` modes are kept (``min(rank, m, n)`` for an m×n tensor).
+    ``oversample`` extra random directions (default ``max(10, rank // 4)``:
+    measured on real Fisher tensors, a fixed 10 lets the residual drift past
+    1.02x the optimum once k approaches a fifth of the short side) and
+    ``power_iters`` subspace iterations trade reads for accuracy.
+    ``transform`` is applied element-wise before decomposing.  ``dtype`` is
+    the stored dtype of U, S, V.  ``max_memory`` bounds the bytes one
+    decomposition allocates (host, or device when ``device`` is a GPU),
+    excluding the interpreter and torch themselves.  ``exact`` forces
+    LAPACK SVD (the tensor must then fit in ``max_memory``).  ``seed`` and the
+    tensor's name seed the test matrix, so results do not depend on which
+    process or rank computed them.
+    """
+
+    rank: int
+    oversample: int | None = None
+    power_iters: int = 2
+    transform: str = "none"
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_memory: int = DEFAULT_MAX_MEMORY
+    exact: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _int_option("--rank", self.rank, 1)
+        if self.oversample is not None:
+            _int_option("--oversample", self.oversample, 0)
+        _int_option("--power-iters", self.power_iters, 0)
+        _int_option("--max-memory", self.max_memory, 1)
+        _int_option("--seed", self.seed, 0)
+        if self.transform not in TRANSFORMS:
+            raise BadInputError(f"--transform must be one of {sorted(TRANSFORMS)}, got {self.transform!r}")
+        if self.dtype not in OUTPUT_DTYPES:
+            raise BadInputError(f"--dtype must be one of {OUTPUT_DTYPES}, got {self.dtype!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise BadInputError(f"--device {self.device!r} is not a torch device (try 'cpu', 'cuda', 'cuda:1')") from None
+
+    def modes(self, m: int, n: int) -> tuple[int, int]:
+        """``(k, l)`` for an m×n tensor: modes kept and random directions sampled."""
+        k = min(self.rank, m, n)
+        p = max(10, k // 4) if self.oversample is None else self.oversample
+        return k, min(k + p, m, n)
+
+    def params(self) -> dict[str, Any]:
+        """The settings that determine the result (recorded in the mask store, checked on resume)."""
+        d = asdict(self)
+        for resource in ("device", "max_memory", "rank"):
+            del d[resource]
+        return d
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one tensor will be decomposed, decided from its shape and ``max_memory``.
+
+    ``in_memory``: the whole fp32 tensor is held (always for ``exact``);
+    otherwise every pass re-reads it in blocks of ``block_rows`` rows.
+    ``working_bytes`` is the estimated peak of what the decomposition allocates.
+    """
+
+    method: str
+    rank: int
+    samples: int
+    block_rows: int
+    in_memory: bool
+    working_bytes: int
+
+
+def plan_decomposition(shape: tuple[int, int], itemsize: int, cfg: SVDConfig, name: str = "tensor") -> Plan:
+    """Choose exact or randomized, in memory or streamed, and the row block size.
+
+    Byte estimates (fp32 = 4 bytes; p = min(m, n)): reading a row block holds
+    its stored bytes, an fp32 copy and a transformed copy; exact SVD holds A,
+    gesdd's copy of it, U, Vᵀ and its workspace; the randomized method holds Ω
+    or Z (n×l), Y and Q (m×l), QR and SVD workspaces and Bᵀ.
+    """
+    m, n = shape
+    k, l = cfg.modes(m, n)
+    p = min(m, n)
+    row_bytes = n * (itemsize + 8)
+    chunk_rows = max(1, _BLOCK_BYTES // (4 * n))
+    budget = cfg.max_memory
+
+    def rows_left(used: int) -> int:
+        return min(m, chunk_rows, max(1, (budget - used) // row_bytes))
+
+    exact_bytes = 4 * (2 * m * n + p * (m + n) + 7 * p * p + max(m, n))
+    if cfg.exact or 4 * l >= p:
+        if exact_bytes + row_bytes <= budget:
+            rows = rows_left(exact_bytes)
+            return Plan("exact", k, p, rows, True, exact_bytes + rows * row_bytes)
+        if cfg.exact:
+            raise BadInputError(
+                f"tensor {name!r}: exact SVD of a {m}x{n} tensor needs about {exact_bytes + row_bytes:,} bytes, over "
+                f"--max-memory {budget:,}; raise --max-memory or drop --exact"
+            )
+    fixed = 4 * l * (4 * m + 5 * n + 10 * l)
+    dense = 4 * m * n
+    if fixed + dense + row_bytes <= budget:
+        rows = rows_left(fixed + dense)
+        return Plan("randomized", k, l, rows, True, fixed + dense + rows * row_bytes)
+    if fixed + row_bytes <= budget:
+        rows = rows_left(fixed)
+        return Plan("randomized", k, l, rows, False, fixed + rows * row_bytes)
+    raise BadInputError(
+        f"tensor {name!r}: a rank-{k} decomposition (+{l - k} oversampling) of a {m}x{n} tensor needs at least "
+        f"{fixed + row_bytes:,} bytes, over --max-memory {budget:,}; raise --max-memory or lower --rank/--oversample"
+    )
+
+
+@dataclass(frozen=True)
+class SVDResult:
+    """Top modes of one tensor: U (m×k), S (k), V (n×k) on the CPU in the configured dtype.
+
+    ``total_energy`` is ‖A‖²_F and ``captured`` ‖S‖² (both of the
+    transformed tensor, from fp32 values); ``passes`` counts reads of the
+    tensor from its store.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    method: str
+    captured: float
+    total_energy: float
+    passes: int
+    in_memory: bool
+    seconds: float
+
+    @property
+    def energy(self) -> float:
+        """Fraction of ‖A‖²_F captured by the k modes."""
+        return energy_and_residual(self.captured, self.total_energy)[0]
+
+    @property
+    def residual(self) -> float:
+        """‖A − U S Vᵀ‖_F."""
+        return energy_and_residual(self.captured, self.total_energy)[1]
+
+
+# -- numerical core ------------------------------------------------------------------------
+
+Blocks = Callable[[], Iterable[tuple[int, torch.Tensor]]]
+"""One pass over a matrix: ``(start row, fp32 block on the compute device)``."""
+
+
+def _widened(read: RowReader, block_rows: int, transform: str, out: torch.Tensor, in_place: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """Row blocks of a stored tensor, widened to fp32 and transformed, written into ``out``.
+
+    With ``in_place`` each block lands at its own rows of ``out`` (the whole
+    matrix, loaded once); otherwise at the top of ``out``, a one-block buffer
+    every block reuses, so a yielded block is valid only until the next.
+    ``copy_`` widens and moves in one pass into memory that is reused, where
+    a fresh fp32 temporary per block would cost more in page faults than the
+    conversion itself.  What ``read`` returns is never modified.
+    """
+    fn = TRANSFORMS[transform]
+    n = out.shape[1]
+    for start, rows in read(block_rows):
+        offset = start if in_place else 0
+        a = out[offset : offset + rows.shape[0]]
+        a.copy_(rows.reshape(rows.shape[0], n))
+        del rows  # before the next block is read: one block alive at a time
+        if fn is not None:
+            fn(a, out=a)
+        yield start, a
+
+
+def _empty_fp32(m: int, n: int, device: torch.device) -> torch.Tensor:
+    a = torch.empty(m, n, dtype=torch.float32, device=device)
+    if device.type == "cpu":
+        _prefer_huge_pages(a)
+    return a
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library this process runs on (for two memory hints below), or ``None``."""
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+_MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
+_HUGE_PAGE = 2 << 20
+
+
+def _prefer_huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux to back a fresh, untouched CPU tensor with 2 MiB pages.
+
+    Filling a new 460 MB matrix takes ~110k page faults with 4 KiB pages,
+    which costs more than widening bf16 to fp32 (measured: 60 ms vs 16 ms
+    to load 64 MB).  With transparent huge pages in the common ``madvise``
+    mode, this hint cuts the faults 512-fold.  A no-op where madvise or THP
+    is unavailable.
+    """
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    stop = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if stop <= start:
+        return
+    libc = _libc()
+    if libc is not None and hasattr(libc, "madvise"):
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), ctypes.c_int(_MADV_HUGEPAGE))
+
+
+def _sq_norm(a: torch.Tensor) -> float:
+    """‖a‖²_F: row norms in fp32, their squares summed in fp64.
+
+    A single fp32 norm over a whole heavy-tailed Fisher drifts by ~1e-4
+    relative, which the residual sqrt(‖A‖² − ‖S‖²) amplifies by 1/(1 − energy);
+    per-row norms stay at ~1e-7 at the same speed.
+    """
+    return float(torch.linalg.vector_norm(a, dim=1).double().square().sum())
+
+
+def _product(blocks: Blocks, omega: torch.Tensor, out: torch.Tensor, with_norm: bool = False) -> float:
+    """``out = A Ω`` block by block; returns ‖A‖²_F when ``with_norm`` (else 0)."""
+    total = 0.0
+    for start, a in blocks():
+        torch.mm(a, omega, out=out[start : start + a.shape[0]])
+        if with_norm:
+            total += _sq_norm(a)
+        del a
+    return total
+
+
+def _adjoint_product(blocks: Blocks, q: torch.Tensor) -> torch.Tensor:
+    """``Aᵀ Q = Σ_i A_iᵀ Q_i`` block by block."""
+    z = None
+    for start, a in blocks():
+        qi = q[start : start + a.shape[0]]
+        z = a.T @ qi if z is None else z.addmm_(a.T, qi)
+        del a
+    assert z is not None, "a matrix has at least one row block"
+    return z
+
+
+def _orth(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(x).Q
+
+
+_Modes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
+
+
+def _randomized(
+    blocks: Blocks, m: int, n: int, k: int, l: int, power_iters: int, generator: torch.Generator, device: torch.device
+) -> _Modes:
+    """Randomized truncated SVD (module docstring); returns ``(U, S, V, ‖A‖²_F)`` in fp32."""
+    omega = torch.randn(n, l, generator=generator, dtype=torch.float32).to(device)
+    y = torch.empty(m, l, dtype=torch.float32, device=device)
+    total = _product(blocks, omega, y, with_norm=True)
+    _check_finite(total)
+    q = _orth(y)
+    for _ in range(power_iters):
+        omega = _orth(_adjoint_product(blocks, q))
+        _product(blocks, omega, y)
+        q = _orth(y)
+    del omega, y
+    w, s, zh = torch.linalg.svd(_adjoint_product(blocks, q), full_matrices=False)  # Bᵀ = W S Zᴴ
+    return q @ zh[:k].T, s[:k], w[:, :k], total
+
+
+def _exact(a: torch.Tensor, k: int) -> _Modes:
+    """LAPACK SVD of an in-memory fp32 matrix, truncated to k; returns ``(U, S, V, ‖A‖²_F)``."""
+    total = _sq_norm(a)
+    _check_finite(total)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u[:, :k], s[:k], vh[:k].T, total
+
+
+class _NonFinite(Exception):
+    """Raised inside the core; turned into a BadInputError naming the tensor."""
+
+
+def _check_finite(total: float) -> None:
+    if not math.isfinite(total):
+        raise _NonFinite
+
+
+def _canonical_signs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    sign = torch.where(u.sum(dim=0) < 0, -1.0, 1.0).to(u.dtype)
+    return u * sign, v * sign
+
+
+_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
+
+@functools.cache
+def _return_freed_blocks_to_the_os() -> None:
+    """Make glibc serve every allocation of 256 KiB or more with mmap, so a freed row block leaves RSS.
+
+    By default glibc raises its mmap threshold to the size of each large block
+    freed, after which equal blocks come from the heap, where fragmentation
+    keeps stale pages resident: measured +25..35 MiB over a 32 MiB
+    ``max_memory`` while streaming.  Setting the threshold turns that
+    adjustment off; the extra page faults cost ~1 ms per 10 MB block, nothing
+    next to its matrix products.  Called only when a tensor is streamed
+    (the caller asked for bounded memory); a no-op off glibc.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        log.debug("mallopt unavailable: freed row blocks may stay resident")
+        return
+    libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(256 << 10))
+
+
+def _seed(seed: int, name: str) -> int:
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63)
+
+
+def _decompose(read: RowReader, shape: tuple[int, ...], itemsize: int, cfg: SVDConfig, name: str) -> SVDResult:
+    m, n = rows_of(shape)
+    if len(shape) < 2 or m == 0 or n == 0:
+        raise BadInputError(f"tensor {name!r}: shape {list(shape)} is not a non-empty matrix; only tensors with 2 or more dims decompose")
+    plan = plan_decomposition((m, n), itemsize, cfg, name)
+    device = torch.device(cfg.device)
+    start = time.perf_counter()
+    if plan.in_memory:
+        a = _empty_fp32(m, n, device)
+        for _ in _widened(read, plan.block_rows, cfg.transform, a, in_place=True):
+            pass
+        blocks: Blocks = lambda: ((0, a),)  # noqa: E731 - one block: the whole matrix
+    else:
+        if device.type == "cpu":
+            _return_freed_blocks_to_the_os()
+        buffer = _empty_fp32(plan.block_rows, n, device)
+        blocks = lambda: _widened(read, plan.block_rows, cfg.transform, buffer, in_place=False)  # noqa: E731
+    try:
+        if plan.method == "exact":
+            u, s, v, total = _exact(a, plan.rank)
+            passes = 1
+        else:
+            generator = torch.Generator().manual_seed(_seed(cfg.seed, name))
+            u, s, v, total = _randomized(blocks, m, n, plan.rank, plan.samples, cfg.power_iters, generator, device)
+            passes = 1 if plan.in_memory else 2 * cfg.power_iters + 2
+    except _NonFinite:
+        after = "" if cfg.transform == "none" else f" after --transform {cfg.transform}"
+        raise BadInputError(f"tensor {name!r} holds NaN or infinite values{after}; it cannot be decomposed (check the source with fisherstore verify)") from None
+    u, v = _canonical_signs(u, v)
+    out = DTYPES[cfg.dtype]
+    return SVDResult(
+        U=u.to("cpu", out).contiguous(),
+        S=s.to("cpu", out).contiguous(),
+        V=v.to("cpu", out).contiguous(),
+        method=plan.method,
+        captured=float(s.double().square().sum()),
+        total_energy=total,
+        passes=passes,
+        in_memory=plan.in_memory,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def decompose(matrix: torch.Tensor, cfg: SVDConfig, name: str = "tensor") -> SVDResult:
+    """Top ``cfg.rank`` modes of an in-memory tensor (dims after the first are flattened).
+
+    The same code path as :func:`decompose_tensor` (row blocks are views of
+    ``matrix``, which is never modified); ``name`` seeds the test matrix.
+    """
+    if matrix.ndim < 2:
+        raise BadInputError(f"tensor {name!r}: shape {list(matrix.shape)} is not a matrix")
+    rows = matrix.detach().reshape(matrix.shape[0], -1)
+
+    def read(block_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, rows.shape[0], block_rows):
+            yield start, rows[start : start + block_rows]
+
+    return _decompose(read, tuple(matrix.shape), matrix.element_size(), cfg, name)
+
+
+def decompose_tensor(store: FisherStore, name: str, cfg: SVDConfig) -> SVDResult:
+    """Top ``cfg.rank`` modes of one store tensor, read in row blocks (never whole unless it fits ``max_memory``)."""
+    info = store.info(name)
+    return _decompose(lambda b: store.iter_rows(name, b), info.shape, info.torch_dtype.itemsize, cfg, name)
+
+
+def frobenius_sq(store: FisherStore, name: str, transform: str = "none") -> float:
+    """‖T(F)‖²_F of a store tensor, streamed in bounded blocks (T = ``transform``)."""
+    if transform not in TRANSFORMS:
+        raise BadInputError(f"transform must be one of {sorted(TRANSFORMS)}, got {transform!r}")
+    m, n = rows_of(store.info(name).shape)
+    buffer = _empty_fp32(min(m, max(1, _BLOCK_BYTES // max(1, 4 * n))), n, torch.device("cpu"))
+    blocks = _widened(lambda b: store.iter_rows(name, b), buffer.shape[0], transform, buffer, in_place=False)
+    return sum(_sq_norm(a) for _, a in blocks)
+
+
+# -- whole stores: processes and ranks --------------------------------------------------------
+
+_WORKER: tuple[FisherStore, SVDConfig] | None = None
+
+
+def _worker_init(path: str, cfg: SVDConfig, threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = (open_store(path), cfg)
+
+
+def _worker_decompose(name: str) -> SVDResult:
+    assert _WORKER is not None, "worker not initialised"
+    return decompose_tensor(_WORKER[0], name, _WORKER[1])
+
+
+class _Ranks:
+    """This process's place among torchrun ranks; a lone process is rank 0 of 1.
+
+    Objects travel over a gloo group (CPU), whatever backend the caller
+    initialised for its own work.
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.owned = False
+        self.group = None
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not dist.is_available() or not (dist.is_initialized() or launched):
+            self.rank, self.world = 0, 1
+            return
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+            self.owned = True
+        elif dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.rank == 0 else None
+        self.dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def close(self) -> None:
+        if self.owned:
+            self.dist.destroy_process_group()
+
+
+def _balance(costs: dict[str, int], world: int) -> dict[str, int]:
+    """Longest-processing-time assignment of tensors to ranks (deterministic)."""
+    loads = [0] * world
+    owner = {}
+    for name in sorted(costs, key=lambda x: (-costs[x], x)):
+        rank = loads.index(min(loads))
+        owner[name] = rank
+        loads[rank] += costs[name]
+    return owner
+
+
+def _normalised(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _check_resumable(out: Path, attrs: dict[str, Any]) -> None:
+    """Refuse to resume a mask store made from another source or with other settings."""
+    manifest_path = out / MANIFEST_NAME
+    if not manifest_path.exists():
+        return
+    old = Manifest.load(manifest_path)
+    if old.kind != MASK_KIND:
+        raise BadInputError(f"{out} is a {old.kind!r} store, not a mask store; choose another --out")
+    if old.attrs.get("source", {}).get("tensors_sha256") != attrs["source"]["tensors_sha256"]:
+        raise BadInputError(f"{out}: cannot resume: it was computed from another source ({old.attrs.get('source', {}).get('path')})")
+    for key in ("rank", "params"):
+        if _normalised(old.attrs.get(key)) != _normalised(attrs[key]):
+            raise BadInputError(
+                f"{out}: cannot resume: it was made with {key} {old.attrs.get(key)!r}, this run asks for {attrs[key]!r}; "
+                "use the same options, a new --out, or --overwrite"
+            )
+
+
+def svd_store(
+    source: str | Path,
+    out: str | Path,
+    cfg: SVDConfig,
+    *,
+    tensors: str | None = None,
+    workers: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    backend: str = "safetensors",
+    backend_options: dict[str, Any] | None = None,
+) -> Manifest:
+    """Decompose the matrices of a Fisher store and write them as a mask store at ``out``.
+
+    ``tensors`` is a regex searched in names (default: every tensor with 2 or
+    more dims).  Tensors are independent: ``workers`` processes decompose
+    them in parallel on this machine (``cfg.max_memory`` is shared: each gets
+    an equal part), and under ``torchrun`` the ranks split each group's
+    tensors (largest first, to balance), gathering the group's results to
+    rank 0, which alone writes.  The mask store is
+    committed group by group (groups mirror the source's), so ``resume=True``
+    continues an interrupted run, redoing at most the groups not committed;
+    the output is bit-identical to an uninterrupted run with the same
+    options, workers and device.  Returns the final manifest (on every rank).
+    """
+    _int_option("--workers", workers, 1)
+    out = Path(out)
+    ranks = _Ranks()
+    try:
+        with open_store(source) as store:
+            return _run(store, out, cfg, tensors, workers, resume, overwrite, backend, backend_options, ranks)
+    finally:
+        ranks.close()
+
+
+def _select(store: FisherStore, tensors: str | None) -> list[str]:
+    try:
+        pattern = re.compile(tensors) if tensors else None
+    except re.error as exc:
+        raise BadInputError(f"--tensors {tensors!r} is not a valid regular expression: {exc}") from None
+    chosen = [n for n in store.names if pattern is None or pattern.search(n)]
+    matrices = [n for n in chosen if len(store.shape(n)) >= 2 and 0 not in store.shape(n)]
+    skipped = sorted(set(chosen) - set(matrices))
+    if skipped:
+        log.warning("skipping %d tensors that are not non-empty matrices: %s", len(skipped), ", ".join(skipped[:5]))
+    if not matrices:
+        what = f"matching --tensors {tensors!r}" if tensors else "with 2 or more dims"
+        raise BadInputError(f"{store.path}: no tensors {what} to decompose (it holds {len(store)} tensors)")
+    return matrices
+
+
+def _run(
+    store: FisherStore,
+    out: Path,
+    cfg: SVDConfig,
+    tensors: str | None,
+    workers: int,
+    resume: bool,
+    overwrite: bool,
+    backend: str,
+    backend_options: dict[str, Any] | None,
+    ranks: _Ranks,
+) -> Manifest:
+    names = _select(store, tensors)
+    shapes = {n: rows_of(store.shape(n)) for n in names}
+    per_worker = SVDConfig(**{**asdict(cfg), "max_memory": cfg.max_memory // workers})
+    for n in names:  # refuse an impossible budget before anything is written
+        plan_decomposition(shapes[n], store.info(n).torch_dtype.itemsize, per_worker, n)
+    plan = plan_mask_groups([(n, *shapes[n], cfg.modes(*shapes[n])[0], store.info(n).group) for n in names], cfg.dtype)
+    attrs = {
+        "rank": cfg.rank,
+        "method": "exact" if cfg.exact else "randomized",
+        "params": {**cfg.params(), "tensors": tensors},
+        "source": source_identity(store),
+    }
+    writer = None
+    failure: Exception | None = None
+    if ranks.rank == 0:
+        try:
+            if resume:
+                _check_resumable(out, attrs)
+            options = mask_backend_options(backend, backend_options)
+            writer = StoreWriter.create(
+                out, plan, backend=backend, backend_options=options, kind=MASK_KIND, attrs=attrs, resume=resume, overwrite=overwrite
+            )
+        except Exception as exc:
+            failure = exc
+    _agree(ranks, failure, [str(failure)] if failure else [])
+    completed = ranks.broadcast(writer.completed_groups if writer else None)
+    pending = [g for g in plan if g.index not in completed]
+    members = {g.index: [s.name[: -len(".U")] for s in g.tensors[0::3]] for g in pending}
+    owner: dict[str, int] = {}
+    for group in pending:
+        owner.update(_balance({n: shapes[n][0] * shapes[n][1] for n in members[group.index]}, ranks.world))
+    mine = [n for n in owner if owner[n] == ranks.rank]
+    device = cfg.device
+    if ranks.world > 1 and device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    workers = max(1, min(workers, len(mine)))
+    local_cfg = SVDConfig(**{**asdict(cfg), "device": device, "max_memory": cfg.max_memory // workers})
+    log.info(
+        "svd %s -> %s: %d tensors in %d groups, %d groups to do; rank %d of %d decomposes %d of them with %d worker(s)",
+        store.path, out, len(names), len(plan), len(pending), ranks.rank, ranks.world, len(mine), workers,
+    )
+    bar = progress(total=len(owner), desc="svd", unit="tensor") if ranks.rank == 0 else None
+    try:
+        with _decomposer(store, local_cfg, mine, workers) as compute:
+            for group in pending:
+                part: dict[str, SVDResult] | str = {}
+                failure = None
+                try:
+                    part = {n: compute(n) for n in members[group.index] if owner[n] == ranks.rank}
+                except Exception as exc:
+                    failure, part = exc, f"rank {ranks.rank}: {exc}"
+                gathered = ranks.gather(part)
+                errors = [p for p in gathered or [] if isinstance(p, str)]
+                if ranks.rank == 0 and not errors:
+                    try:
+                        results = {n: r for p in gathered for n, r in p.items()}
+                        _write_group(writer, group.index, members[group.index], results, shapes, store)
+                        bar.update(len(members[group.index]))
+                    except Exception as exc:
+                        failure = exc
+                        errors = [f"rank 0: {exc}"]
+                _agree(ranks, failure, errors)
+        manifest = writer.finish() if writer else None
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    return ranks.broadcast(manifest)
+
+
+def _agree(ranks: _Ranks, failure: Exception | None, errors: list[str]) -> None:
+    """Fail on every rank if any failed: the failing rank re-raises its error, the others a summary.
+
+    A lone process just re-raises.  Without this, one rank's error would
+    leave the others blocked in the next collective until its timeout.
+    """
+    if ranks.world == 1:
+        if failure is not None:
+            raise failure
+        return
+    message = ranks.broadcast("; ".join(errors) if ranks.rank == 0 else None)
+    if failure is not None:
+        raise failure
+    if message:
+        raise FisherStoreError(f"svd failed on another rank: {message}")
+
+
+@contextlib.contextmanager
+def _decomposer(store: FisherStore, cfg: SVDConfig, names: list[str], workers: int) -> Iterator[Callable[[str], SVDResult]]:
+    """``name → SVDResult``: computed in this process, or by ``workers`` processes started on all ``names`` at once.
+
+    Workers are spawned (not forked: torch's thread pools and CUDA do not
+    survive a fork) and split this process's torch threads between them.
+    """
+    if workers == 1:
+        yield lambda name: decompose_tensor(store, name, cfg)
+        return
+    threads = max(1, torch.get_num_threads() // workers)
+    pool = ProcessPoolExecutor(
+        workers, mp_context=torch.multiprocessing.get_context("spawn"),
+        initializer=_worker_init, initargs=(str(store.path), cfg, threads),
+    )
+    try:
+        futures = {name: pool.submit(_worker_decompose, name) for name in names}
+        yield lambda name: futures[name].result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _write_group(
+    writer: StoreWriter,
+    index: int,
+    members: list[str],
+    results: dict[str, SVDResult],
+    shapes: dict[str, tuple[int, int]],
+    store: FisherStore,
+) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    attrs: dict[str, dict[str, Any]] = {}
+    for name in members:
+        r = results[name]
+        u, s, v = mask_names(name)
+        tensors.update({u: r.U, s: r.S, v: r.V})
+        attrs[s] = mask_attrs(
+            name, shapes[name], captured=r.captured, total_energy=r.total_energy, method=r.method,
+            fisher_sum=store.info(name).sum,
+        )
+        log.info(
+            "%s: %s rank %d of %dx%d, energy %.6f, residual %.4g, %.2fs (%s, %d passes)",
+            name, r.method, r.S.shape[0], *shapes[name], r.energy, r.residual, r.seconds,
+            "in memory" if r.in_memory else "streamed", r.passes,
+        )
+    writer.write_group(index, tensors, attrs)
