@@ -9,7 +9,7 @@ from typing import Any
 
 from fisherstore.errors import BadInputError
 
-__all__ = ["human_bytes", "print_json", "add_zarr_options", "zarr_options"]
+__all__ = ["human_bytes", "print_json", "add_zarr_options", "zarr_options", "format_mask_table", "format_kind_summary"]
 
 
 def human_bytes(n: float) -> str:
@@ -47,3 +47,26 @@ def zarr_options(args: argparse.Namespace, target: str) -> dict[str, Any]:
         flag = "--" + next(iter(options)).replace("_", "-")
         raise BadInputError(f"{flag} applies to zarr targets only (target is {target})")
     return options
+
+
+def format_mask_table(rows: list[dict[str, Any]]) -> str:
+    """The per-tensor table of a mask store (rows from :func:`fisherstore.masks.describe_masks`)."""
+    width = max((len(r["name"]) for r in rows), default=4)
+    lines = [f"  {'tensor':<{width}}  {'shape':>12}  {'rank':>4}  {'method':<10}  {'energy':>9}  {'residual':>10}"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        energy = "-" if r["energy"] is None else f"{r['energy']:.6f}"
+        residual = "-" if r["residual"] is None else f"{r['residual']:.4g}"
+        lines.append(f"  {r['name']:<{width}}  {shape:>12}  {r['rank']:>4}  {r['method']:<10}  {energy:>9}  {residual:>10}")
+    return "\n".join(lines)
+
+
+def format_kind_summary(rows: list[dict[str, Any]]) -> str:
+    """Mean and minimum captured energy per projection kind."""
+    by_kind: dict[str, list[float]] = {}
+    for r in rows:
+        if r["energy"] is not None:
+            by_kind.setdefault(r["kind"], []).append(r["energy"])
+    return "\n".join(
+        f"  {kind:<6} {len(v):>4} tensors  energy mean {sum(v) / len(v):.6f}  min {min(v):.6f}" for kind, v in sorted(by_kind.items())
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 from fisherstore.store import FisherStore, open_store
 
-from ._common import human_bytes, print_json
+from ._common import format_kind_summary, format_mask_table, human_bytes, print_json
 
 EPILOG = """\
 examples:
@@ -59,12 +59,18 @@ def summary(store: FisherStore) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     with open_store(args.path) as store:
         info = summary(store)
+        masks = None
+        if store.manifest.kind == "masks":
+            from fisherstore.masks import MaskStore, describe_masks
+
+            masks = describe_masks(MaskStore(store))
         rows = [
             {"name": n, "shape": list(i.shape), "dtype": i.dtype, "layer": i.layer, "kind": i.kind, "sum": i.sum, **i.attrs}
             for n, i in ((n, store.info(n)) for n in store.names)
         ]
     if args.json:
-        print_json({**info, **({"tensor_list": rows} if args.tensors else {})})
+        extra = {"tensor_list": rows} if args.tensors else {}
+        print_json({**info, **extra, **({"masks": masks} if masks is not None else {})})
         return 0
     state = "complete" if info["complete"] else f"INCOMPLETE ({info['groups']['complete']} of {info['groups']['total']} groups written)"
     layers = info["layers"]
@@ -79,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {key:<8} {value}")
     for key, value in info["attrs"].items():
         print(f"  {key:<8} {value}")
+    if masks is not None:
+        print(format_mask_table(masks))
+        print("  energy captured per kind:")
+        print(format_kind_summary(masks))
     if args.tensors:
         width = max((len(r["name"]) for r in rows), default=10)
         for r in rows:

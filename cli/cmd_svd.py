@@ -11,7 +11,7 @@ from fisherstore.errors import BadInputError
 from fisherstore.masks import describe_masks, open_masks
 from fisherstore.svd import DEFAULT_MAX_MEMORY, TRANSFORMS, SVDConfig, svd_store
 
-from ._common import human_bytes, print_json
+from ._common import format_kind_summary, format_mask_table, human_bytes, print_json
 
 EPILOG = """\
 How: each tensor F (m x n) is decomposed on its own, so tensors run in parallel (--workers
@@ -79,29 +79,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the per-tensor table as JSON")
     p.set_defaults(func=run)
-
-
-def format_mask_table(rows: list[dict[str, Any]]) -> str:
-    """The per-tensor table of a mask store (rows from :func:`fisherstore.masks.describe_masks`)."""
-    width = max((len(r["name"]) for r in rows), default=4)
-    lines = [f"  {'tensor':<{width}}  {'shape':>12}  {'rank':>4}  {'method':<10}  {'energy':>9}  {'residual':>10}"]
-    for r in rows:
-        shape = "x".join(map(str, r["shape"]))
-        energy = "-" if r["energy"] is None else f"{r['energy']:.6f}"
-        residual = "-" if r["residual"] is None else f"{r['residual']:.4g}"
-        lines.append(f"  {r['name']:<{width}}  {shape:>12}  {r['rank']:>4}  {r['method']:<10}  {energy:>9}  {residual:>10}")
-    return "\n".join(lines)
-
-
-def format_kind_summary(rows: list[dict[str, Any]]) -> str:
-    """Mean and minimum captured energy per projection kind."""
-    by_kind: dict[str, list[float]] = {}
-    for r in rows:
-        if r["energy"] is not None:
-            by_kind.setdefault(r["kind"], []).append(r["energy"])
-    return "\n".join(
-        f"  {kind:<6} {len(v):>4} tensors  energy mean {sum(v) / len(v):.6f}  min {min(v):.6f}" for kind, v in sorted(by_kind.items())
-    )
 
 
 def run(args: argparse.Namespace) -> int:

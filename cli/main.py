@@ -40,7 +40,12 @@ Run 'fisherstore COMMAND --help' for each command's options and examples.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The argument parser; with ``command`` only that sub-command is registered (none for ``--version``).
+
+    Registering a sub-command imports its module, and some import torch and
+    transformers (seconds); a run needs only its own, ``--help`` needs all.
+    """
     parser = argparse.ArgumentParser(
         prog="fisherstore",
         description="Extract, store, read and use the diagonal Fisher information of large language models.",
@@ -58,14 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         "also FISHERSTORE_NO_FSYNC=1)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    names = (command,) if command in COMMANDS else () if command is None and "--version" in argv else COMMANDS
+    for name in names:
         importlib.import_module(f"fisherstore.cli.cmd_{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Global options take no values, so the first bare word is the command.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command, argv).parse_args(argv)
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     set_quiet(args.quiet)

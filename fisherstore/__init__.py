@@ -1,9 +1,14 @@
-"""fisherstore: extract, store, read and use the diagonal Fisher of large language models.
+"""fisherstore: extract, store, read and use the diagonal Fisher information of large language models.
 
 The public API is re-exported here; see ARCHITECTURE.md for how the modules are cut.
+Names are imported on first use (PEP 562), so ``import fisherstore`` and the
+metadata commands of the CLI start without importing torch or transformers.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BadInputError,
@@ -15,54 +20,57 @@ from .errors import (
     TensorNotFoundError,
     UnsafePickleError,
 )
-from .blend import BlendReport, blend_adapter
-from .extract import ExtractSummary, extract
-from .importance import load_importance
-from .manifest import GroupInfo, Manifest, TensorInfo, TensorSpec
-from .models import LoadedModel, load_model
-from .prompts import PromptSet, load_prompts
-from .store import FisherStore, open_store
-from .training import (
-    Coverage,
-    LayerScaler,
-    ProjectorConfig,
-    ScaleRule,
-    SubspaceProjector,
-    TrainingHooks,
-    attach_training,
-    format_factor_table,
-)
-from .writer import StoreWriter, plan_groups
 
 __version__ = "0.1.0"
 
+#: Public name → the module that defines it.
+_EXPORTS: dict[str, str] = {
+    # reading and writing stores
+    "open_store": "store",
+    "FisherStore": "store",
+    "StoreWriter": "writer",
+    "plan_groups": "writer",
+    "convert": "convert",
+    "verify": "verify",
+    "load_importance": "importance",
+    "Manifest": "manifest",
+    "TensorInfo": "manifest",
+    "TensorSpec": "manifest",
+    "GroupInfo": "manifest",
+    # extraction
+    "extract": "extract",
+    "ExtractSummary": "extract",
+    "load_model": "models",
+    "LoadedModel": "models",
+    "load_prompts": "prompts",
+    "PromptSet": "prompts",
+    # SVD masks
+    "svd_store": "svd",
+    "SVDConfig": "svd",
+    "SVDResult": "svd",
+    "decompose": "svd",
+    "decompose_tensor": "svd",
+    "open_masks": "masks",
+    "write_masks": "masks",
+    "describe_masks": "masks",
+    "MaskStore": "masks",
+    "plot_store": "plot",
+    # training
+    "SubspaceProjector": "training",
+    "ProjectorConfig": "training",
+    "LayerScaler": "training",
+    "ScaleRule": "training",
+    "TrainingHooks": "training",
+    "Coverage": "training",
+    "attach_training": "training",
+    "format_factor_table": "training",
+    "blend_adapter": "blend",
+    "BlendReport": "blend",
+}
+
 __all__ = [
     "__version__",
-    "open_store",
-    "FisherStore",
-    "StoreWriter",
-    "plan_groups",
-    "load_importance",
-    "extract",
-    "ExtractSummary",
-    "load_model",
-    "LoadedModel",
-    "load_prompts",
-    "PromptSet",
-    "SubspaceProjector",
-    "ProjectorConfig",
-    "LayerScaler",
-    "ScaleRule",
-    "TrainingHooks",
-    "Coverage",
-    "attach_training",
-    "format_factor_table",
-    "blend_adapter",
-    "BlendReport",
-    "Manifest",
-    "TensorInfo",
-    "TensorSpec",
-    "GroupInfo",
+    *_EXPORTS,
     "FisherStoreError",
     "BadInputError",
     "CorruptDataError",
@@ -72,3 +80,42 @@ __all__ = [
     "TensorNotFoundError",
     "IncompleteStoreError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fisherstore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # static analysers see the eager imports
+    from .blend import BlendReport, blend_adapter
+    from .convert import convert
+    from .extract import ExtractSummary, extract
+    from .importance import load_importance
+    from .manifest import GroupInfo, Manifest, TensorInfo, TensorSpec
+    from .masks import MaskStore, describe_masks, open_masks, write_masks
+    from .models import LoadedModel, load_model
+    from .plot import plot_store
+    from .prompts import PromptSet, load_prompts
+    from .store import FisherStore, open_store
+    from .svd import SVDConfig, SVDResult, decompose, decompose_tensor, svd_store
+    from .training import (
+        Coverage,
+        LayerScaler,
+        ProjectorConfig,
+        ScaleRule,
+        SubspaceProjector,
+        TrainingHooks,
+        attach_training,
+        format_factor_table,
+    )
+    from .verify import verify
+    from .writer import StoreWriter, plan_groups

@@ -88,3 +88,21 @@ def test_usage_error_exit_2(cli):
     with pytest.raises(SystemExit) as exc:
         cli("convert")
     assert exc.value.code == 2
+
+
+def test_info_on_a_mask_store_prints_the_energy_table(cli, tmp_path):
+    from fisherstore.masks import write_masks
+
+    g = torch.Generator().manual_seed(0)
+    masks = {}
+    for name, (m, n) in {"model.layers.0.self_attn.q_proj.weight": (8, 6), "model.layers.1.mlp.up_proj.weight": (10, 4)}.items():
+        u, _ = torch.linalg.qr(torch.randn(m, 3, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(n, 3, generator=g))
+        masks[name] = (u, torch.tensor([3.0, 2.0, 1.0]), v)
+    write_masks(tmp_path / "m", masks)
+    code, out, _ = cli("info", tmp_path / "m")
+    assert code == 0 and "masks safetensors, complete" in out
+    assert "model.layers.1.mlp.up_proj.weight" in out and "10x4" in out
+    code, out, _ = cli("info", tmp_path / "m", "--json")
+    rows = json.loads(out)["masks"]
+    assert [r["shape"] for r in rows] == [[8, 6], [10, 4]] and all(r["rank"] == 3 for r in rows)
