@@ -46,7 +46,7 @@ group_size, out = int(sys.argv[3]), sys.argv[4]
 
 BARE = SETUP + r"""
 import torch.nn.functional as F
-from fisherstore.extract import target_parameters
+from fisherstore.extraction import target_parameters
 from fisherstore.manifest import TensorSpec
 from fisherstore.prompts import encode_prompts
 from fisherstore.writer import plan_groups
@@ -71,7 +71,7 @@ print(json.dumps({"seconds": seconds, "groups": len(plan), "tokens_per_pass": su
 """
 
 EXTRACT = SETUP + r"""
-from fisherstore.extract import extract
+from fisherstore.extraction import extract
 start = time.perf_counter()
 summary = extract(smol.model, smol.tokenizer, prompts, out, group_size=group_size, dtype="bf16", provenance=smol.provenance)
 seconds = time.perf_counter() - start

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fisherstore.extract import DEFAULT_GROUP_SIZE, ESTIMATORS, extract, parse_bytes, parse_group_size, storage_dtype
+from fisherstore.extraction import DEFAULT_GROUP_SIZE, ESTIMATORS, extract, parse_bytes, parse_group_size, storage_dtype
 from fisherstore.formats import BACKENDS
 from fisherstore.models import SMOLLM2, TINY_GEMMA4, load_model
 from fisherstore.prompts import load_prompts

@@ -38,8 +38,8 @@ _EXPORTS: dict[str, str] = {
     "TensorSpec": "manifest",
     "GroupInfo": "manifest",
     # extraction
-    "extract": "extract",
-    "ExtractSummary": "extract",
+    "extract": "extraction",
+    "ExtractSummary": "extraction",
     "load_model": "models",
     "LoadedModel": "models",
     "load_prompts": "prompts",
@@ -98,7 +98,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers see the eager imports
     from .blend import BlendReport, blend_adapter
     from .convert import convert
-    from .extract import ExtractSummary, extract
+    from .extraction import ExtractSummary, extract
     from .importance import load_importance
     from .manifest import GroupInfo, Manifest, TensorInfo, TensorSpec
     from .masks import MaskStore, describe_masks, open_masks, write_masks

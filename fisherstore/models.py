@@ -148,7 +148,7 @@ def load_model(
     needs ``accelerate``) places it across devices while loading instead.
     ``dtype`` is ``"auto"`` (the checkpoint's dtype; fp32 for GGUF and
     tiny-gemma4), ``"fp32"`` or ``"bf16"``.  All parameters come back with
-    ``requires_grad=False``; :func:`fisherstore.extract.extract` turns it on
+    ``requires_grad=False``; :func:`fisherstore.extraction.extract` turns it on
     group by group.
     """
     if dtype not in _DTYPES:

@@ -16,7 +16,7 @@ from torch.func import functional_call, grad
 
 from fisherstore import open_store
 from fisherstore.errors import BadInputError
-from fisherstore.extract import (
+from fisherstore.extraction import (
     DEFAULT_GROUP_SIZE,
     _sampled_labels,
     auto_group_size,
@@ -242,7 +242,7 @@ def test_cli_extract(cli, tmp_path):
     code, _, err = cli("extract", TINY_GEMMA4, "--out", tmp_path / "d", "--dtype", "fp16")
     assert code == 2 and "fp16 is refused" in err and not (tmp_path / "d").exists()
     code, _, err = cli("extract", TINY_GEMMA4, "--out", tmp_path / "e", "--backend", "safetensors", "--compression", "zstd")
-    assert code == 2 and "--compression applies to --backend zarr only" in err
+    assert code == 2 and "--compression applies to zarr targets only" in err
 
 
 def _cli_extract(out, *extra):
