@@ -1,4 +1,4 @@
-"""Small I/O primitives: atomic files and checksums.
+"""Small I/O primitives: atomic files, checksums, and byte spans copied in the kernel.
 
 Atomicity rule used everywhere: write to a temporary name in the same
 directory, flush and ``fsync``, ``rename`` over the final name, then ``fsync``
@@ -9,11 +9,12 @@ never a torn one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
-import mmap
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 import google_crc32c
 import numpy as np
 
-__all__ = ["Checksum", "mapped_chunks", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_tensor", "write_all", "TMP_PREFIX"]
+__all__ = ["Checksum", "FileSpan", "copy_span", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_tensor", "write_all", "TMP_PREFIX"]
 
 #: Prefix of every temporary file or directory fisherstore creates inside a store.
 TMP_PREFIX = ".fstmp-"
@@ -140,28 +141,79 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int
     return offset
 
 
-def mapped_chunks(path: Path, offset: int, nbytes: int, chunk_bytes: int) -> Iterator[memoryview]:
-    """Yield ``nbytes`` of ``path`` from ``offset`` as read-only views of successive mmap windows.
+#: Largest buffer a :class:`FileSpan` is read through: small enough to stay in the CPU cache between the
+#: read and whatever consumes it (checksum, sum, compression); larger buffers measured slower, not faster.
+VIEW_BYTES = 4 << 20
 
-    Each window of about ``chunk_bytes`` is mapped (prefaulted), handed out and
-    unmapped before the next one, so a whole file is never resident at once
-    (peak RSS counts mapped pages) while the bytes reach the consumer without
-    the copy a ``read`` into a buffer costs.  Consumers must not keep a view
-    past the next iteration.
+
+@dataclass(frozen=True)
+class FileSpan:
+    """``nbytes`` raw bytes of the file ``path`` from ``offset``: a chunk that can be copied without reading it.
+
+    Sources whose bytes lie raw and contiguous in a file hand these out instead
+    of buffers; a sink that writes raw bytes copies them in the kernel
+    (:func:`copy_span`), and whoever needs the bytes themselves (checksums,
+    compression) reads them with :meth:`views`.
     """
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    step = max(mmap.ALLOCATIONGRANULARITY, chunk_bytes - chunk_bytes % mmap.ALLOCATIONGRANULARITY)
-    with open(path, "rb") as fh:
-        pos, end = offset, offset + nbytes
-        while pos < end:
-            base = pos - pos % mmap.ALLOCATIONGRANULARITY
-            stop = min(end, base + step)
-            window = mmap.mmap(fh.fileno(), stop - base, flags=flags, prot=mmap.PROT_READ, offset=base)
-            view = memoryview(window)[pos - base : stop - base]
-            try:
-                yield view
-            finally:
-                view.release()
-                with contextlib.suppress(BufferError):  # a consumer kept a view: the GC unmaps it later
-                    window.close()
-            pos = stop
+
+    path: Path
+    offset: int
+    nbytes: int
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def views(self, chunk_bytes: int = VIEW_BYTES) -> Iterator[memoryview]:
+        """The span's bytes, ``preadv`` into one reused buffer of ``chunk_bytes``; a view is valid until the next.
+
+        One copy out of the page cache into a buffer small enough to stay in
+        the CPU cache for whatever reads it next (checksum, sum, compression);
+        measured as fast as mmap windows and without their page faults or RSS.
+        """
+        from .errors import CorruptDataError
+
+        if not self.nbytes:
+            return
+        buf = memoryview(np.empty(min(self.nbytes, max(1, chunk_bytes)), dtype=np.uint8))  # not zero-filled
+        with open(self.path, "rb") as src:
+            done = 0
+            while done < self.nbytes:
+                want = min(len(buf), self.nbytes - done)
+                n = os.preadv(src.fileno(), [buf[:want]], self.offset + done)
+                if n == 0:
+                    raise CorruptDataError(f"{self.path}: file ends {self.nbytes - done} bytes early (truncated?)")
+                done += n
+                yield buf[:n]
+
+
+# copy_file_range fails with these where the kernel or filesystem cannot copy between the two files.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
+
+
+def copy_span(span: FileSpan, fd: int, offset: int) -> int:
+    """Write ``span``'s bytes to ``fd`` at ``offset`` (``copy_file_range``: no copy through user space).
+
+    Falls back to mapped reads and ``pwrite`` where the kernel cannot copy.
+    Returns the offset after the span.  A source shorter than the span is
+    :class:`~fisherstore.errors.CorruptDataError`.
+    """
+    from .errors import CorruptDataError
+
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        with open(span.path, "rb") as src:
+            while done < span.nbytes:
+                try:
+                    n = os.copy_file_range(src.fileno(), fd, span.nbytes - done, span.offset + done, offset + done)
+                except OSError as exc:
+                    if exc.errno not in _NO_KERNEL_COPY or done:
+                        raise
+                    break
+                if n == 0:
+                    raise CorruptDataError(f"{span.path}: file ends {span.nbytes - done} bytes early (truncated?)")
+                done += n
+    pos = offset + done
+    for view in FileSpan(span.path, span.offset + done, span.nbytes - done).views():
+        pos = write_all(fd, view, pos)
+    return pos
+

@@ -16,12 +16,14 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ._io import TMP_PREFIX, fsync_dir
-from ._tally import Tally
+from ._tally import Tally, TallyFeed
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
+from .formats.base import Chunk
 from .manifest import GroupInfo, TensorInfo, now_iso
 from .progress import progress
 from .store import DEFAULT_CHUNK_BYTES, FisherStore, open_store
@@ -83,15 +85,19 @@ def convert(
     return dst
 
 
-def _checked_chunks(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[memoryview]:
-    """A tensor's bytes, checked against its recorded checksum once the last chunk has passed."""
-    tally = Tally(info.dtype) if info.checksum else None
-    for chunk in store.iter_bytes(info.name, chunk_bytes):
-        if tally:
-            tally.update(chunk)
-        bar.update(len(chunk))
-        yield chunk
-    if tally and tally.checksum.hexdigest() != info.checksum:
+def _checked_chunks(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any, pool: ThreadPoolExecutor) -> Iterator[Chunk]:
+    """A tensor's chunks (file spans where the source has them), checked against its recorded checksum.
+
+    The check reads the bytes on ``pool``'s thread while the consumer copies
+    them, and fails once the last chunk has passed.
+    """
+    chunks = _stream(store, info, chunk_bytes, bar)
+    if not info.checksum:
+        yield from chunks
+        return
+    tally = Tally(info.dtype)
+    yield from TallyFeed(chunks, tally, pool)
+    if tally.checksum.hexdigest() != info.checksum:
         raise ChecksumMismatchError(
             f"tensor {info.name!r}: source bytes hash to {tally.checksum.hexdigest()}, its manifest says "
             f"{info.checksum}; the source is corrupt (run fisherstore verify on it)"
@@ -102,7 +108,9 @@ def _to_pt(store: FisherStore, dst: Path, chunk_bytes: int, bar: Any) -> None:
     from .formats.legacy_pt import write_pt
 
     infos = [store.info(n) for n in store.names]
-    write_pt(dst, [i.spec for i in infos], ((i.spec, _checked_chunks(store, i, chunk_bytes, bar)) for i in infos))
+    with ThreadPoolExecutor(1, thread_name_prefix="fisherstore-check") as pool:
+        items = ((i.spec, _checked_chunks(store, i, chunk_bytes, bar, pool)) for i in infos)
+        write_pt(dst, [i.spec for i in infos], items)
 
 
 def _plan(store: FisherStore, group_size: int) -> tuple[GroupInfo, ...]:
@@ -145,7 +153,8 @@ def _to_store(
         raise
 
 
-def _stream(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[memoryview]:
-    for chunk in store.iter_bytes(info.name, chunk_bytes):
+def _stream(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[Chunk]:
+    """A tensor's chunks for the writer: raw file spans where the source has them (copied in the kernel)."""
+    for chunk in store.iter_chunks(info.name, chunk_bytes):
         bar.update(len(chunk))
         yield chunk

@@ -12,19 +12,22 @@ import json
 import math
 import time
 from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import CorruptDataError
 from .naming import parse_name, validate_name
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "DTYPES",
+    "ITEMSIZES",
     "TensorSpec",
     "TensorInfo",
     "GroupInfo",
@@ -38,41 +41,67 @@ FORMAT_NAME = "fisherstore"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "fisherstore.json"
 
-#: Storable dtypes, by the name the manifest uses.
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
+#: Storable dtypes, by the name the manifest uses, with their sizes in bytes.
+#: Plain data, so that code which only moves bytes never has to import torch.
+ITEMSIZES: dict[str, int] = {
+    "bfloat16": 2,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+    "int8": 1,
+    "uint8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "bool": 1,
 }
-_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class _TorchDtypes(Mapping[str, "torch.dtype"]):
+    """Manifest dtype name → torch dtype; torch is imported on the first value lookup, not before.
+
+    Iterating, ``len`` and ``in`` need only the names (:data:`ITEMSIZES`), so
+    listing the storable dtypes in a message costs no torch import.
+    """
+
+    def __getitem__(self, name: str) -> torch.dtype:
+        if name not in ITEMSIZES:
+            raise KeyError(name)
+        import torch
+
+        return getattr(torch, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(ITEMSIZES)
+
+    def __len__(self) -> int:
+        return len(ITEMSIZES)
+
+
+#: Storable dtypes, by the name the manifest uses (values are torch dtypes, resolved lazily).
+DTYPES: Mapping[str, torch.dtype] = _TorchDtypes()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The manifest name of a torch dtype (``torch.bfloat16`` → ``"bfloat16"``)."""
-    try:
-        return _NAMES[dtype]
-    except KeyError:
-        raise CorruptDataError(f"dtype {dtype} is not storable; use one of {sorted(DTYPES)}") from None
+    name = str(dtype).removeprefix("torch.")
+    if name not in ITEMSIZES:
+        raise CorruptDataError(f"dtype {dtype} is not storable; use one of {sorted(ITEMSIZES)}")
+    return name
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a manifest dtype name."""
+    """The torch dtype of a manifest dtype name (imports torch)."""
     try:
         return DTYPES[name]
     except (KeyError, TypeError):
-        raise CorruptDataError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+        raise CorruptDataError(f"unknown dtype {name!r}; expected one of {sorted(ITEMSIZES)}") from None
 
 
 def _dtype(value: Any) -> str:
     """Validate a manifest dtype name and return it."""
-    torch_dtype(value)
+    if not isinstance(value, str) or value not in ITEMSIZES:
+        raise CorruptDataError(f"unknown dtype {value!r}; expected one of {sorted(ITEMSIZES)}")
     return value
 
 
@@ -98,7 +127,7 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         validate_name(self.name)
-        torch_dtype(self.dtype)
+        _dtype(self.dtype)
 
     @property
     def numel(self) -> int:
@@ -106,7 +135,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPES[self.dtype].itemsize
+        return self.numel * ITEMSIZES[self.dtype]
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
@@ -151,7 +180,12 @@ class TensorInfo:
         return self.spec.nbytes
 
     @property
+    def itemsize(self) -> int:
+        return ITEMSIZES[self.dtype]
+
+    @property
     def torch_dtype(self) -> torch.dtype:
+        """The stored dtype as a torch dtype (imports torch)."""
         return DTYPES[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:

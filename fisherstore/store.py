@@ -12,17 +12,18 @@ import difflib
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from ._io import mapped_chunks
+from ._io import VIEW_BYTES, FileSpan
 from ._tally import Tally
 from .errors import BadInputError, StoreNotFoundError, TensorNotFoundError
 from .formats import get_backend
-from .formats.base import Backend, rows_of
+from .formats.base import Backend, Chunk, rows_of
 from .importance import importance_document, layer_sums
 from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["open_store", "FisherStore", "TensorSource", "DEFAULT_CHUNK_BYTES"]
 
@@ -56,6 +57,9 @@ class _BackendSource:
 
     def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
         return self.backend.byte_span(info)
+
+    def read_rows_into(self, info: TensorInfo, start: int, stop: int, out: memoryview) -> None:
+        self.backend.read_rows_into(info, start, stop, out)
 
     def close(self) -> None:
         self.backend.close()
@@ -214,19 +218,45 @@ class FisherStore:
         """Yield a tensor's C-order bytes in buffers of about ``chunk_bytes`` (at least one row).
 
         Where the bytes lie raw and contiguous in a file (safetensors shards, a
-        ``fisher.pt``) they come as views of bounded mmap windows, saving the
-        copy into a buffer; otherwise as decoded row blocks.  A view is valid
-        until the next item is requested.
+        ``fisher.pt``) they are read into one reused buffer; otherwise they are
+        decoded row blocks.  A view is valid until the next item is requested.
+        """
+        for chunk in self.iter_chunks(name, chunk_bytes):
+            if isinstance(chunk, FileSpan):
+                yield from chunk.views(min(chunk_bytes, VIEW_BYTES))
+            else:
+                yield chunk
+
+    def iter_chunks(self, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+        """Like :meth:`iter_bytes`, but raw contiguous bytes come as :class:`~fisherstore._io.FileSpan` s.
+
+        A sink that stores bytes unchanged copies a span in the kernel without
+        reading it (:attr:`~fisherstore.formats.base.GroupSink.takes_spans`),
+        which is how a conversion between raw formats runs at ``cp`` speed.
         """
         info = self.info(name)
         if info.nbytes == 0:
             return
         span = self._source.byte_span(info)
         if span is not None:
-            yield from mapped_chunks(span[0], span[1], info.nbytes, chunk_bytes)
+            path, offset = span
+            step = max(1, chunk_bytes)
+            for pos in range(0, info.nbytes, step):
+                yield FileSpan(path, offset + pos, min(step, info.nbytes - pos))
             return
-        row_bytes = rows_of(info.shape)[1] * info.torch_dtype.itemsize
+        row_bytes = rows_of(info.shape)[1] * info.itemsize
         block = max(1, chunk_bytes // max(1, row_bytes))
+        nrows = rows_of(info.shape)[0]
+        if isinstance(self._source, _BackendSource):  # decoded into one reused buffer, no tensors
+            buf = memoryview(bytearray(min(nrows, block) * row_bytes))
+            for start in range(0, nrows, block):
+                stop = min(nrows, start + block)
+                view = buf[: (stop - start) * row_bytes]
+                self._source.read_rows_into(info, start, stop, view)
+                yield view
+            return
+        import torch  # strided fisher.pt views are gathered by torch
+
         for _, rows in self.iter_rows(name, block):
             yield memoryview(rows.reshape(-1).view(torch.uint8).numpy())
 

@@ -15,22 +15,23 @@ import math
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ._io import TMP_PREFIX, write_json_atomic
-from ._tally import Tally
+from ._tally import Tally, TallyFeed
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats import get_backend
-from .formats.base import Buffer
+from .formats.base import Chunk
 from .importance import IMPORTANCE_NAME, importance_document
 from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo, TensorSpec, now_iso
 from .naming import parse_name
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["StoreWriter", "plan_groups", "tensor_bytes"]
 
@@ -62,6 +63,8 @@ def plan_groups(specs: Sequence[TensorSpec], group_size: int) -> tuple[GroupInfo
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The C-order bytes of a CPU tensor, without a copy when it is already contiguous."""
+    import torch
+
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -80,6 +83,7 @@ class StoreWriter:
         self._executor: ThreadPoolExecutor | None = None
         self._slot = threading.Semaphore(1)
         self._futures: list[Future[None]] = []
+        self._tally_pool: ThreadPoolExecutor | None = None
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -177,12 +181,15 @@ class StoreWriter:
     def stream_group(
         self,
         index: int,
-        items: Iterable[tuple[TensorSpec, Iterable[Buffer]]],
+        items: Iterable[tuple[TensorSpec, Iterable[Chunk]]],
         attrs: Mapping[str, dict[str, Any]] | None = None,
         expect: Mapping[str, str] | None = None,
     ) -> list[TensorInfo]:
-        """Write group ``index`` from ``(spec, byte chunks)`` pairs in plan order, then commit it.
+        """Write group ``index`` from ``(spec, chunks)`` pairs in plan order, then commit it.
 
+        Chunks are byte buffers or :class:`~fisherstore._io.FileSpan` s (raw
+        bytes in a source file: a sink that takes them copies them in the
+        kernel while a helper thread reads them for the checksum and sum).
         ``expect`` maps names to checksums the bytes must have (a conversion
         checks its source this way for free); a mismatch aborts the group.
         """
@@ -196,7 +203,9 @@ class StoreWriter:
                 if spec != want:
                     raise BadInputError(f"group {index}: got tensor {spec}, the plan expects {want}")
                 tally = Tally(spec.dtype)
-                location = sink.write_tensor(spec, _tallied(chunks, tally))
+                feed = TallyFeed(chunks, tally, self._tally_pool_for(sink))
+                location = sink.write_tensor(spec, feed)
+                feed.finish()
                 checksum = tally.checksum.hexdigest()
                 if expect and expect.get(spec.name) and expect[spec.name] != checksum:
                     raise ChecksumMismatchError(
@@ -267,6 +276,14 @@ class StoreWriter:
         self._futures.append(future)
         return future
 
+    def _tally_pool_for(self, sink: Any) -> ThreadPoolExecutor | None:
+        """The helper thread that tallies file spans while ``sink`` copies them; ``None`` if it takes no spans."""
+        if not sink.takes_spans:
+            return None
+        if self._tally_pool is None:
+            self._tally_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisherstore-tally")
+        return self._tally_pool
+
     def _raise_failed(self) -> None:
         for f in self._futures:
             if f.done() and f.exception() is not None:
@@ -299,6 +316,9 @@ class StoreWriter:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._tally_pool is not None:
+            self._tally_pool.shutdown(wait=True)
+            self._tally_pool = None
         self.backend.close()
 
     def __enter__(self) -> StoreWriter:
@@ -311,13 +331,9 @@ class StoreWriter:
         write_json_atomic(self.root / MANIFEST_NAME, self.manifest.to_dict())
 
 
-def _tallied(chunks: Iterable[Buffer], tally: Tally) -> Iterator[Buffer]:
-    for chunk in chunks:
-        tally.update(chunk)
-        yield chunk
-
-
 def _check(spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if not isinstance(tensor, torch.Tensor):
         raise BadInputError(f"{spec.name!r}: expected a tensor, got {type(tensor).__name__}")
     if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:

@@ -64,3 +64,44 @@ def test_small_buffers_still_exact(tmp_path, gemma_bf16, make_store):
     z = convert(src, tmp_path / "z.zarr", chunk_bytes=100)
     with open_store(z) as store:
         assert_same_tensors(store, gemma_bf16)
+
+
+@pytest.mark.parametrize(
+    "target,options",
+    [("st", None), ("z.zarr", None), ("zc.zarr", {"compression": "blosc-lz4-bitshuffle"}), ("x.pt", None)],
+)
+def test_corrupt_source_bytes_are_caught_on_every_path(tmp_path, gemma_bf16, make_store, target, options):
+    """A flipped byte in a source shard fails the conversion (kernel copy or not) and leaves no target."""
+    from fisherstore.errors import ChecksumMismatchError
+
+    src = make_store(gemma_bf16)
+    name = next(iter(gemma_bf16))
+    with open_store(src) as store:
+        info = store.info(name)
+    shard = src / info.location["file"]
+    offset = info.location["offsets"][0] + info.nbytes // 2
+    with open(shard, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x40]))
+    dst = tmp_path / target
+    with pytest.raises(ChecksumMismatchError, match=name):
+        convert(src, dst, backend_options=options)
+    assert not dst.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fstmp-")] == []
+
+
+def test_pt_from_kernel_copies_has_valid_zip_crcs(tmp_path, gemma_tensors, make_store):
+    """Records copied with copy_file_range still carry the CRC-32 of their bytes (zip tools check it)."""
+    import zipfile
+
+    pt = convert(make_store(gemma_tensors), tmp_path / "fisher.pt", chunk_bytes=1000)
+    with zipfile.ZipFile(pt) as zf:
+        assert zf.testzip() is None
+        assert len([n for n in zf.namelist() if "/data/" in n]) == len(gemma_tensors)
+    back = convert(pt, tmp_path / "back.pt")
+    with zipfile.ZipFile(back) as zf:
+        assert zf.testzip() is None
+    with open_store(back) as store:
+        assert_same_tensors(store, gemma_tensors)

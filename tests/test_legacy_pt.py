@@ -631,3 +631,47 @@ def test_zip64_offsets_and_sizes(tmp_path: Path) -> None:
             assert_bit_identical(src.read_rows(src.infos["head"], 0, 10), head)
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_written_pickle_is_byte_identical_to_torch_save():
+    """data.pkl is produced without importing torch, yet equals what torch.save pickles for the same dict."""
+    from fisherstore.formats.legacy_pt import _pickle_specs
+
+    tensors = {
+        "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 4, dtype=torch.bfloat16),
+        "model.layers.0.mlp.down_proj.weight": torch.zeros(4, 3, dtype=torch.bfloat16),
+        "scalar": torch.zeros((), dtype=torch.float32),
+        "empty": torch.zeros(0, 5, dtype=torch.int64),
+        "flags": torch.ones(5, dtype=torch.bool),
+        "halves": torch.ones(2, 2, 2, dtype=torch.float16),
+    }
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zf:
+        (pkl,) = [n for n in zf.namelist() if n.endswith("/data.pkl")]
+        reference = zf.read(pkl)
+    assert _pickle_specs([TensorSpec.of(n, t) for n, t in tensors.items()]) == reference
+
+
+def test_byte_paths_do_not_import_torch(tmp_path):
+    """fisher.pt → safetensors → zarr → fisher.pt, verify and importance run without importing torch (seconds per command)."""
+    torch.save(fisher_like_tensors(), tmp_path / "fisher.pt")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from fisherstore.convert import convert
+        from fisherstore.verify import verify
+        from fisherstore.store import open_store
+        root = {str(tmp_path)!r}
+        convert(root + "/fisher.pt", root + "/st")
+        convert(root + "/st", root + "/z.zarr")
+        convert(root + "/z.zarr", root + "/zc.zarr", backend_options={{"compression": "blosc-lz4-bitshuffle"}})
+        convert(root + "/st", root + "/back.pt")
+        assert verify(root + "/st") == [] and verify(root + "/back.pt") == []
+        with open_store(root + "/st") as s:
+            assert s.layer_importance()
+        print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"

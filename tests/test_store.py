@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -41,9 +42,9 @@ def test_row_reads_dtype_and_device(store, gemma_bf16):
         store.read(name, rows=(0, 1000))
 
 
-@pytest.mark.parametrize("backend,chunk,limit,count", [("safetensors", 10_000, 8192, 2), ("zarr", 1000, 1000, 22)])
+@pytest.mark.parametrize("backend,chunk,limit,count", [("safetensors", 10_000, 10_000, 2), ("zarr", 1000, 1000, 22)])
 def test_iter_bytes_bounded_chunks(make_store, gemma_bf16, backend, chunk, limit, count):
-    """Raw sources stream mmap windows (page-granular); encoded ones stream row blocks."""
+    """Raw sources stream buffers of at most the chunk size; encoded ones stream row blocks."""
     name = "model.layers.0.mlp.down_proj.weight"  # 64 rows x 256 bytes
     with open_store(make_store(gemma_bf16, backend=backend)) as store:
         sizes, data = [], b""
@@ -98,6 +99,41 @@ def test_tally_sum_independent_of_chunking():
     assert whole.sum == pieces.sum
     assert whole.sum == pytest.approx(x.double().sum().item(), rel=1e-6)
     assert whole.checksum.hexdigest() == pieces.checksum.hexdigest()
+
+
+def _reference_sum(values: torch.Tensor) -> float:
+    """The manifest sum by its definition, slowly: fp32 sums of 65536-element blocks added up in fp64.
+
+    Mirrors the grouping the Tally uses (fp64 additions of 64 block sums at a
+    time, a final partial block added last, its odd last element first) so the
+    comparison can be exact.
+    """
+    x = values.float().numpy()
+    full = len(x) - len(x) % 65536
+
+    def block(b: np.ndarray) -> np.float32:
+        even = len(b) - len(b) % 2
+        return np.float32(b[1:even:2].sum(dtype=np.float32) + b[0:even:2].sum(dtype=np.float32))
+
+    sums = [block(x[i : i + 65536]) for i in range(0, full, 65536)]
+    total = 0.0
+    for i in range(0, len(sums), 64):
+        total += float(np.array(sums[i : i + 64], dtype=np.float32).sum(dtype=np.float64))
+    tail = x[full:]
+    if len(tail):
+        partial = float(tail[-1]) if len(tail) % 2 else 0.0
+        partial += float(block(tail))
+        total += partial
+    return total
+
+
+@pytest.mark.parametrize("numel", [1, 5, 65536, 65536 * 65 + 4, 65536 * 130 + 7])
+def test_tally_bf16_sum_matches_its_definition_exactly(numel):
+    g = torch.Generator().manual_seed(numel)
+    x = (torch.randn(numel, generator=g) * 100).to(torch.bfloat16)
+    tally = Tally("bfloat16")
+    tally.update(x.view(torch.uint8).numpy().tobytes())
+    assert tally.sum == _reference_sum(x)
 
 
 def test_open_missing(tmp_path):

@@ -3,7 +3,11 @@
 Backends only move bytes.  Checksums, sums, the manifest, groups and resume
 logic belong to :mod:`fisherstore.writer` and :mod:`fisherstore.store`, so a
 new backend implements four small methods and runs the conformance tests in
-``tests/test_backends.py``.
+``tests/test_backends.py``.  Two are optional speed-ups: a sink that stores
+bytes unchanged sets :attr:`GroupSink.takes_spans` and copies
+:class:`~fisherstore._io.FileSpan` chunks in the kernel, and a backend that
+can decode into a caller's buffer overrides :meth:`Backend.read_rows_into`,
+which keeps conversion and verify free of the torch import.
 """
 
 from __future__ import annotations
@@ -11,15 +15,19 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
+from .._io import FileSpan
 from ..manifest import GroupInfo, TensorInfo, TensorSpec
 
-__all__ = ["Backend", "GroupSink", "Buffer", "rows_of"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Backend", "GroupSink", "Buffer", "Chunk", "FileSpan", "rows_of"]
 
 Buffer = bytes | bytearray | memoryview
+#: What a sink that sets :attr:`GroupSink.takes_spans` may receive: bytes, or raw bytes left in a source file.
+Chunk = Buffer | FileSpan
 
 
 def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -35,9 +43,19 @@ def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
 class GroupSink(abc.ABC):
     """Receives one group's tensors, in the planned order, and commits them as a unit."""
 
+    #: True if :meth:`write_tensor` accepts :class:`~fisherstore._io.FileSpan` chunks besides buffers.
+    #: Sinks that store the bytes unchanged set it and copy spans in the kernel
+    #: (:func:`~fisherstore._io.copy_span`); for the others the writer turns spans into buffers.
+    takes_spans: bool = False
+
     @abc.abstractmethod
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
-        """Write a tensor from C-order byte chunks of any sizes; return its manifest ``location``."""
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Chunk]) -> dict[str, Any]:
+        """Write a tensor from C-order chunks of any sizes; return its manifest ``location``.
+
+        Chunks are byte buffers, and also :class:`~fisherstore._io.FileSpan`
+        when :attr:`takes_spans` is set.  A buffer is valid only until the next
+        chunk is requested.
+        """
 
     @abc.abstractmethod
     def commit(self) -> None:
@@ -78,6 +96,17 @@ class Backend(abc.ABC):
         for chunked formats).  Raises :class:`~fisherstore.errors.CorruptDataError`
         when the bytes are missing or short.
         """
+
+    def read_rows_into(self, info: TensorInfo, start: int, stop: int, out: memoryview) -> None:
+        """Rows ``[start, stop)``'s C-order bytes into ``out`` (exactly their size).
+
+        Byte-moving code (conversion, verify) reads through this, so a backend
+        that overrides it lets them run without importing torch; this default
+        goes through :meth:`read_rows`.
+        """
+        import torch
+
+        out[:] = memoryview(self.read_rows(info, start, stop).reshape(-1).view(torch.uint8).numpy())
 
     def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
         """``(file, offset)`` of a tensor's raw contiguous bytes, for zero-copy streaming; ``None`` if encoded."""

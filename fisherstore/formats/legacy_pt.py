@@ -37,11 +37,9 @@ import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-import torch
-
-from .._io import atomic_file
+from .._io import FileSpan, atomic_file, copy_span
 from ..errors import (
     BadInputError,
     CorruptDataError,
@@ -50,9 +48,12 @@ from ..errors import (
     TensorNotFoundError,
     UnsafePickleError,
 )
-from ..manifest import DTYPES, TensorInfo, TensorSpec, dtype_name
+from ..manifest import ITEMSIZES, TensorInfo, TensorSpec
 from ..naming import parse_name, validate_name
 from .base import Buffer, rows_of
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["LegacyPtSource", "write_pt"]
 
@@ -117,14 +118,20 @@ class _StorageType(NamedTuple):
     """Inert stand-in for a ``torch.*Storage`` class named in the pickle."""
 
     qualname: str
-    dtype: torch.dtype
+    dtype: str  # manifest dtype name
+
+
+class _Dtype(NamedTuple):
+    """Inert stand-in for a ``torch.<dtype>`` global named in the pickle."""
+
+    name: str
 
 
 class _StorageRef(NamedTuple):
     """A storage the pickle refers to: ``data/<key>`` in the archive, ``numel`` elements of ``dtype``."""
 
     key: str
-    dtype: torch.dtype
+    dtype: str  # manifest dtype name
     numel: int
 
 
@@ -143,7 +150,7 @@ def _describe(value: Any) -> str:
         return "tensor"
     if isinstance(value, _StorageRef):
         return "a bare storage"
-    if isinstance(value, torch.dtype):
+    if isinstance(value, _Dtype):
         return "a dtype"
     return type(value).__name__
 
@@ -228,14 +235,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
             ("torch", "Size"): self._size,
-            ("torch", "UntypedStorage"): _StorageType("torch.UntypedStorage", torch.uint8),
-            ("torch.storage", "UntypedStorage"): _StorageType("torch.storage.UntypedStorage", torch.uint8),
+            ("torch", "UntypedStorage"): _StorageType("torch.UntypedStorage", "uint8"),
+            ("torch.storage", "UntypedStorage"): _StorageType("torch.storage.UntypedStorage", "uint8"),
         }
-        for name, dtype in DTYPES.items():
-            self._allowed[("torch", name)] = dtype
+        for name in ITEMSIZES:
+            self._allowed[("torch", name)] = _Dtype(name)
             for module in ("torch", "torch.cuda"):  # torch < 1.12 named CUDA tensors' storages torch.cuda.*
                 cls = _STORAGE_CLASS[name]
-                self._allowed[(module, cls)] = _StorageType(f"{module}.{cls}", dtype)
+                self._allowed[(module, cls)] = _StorageType(f"{module}.{cls}", name)
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -245,7 +252,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module in ("torch", "torch.cuda") and isinstance(name, str) and _STORAGE_NAME_RE.fullmatch(name):
             raise BadInputError(
                 f"{self._path}: holds a tensor of storage type {module}.{name}, whose dtype fisherstore cannot store "
-                f"(supported: {', '.join(DTYPES)}); convert the tensors before saving"
+                f"(supported: {', '.join(ITEMSIZES)}); convert the tensors before saving"
             )
         raise UnsafePickleError(
             f"{self._path}: refusing to unpickle global '{module}.{name}': a fisher.pt may only hold a dict of "
@@ -521,9 +528,9 @@ class LegacyPtSource:
         return TensorInfo(
             name=name,
             shape=value.shape,
-            dtype=dtype_name(ref.dtype),
+            dtype=ref.dtype,
             group=0,
-            location={"record": record, "offset": base + value.offset * ref.dtype.itemsize},
+            location={"record": record, "offset": base + value.offset * ITEMSIZES[ref.dtype]},
             checksum="",
             sum=float("nan"),
             layer=layer,
@@ -543,10 +550,10 @@ class LegacyPtSource:
         entry = entries.get(record)
         if entry is None:
             raise CorruptDataError(f"{self.path}: record {record!r} (a tensor's bytes) is missing from the archive")
-        if entry.size != ref.numel * ref.dtype.itemsize:
+        if entry.size != ref.numel * ITEMSIZES[ref.dtype]:
             raise CorruptDataError(
                 f"{self.path}: record {record!r} holds {entry.size} bytes, but the pickle says "
-                f"{ref.numel} x {ref.dtype} ({ref.numel * ref.dtype.itemsize} bytes)"
+                f"{ref.numel} x {ref.dtype} ({ref.numel * ITEMSIZES[ref.dtype]} bytes)"
             )
         base = self._data_offset(entry, limit)
         seen[ref.key] = (ref, base)
@@ -565,6 +572,8 @@ class LegacyPtSource:
         nrows, per_row = rows_of(info.shape)
         if not 0 <= start <= stop <= nrows:
             raise BadInputError(f"{self.path}: rows ({start}, {stop}) out of range for {info.name!r} with {nrows} rows")
+        import torch
+
         dtype = info.torch_dtype
         itemsize = dtype.itemsize
         base = info.location["offset"]
@@ -582,6 +591,8 @@ class LegacyPtSource:
         return None if info.name in self._strides else (self.path, info.location["offset"])
 
     def _read_span(self, offset: int, nbytes: int, name: str) -> torch.Tensor:
+        import torch
+
         out = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             self._pread_into(memoryview(out.numpy()), offset, f"tensor {name!r}")
@@ -617,6 +628,26 @@ class _StorageStub:
         self.key, self.spec = key, spec
 
 
+class _Global(NamedTuple):
+    """A global (``module.name``) that the pickle names without this process importing it.
+
+    torch.save's pickle names torch functions and storage classes; writing
+    their names directly keeps ``convert → fisher.pt`` free of the torch
+    import (seconds), while the bytes stay exactly what pickling the real
+    objects gives.
+    """
+
+    module: str
+    name: str
+
+    def __call__(self, *args: Any) -> Any:  # pickle requires a reduce function to be callable; this one never runs
+        raise TypeError(f"{self.module}.{self.name} is only named in a pickle here, never called")
+
+
+_REBUILD = _Global("torch._utils", "_rebuild_tensor_v2")
+_STORAGE_GLOBALS = {dtype: _Global("torch", cls) for dtype, cls in _STORAGE_CLASS.items()}
+
+
 class _TensorStub:
     """Pickles exactly like a contiguous CPU tensor does under ``torch.save``."""
 
@@ -628,14 +659,22 @@ class _TensorStub:
     def __reduce__(self) -> tuple[Any, ...]:
         shape = self.storage.spec.shape
         args = (self.storage, 0, shape, _contiguous_strides(shape), False, collections.OrderedDict())
-        return (torch._utils._rebuild_tensor_v2, args)
+        return (_REBUILD, args)
 
 
-class _StubPickler(pickle.Pickler):
+class _StubPickler(pickle._Pickler):  # the Python pickler: its dispatch table can name a _Global
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_named_global(self, obj: _Global) -> None:
+        """Write ``obj`` as a protocol-2 GLOBAL (and memoize it), as ``save_global`` would for the real object."""
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
+        self.memoize(obj)
+
+    dispatch[_Global] = save_named_global
+
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _StorageStub):
-            storage_class = getattr(torch, _STORAGE_CLASS[obj.spec.dtype])
-            return ("storage", storage_class, obj.key, "cpu", obj.spec.numel)
+            return ("storage", _STORAGE_GLOBALS[obj.spec.dtype], obj.key, "cpu", obj.spec.numel)
         return None
 
 
@@ -703,17 +742,24 @@ class _ZipStream:
         self._names.append(name)
         self._crc, self._left, self._done = 0, size, 0
 
-    def data(self, chunk: Buffer) -> None:
-        """Append bytes of the open record."""
+    def data(self, chunk: Buffer | FileSpan) -> None:
+        """Append bytes of the open record (a file span is copied in the kernel)."""
+        if isinstance(chunk, FileSpan):
+            self._take(chunk.nbytes)
+            crc = self._pool.submit(_span_crc32, chunk, self._crc)
+            self._flush()
+            self._fh.flush()
+            start = self._fh.tell()
+            self._fh.seek(copy_span(chunk, self._fh.fileno(), start))
+            self._pos += chunk.nbytes
+            self._crc = crc.result()
+            return
         try:
             mv = memoryview(chunk).cast("B")
         except TypeError as exc:
             raise BadInputError(f"write_pt: {self._label} got a buffer that is not C-contiguous ({exc})") from None
         n = mv.nbytes
-        if n > self._left:
-            raise BadInputError(f"write_pt: {self._label} got more bytes than the {self._left + self._done} its spec declares")
-        self._left -= n
-        self._done += n
+        self._take(n)
         if n < _DIRECT_BYTES:
             self._crc = zlib.crc32(mv, self._crc)
             self._put(mv)
@@ -723,6 +769,13 @@ class _ZipStream:
         self._fh.write(mv)
         self._pos += n
         self._crc = crc.result()
+
+    def _take(self, n: int) -> None:
+        """Count ``n`` more bytes of the open record, refusing more than it declared."""
+        if n > self._left:
+            raise BadInputError(f"write_pt: {self._label} got more bytes than the {self._left + self._done} its spec declares")
+        self._left -= n
+        self._done += n
 
     def end(self) -> None:
         """Close the open record: data descriptor and central-directory entry."""
@@ -764,13 +817,21 @@ class _ZipStream:
         self._flush()
 
 
-def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[TensorSpec, Iterable[Buffer]]]) -> None:
+def _span_crc32(span: FileSpan, crc: int) -> int:
+    """``zlib.crc32`` of a file span's bytes, continuing from ``crc``."""
+    for view in span.views():
+        crc = zlib.crc32(view, crc)
+    return crc
+
+
+def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[TensorSpec, Iterable[Buffer | FileSpan]]]) -> None:
     """Stream a ``fisher.pt`` that stock ``torch.load(path, weights_only=True)`` (and ``mmap=True``) loads.
 
     ``specs`` fixes the names, shapes and dtypes (and the pickle, written
     first); ``items`` then yields ``(spec, chunks)`` in the same order, where
     ``chunks`` are C-order little-endian byte buffers of any sizes summing to
-    the tensor's size.  Only the chunk in hand is held, so a 58 GB export needs
+    the tensor's size, or :class:`~fisherstore._io.FileSpan` s of raw bytes
+    in another file, which are copied in the kernel.  Only the chunk in hand is held, so a 58 GB export needs
     no 58 GB of RAM; chunks of a few MiB or more are written without copying.
     The file appears atomically (temporary file beside ``path``, fsync,
     rename); on any error the temporary file is removed and ``path`` is

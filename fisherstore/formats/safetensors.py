@@ -4,8 +4,9 @@ Shards are ordinary safetensors files (``fisher-00001-of-00008.safetensors``)
 and ``<prefix>.safetensors.index.json`` holds ``{"metadata": {"total_size"},
 "weight_map"}``, so ``safetensors.safe_open`` and HF tooling read a store
 without fisherstore.  Headers are written first (every group's specs are
-planned), then tensor bytes stream in with ``pwrite``; the shard appears under
-its final name only on commit.
+planned), then tensor bytes stream in with ``pwrite``, or are copied in the
+kernel (``copy_file_range``) when they come as raw spans of a source file;
+the shard appears under its final name only on commit.
 
 This module also parses and validates headers for bare ``.safetensors``
 files (:class:`SafetensorsFileSource`), refusing the header lies the
@@ -22,15 +23,16 @@ import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .._io import TMP_PREFIX, fsync, fsync_dir, pread_tensor, write_all, write_json_atomic
+from .._io import TMP_PREFIX, FileSpan, copy_span, fsync, fsync_dir, pread_tensor, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
-from ..manifest import DTYPES, GroupInfo, TensorInfo, TensorSpec
+from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import parse_name, validate_name
-from .base import Backend, Buffer, GroupSink, rows_of
+from .base import Backend, Chunk, GroupSink, rows_of
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SafetensorsBackend", "SafetensorsFileSource", "read_header", "ST_DTYPES"]
 
@@ -62,7 +64,7 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
     size = os.fstat(fd).st_size
     if size < 8:
         raise CorruptDataError(f"{where}: {size} bytes is too short for a safetensors file")
-    (n,) = torch.frombuffer(bytearray(os.pread(fd, 8, 0)), dtype=torch.int64).tolist()
+    n = int.from_bytes(os.pread(fd, 8, 0), "little", signed=True)
     if n <= 0 or n > _HEADER_CAP or 8 + n > size:
         raise CorruptDataError(f"{where}: header length {n} is invalid for a {size}-byte file (truncated or not safetensors)")
     try:
@@ -90,7 +92,7 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs) and 0 <= offs[0] <= offs[1]):
             raise CorruptDataError(f"{where}: tensor {name!r} has bad data_offsets {offs!r}")
         dtype = ST_DTYPES[e["dtype"]]
-        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        expected = math.prod(shape) * ITEMSIZES[dtype]
         if offs[1] - offs[0] != expected:
             raise CorruptDataError(
                 f"{where}: tensor {name!r} spans {offs[1] - offs[0]} bytes but {e['dtype']}{shape} needs {expected}"
@@ -111,7 +113,9 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
 
 
 class _ShardSink(GroupSink):
-    """Writes one shard: header first, then each tensor's bytes at its offset."""
+    """Writes one shard: header first, then each tensor's bytes at its offset (file spans copied in the kernel)."""
+
+    takes_spans = True
 
     def __init__(self, backend: SafetensorsBackend, group: GroupInfo, num_groups: int) -> None:
         self.final = backend.root / backend.shard_name(group.index, num_groups)
@@ -129,11 +133,11 @@ class _ShardSink(GroupSink):
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0)
 
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Chunk]) -> dict[str, Any]:
         begin = self.offsets[spec.name]
         pos = begin
         for chunk in chunks:
-            pos = write_all(self.fd, chunk, pos)
+            pos = copy_span(chunk, self.fd, pos) if isinstance(chunk, FileSpan) else write_all(self.fd, chunk, pos)
         if pos - begin != spec.nbytes:
             raise CorruptDataError(f"tensor {spec.name!r}: got {pos - begin} bytes, expected {spec.nbytes}")
         self.pending.discard(spec.name)
@@ -189,7 +193,7 @@ class _ShardReader:
         nrows, per_row = rows_of(shape)
         if not 0 <= start <= stop <= nrows:
             raise BadInputError(f"rows [{start}, {stop}) out of range for {name!r} with {nrows} rows")
-        itemsize = DTYPES[dtype].itemsize
+        itemsize = ITEMSIZES[dtype]
         raw = pread_tensor(fd, (stop - start) * per_row * itemsize, offset + start * per_row * itemsize, f"{path} tensor {name!r}")
         out = raw.view(DTYPES[dtype])
         return out.reshape(shape) if len(shape) == 0 else out.reshape((stop - start, *shape[1:]))

@@ -17,10 +17,11 @@ Layout (what this module writes and the only layout its reader accepts):
   module registers it with zarr-python (numpy dtype ``ml_dtypes.bfloat16``).
 
 Why not write through zarr-python: its write path runs at about a quarter of
-``cp`` speed.  Here a shard is written sequentially by ``pwrite`` — with no
-compression the caller's buffers go straight to the file, which matches ``cp``
-— while compression runs on a thread pool (numcodecs releases the GIL) and
-shard ``fsync`` runs in the background.  Tests check that the files are
+``cp`` speed.  Here a shard is written sequentially — with no compression
+the caller's buffers go straight to the file with ``pwrite`` and raw source
+file spans are copied in the kernel (``copy_file_range``), while compression
+runs on a thread pool (numcodecs releases the GIL) — and shard ``fsync`` runs
+in the background (skipped under ``--no-fsync``).  Tests check that the files are
 byte-identical to zarr-python's and that zarr-python and tensorstore read every
 array identically.  Reads take local paths only (``pread`` of the index, then
 of the needed chunks); other stores can be read with zarr-python.
@@ -44,21 +45,23 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import google_crc32c
 import ml_dtypes
 import numpy as np
-import torch
 from numcodecs import Zstd, blosc
 from zarr.core.dtype import data_type_registry
 from zarr.core.dtype.npy.float import BaseFloat
 
-from .._io import TMP_PREFIX, fsync_dir, write_all, write_json_atomic
+from .._io import TMP_PREFIX, FileSpan, copy_span, fsync, fsync_dir, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
-from ..manifest import DTYPES, GroupInfo, TensorInfo, TensorSpec
+from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import validate_name
-from .base import Backend, Buffer, GroupSink, rows_of
+from .base import Backend, Buffer, Chunk, GroupSink, rows_of
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ZarrBackend", "BFloat16", "COMPRESSIONS", "register_bfloat16"]
 
@@ -207,7 +210,7 @@ class _Layout:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype].itemsize
+        return ITEMSIZES[self.dtype]
 
     @property
     def row_bytes(self) -> int:
@@ -238,7 +241,7 @@ class _Layout:
     def plan(cls, spec: TensorSpec, options: dict[str, Any]) -> _Layout:
         """Rows per chunk and per shard for ``spec``: as even as possible, about the option sizes."""
         rows, per_row = rows_of(spec.shape)
-        row_bytes = per_row * DTYPES[spec.dtype].itemsize
+        row_bytes = per_row * ITEMSIZES[spec.dtype]
         chunk_rows = shard_rows = 1
         if rows * row_bytes:
             num_chunks = min(rows, math.ceil(rows * row_bytes / (options["chunk_mb"] * _MIB)))
@@ -259,7 +262,7 @@ class _Layout:
         inner = [bytes_codec]
         if self.codec is not None:
             inner.append(self.codec.metadata(self.level, self.itemsize))  # type: ignore[arg-type]
-        is_float = DTYPES[self.dtype].is_floating_point
+        is_float = self.dtype.startswith("float") or self.dtype == "bfloat16"
         return {
             "zarr_format": 3,
             "node_type": "array",
@@ -328,18 +331,26 @@ class _Layout:
 
 
 # -- writing ------------------------------------------------------------------------------------------
-def _split(chunks: Iterable[Buffer], total: int, step: int, name: str) -> Iterator[tuple[memoryview, bool]]:
-    """Views of a byte stream cut at every multiple of ``step``; the flag marks a view that ends a step or the stream."""
+def _split(chunks: Iterable[Chunk], total: int, step: int, name: str) -> Iterator[tuple[memoryview | FileSpan, bool]]:
+    """A byte stream cut at every multiple of ``step`` (views of buffers, sub-spans of file spans).
+
+    The flag marks a piece that ends a step or the stream.
+    """
     pos = 0
     for buf in chunks:
-        view = memoryview(buf).cast("B")
-        while view:
+        item = buf if isinstance(buf, FileSpan) else memoryview(buf).cast("B")
+        done, size = 0, len(item)
+        while done < size:
             room = min(step - pos % step, total - pos)
             if room <= 0:
                 raise CorruptDataError(f"tensor {name!r}: got more than the {total} bytes its shape and dtype need")
-            piece = view[:room]
-            view = view[room:]
-            pos += len(piece)
+            n = min(room, size - done)
+            if isinstance(item, FileSpan):
+                piece: memoryview | FileSpan = FileSpan(item.path, item.offset + done, n)
+            else:
+                piece = item[done : done + n]
+            done += n
+            pos += n
             yield piece, pos % step == 0 or pos == total
     if pos != total:
         raise CorruptDataError(f"tensor {name!r}: got {pos} bytes, expected {total}")
@@ -347,7 +358,7 @@ def _split(chunks: Iterable[Buffer], total: int, step: int, name: str) -> Iterat
 
 def _fsync_close(fd: int) -> None:
     try:
-        os.fsync(fd)
+        fsync(fd)  # honours --no-fsync
     finally:
         os.close(fd)
 
@@ -365,15 +376,15 @@ class _ShardStream:
         self.chunk_start = 0
         self.index = np.full((layout.chunks_per_shard, 2), _EMPTY, dtype="<u8")
 
-    def write(self, data: Buffer) -> None:
-        """Append bytes to the current chunk."""
+    def write(self, data: Buffer | FileSpan) -> None:
+        """Append bytes (or a file span's bytes, copied in the kernel) to the current chunk."""
         if self.fd < 0:
             path = self.array_dir / self.layout.shard_key(self.chunk // self.layout.chunks_per_shard)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self.pos = 0
             self.index[:] = _EMPTY
-        self.pos = write_all(self.fd, data, self.pos)
+        self.pos = copy_span(data, self.fd, self.pos) if isinstance(data, FileSpan) else write_all(self.fd, data, self.pos)
 
     def end_chunk(self, pad_to: int = 0) -> None:
         """Close the current chunk (zero-padded to ``pad_to`` bytes); finish the shard when it is full."""
@@ -402,6 +413,7 @@ class _ZarrGroupSink(GroupSink):
     def __init__(self, backend: ZarrBackend, group: GroupInfo) -> None:
         self.backend = backend
         self.group = group
+        self.takes_spans = backend.options["compression"] == "none"  # raw chunks are the tensor's bytes: copy in the kernel
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}zarr-g{group.index:05d}-", dir=backend.root))
         self.arrays: list[str] = []
         self._syncs: list[Future[None]] = []
@@ -412,7 +424,7 @@ class _ZarrGroupSink(GroupSink):
         """fsync and close ``fd`` in the background (the disk flush overlaps the next writes)."""
         self._syncs.append(self._sync_pool.submit(_fsync_close, fd))
 
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Chunk]) -> dict[str, Any]:
         if spec.name in self.arrays:
             raise BadInputError(f"tensor {spec.name!r} was already written in group {self.group.index}")
         layout = _Layout.plan(spec, self.backend.options)
@@ -582,20 +594,26 @@ class ZarrBackend(Backend):
         return array_dir, layout
 
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        import torch
+
+        out = torch.empty((stop - start) * rows_of(info.shape)[1] * info.itemsize, dtype=torch.uint8)
+        self.read_rows_into(info, start, stop, memoryview(out.numpy()))
+        shape = (stop - start, *info.shape[1:]) if info.shape else (() if stop > start else (0,))
+        return out.view(info.torch_dtype).reshape(shape)
+
+    def read_rows_into(self, info: TensorInfo, start: int, stop: int, out: memoryview) -> None:
         array_dir, layout = self._layout(info)
         rows = rows_of(info.shape)[0]
         if not 0 <= start <= stop <= rows:
             raise BadInputError(f"rows [{start}, {stop}) out of range for {info.name!r} with {rows} rows")
         row_bytes, cr, cps = layout.row_bytes, layout.chunk_rows, layout.chunks_per_shard
-        out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
-        view = memoryview(out.numpy())
-        if len(view):
+        if len(out) != (stop - start) * row_bytes:
+            raise BadInputError(f"{info.name!r}: a buffer of {len(out)} bytes cannot hold rows [{start}, {stop})")
+        if len(out):
             first, last = start // cr, (stop - 1) // cr
             for shard in range(first // cps, last // cps + 1):
                 chunks = range(max(first, shard * cps), min(last, shard * cps + cps - 1) + 1)
-                self._read_shard(info.name, array_dir / layout.shard_key(shard), layout, shard, chunks, start, stop, view)
-        shape = (stop - start, *info.shape[1:]) if info.shape else (() if stop > start else (0,))
-        return out.view(info.torch_dtype).reshape(shape)
+                self._read_shard(info.name, array_dir / layout.shard_key(shard), layout, shard, chunks, start, stop, out)
 
     @staticmethod
     def _read_shard(
