@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fisherstore.convert import TARGETS, convert, infer_target
+from fisherstore.conversion import TARGETS, convert, infer_target
 
 from ._common import add_zarr_options, zarr_options
 

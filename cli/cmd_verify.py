@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fisherstore.verify import verify
+from fisherstore.verification import verify
 
 EPILOG = """\
 exit codes: 0 the store is sound; 1 a problem was found (each printed with the tensor name);

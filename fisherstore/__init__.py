@@ -30,8 +30,8 @@ _EXPORTS: dict[str, str] = {
     "FisherStore": "store",
     "StoreWriter": "writer",
     "plan_groups": "writer",
-    "convert": "convert",
-    "verify": "verify",
+    "convert": "conversion",
+    "verify": "verification",
     "load_importance": "importance",
     "Manifest": "manifest",
     "TensorInfo": "manifest",
@@ -97,7 +97,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers see the eager imports
     from .blend import BlendReport, blend_adapter
-    from .convert import convert
+    from .conversion import convert
     from .extraction import ExtractSummary, extract
     from .importance import load_importance
     from .manifest import GroupInfo, Manifest, TensorInfo, TensorSpec
@@ -117,5 +117,5 @@ if TYPE_CHECKING:  # static analysers see the eager imports
         attach_training,
         format_factor_table,
     )
-    from .verify import verify
+    from .verification import verify
     from .writer import StoreWriter, plan_groups

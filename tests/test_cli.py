@@ -106,3 +106,15 @@ def test_info_on_a_mask_store_prints_the_energy_table(cli, tmp_path):
     code, out, _ = cli("info", tmp_path / "m", "--json")
     rows = json.loads(out)["masks"]
     assert [r["shape"] for r in rows] == [[8, 6], [10, 4]] and all(r["rank"] == 3 for r in rows)
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    """``fisherstore.convert`` etc. stay the functions even after the CLI imported their modules."""
+    import importlib
+
+    import fisherstore
+
+    for module in ("conversion", "verification", "extraction", "store", "svd", "masks", "training"):
+        importlib.import_module(f"fisherstore.{module}")
+    for name in ("convert", "verify", "extract", "open_store", "svd_store", "open_masks", "attach_training"):
+        assert callable(getattr(fisherstore, name)) and not isinstance(getattr(fisherstore, name), type(fisherstore)), name

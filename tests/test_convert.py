@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fisherstore import open_store
-from fisherstore.convert import convert
+from fisherstore.conversion import convert
 
 from .conftest import assert_same_tensors, tree_digest
 

@@ -659,8 +659,8 @@ def test_byte_paths_do_not_import_torch(tmp_path):
     code = textwrap.dedent(
         f"""
         import sys
-        from fisherstore.convert import convert
-        from fisherstore.verify import verify
+        from fisherstore.conversion import convert
+        from fisherstore.verification import verify
         from fisherstore.store import open_store
         root = {str(tmp_path)!r}
         convert(root + "/fisher.pt", root + "/st")

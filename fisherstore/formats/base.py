@@ -2,7 +2,7 @@
 
 Backends only move bytes.  Checksums, sums, the manifest, groups and resume
 logic belong to :mod:`fisherstore.writer` and :mod:`fisherstore.store`, so a
-new backend implements four small methods and runs the conformance tests in
+new backend implements four small methods and passes the conformance suite
 ``tests/test_backends.py``.  Two are optional speed-ups: a sink that stores
 bytes unchanged sets :attr:`GroupSink.takes_spans` and copies
 :class:`~fisherstore._io.FileSpan` chunks in the kernel, and a backend that
