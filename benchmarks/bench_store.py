@@ -12,6 +12,9 @@ competitor runs as its own child process and we record wall time and peak RSS:
   single tensor            fisherstore lazy read vs torch.load full vs safe_open().get_tensor,
                            each reading every byte (timed inside the child, excluding imports)
 
+`sync` runs before each measurement so that no operation pays for the previous
+one's dirty pages (this disk flushes at only ~300-400 MB/s).
+
 Usage: python benchmarks/bench_store.py --sizes 2 8 [--workdir /tmp/fsbench]
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -116,6 +120,7 @@ def bench_size(gb: float, work: Path, repeats: int) -> dict:
         for _ in range(repeats):
             if out is not None and out.exists():
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
+            subprocess.run(["sync"], check=True)  # no dirty pages carried into the next measurement
             r = run_child(label, argv)
             best = r if best is None or r.wall_s < best.wall_s else best
         row = {"op": label, "wall_s": best.wall_s, "peak_rss_mb": best.peak_rss_mb}
@@ -129,6 +134,7 @@ def bench_size(gb: float, work: Path, repeats: int) -> dict:
     # store → fisher.pt (back), from the safetensors store kept above
     for flag, tag in (([], ""), (["--no-fsync"], " --no-fsync")):
         back = work / "back.pt"
+        subprocess.run(["sync"], check=True)
         r = run_child("back", fs(*flag, "convert", str(st), str(back)))
         rows.append({"op": f"convert safetensors store → fisher.pt{tag}", "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb})
         print(f"  {rows[-1]['op']:<48} {r.wall_s:7.2f} s  {r.peak_rss_mb:8.0f} MiB", flush=True)

@@ -20,6 +20,7 @@ from .errors import (
     TensorNotFoundError,
     UnsafePickleError,
 )
+from .errors import __all__ as _ERRORS
 
 __version__ = "0.1.0"
 
@@ -68,18 +69,7 @@ _EXPORTS: dict[str, str] = {
     "BlendReport": "blend",
 }
 
-__all__ = [
-    "__version__",
-    *_EXPORTS,
-    "FisherStoreError",
-    "BadInputError",
-    "CorruptDataError",
-    "ChecksumMismatchError",
-    "UnsafePickleError",
-    "StoreNotFoundError",
-    "TensorNotFoundError",
-    "IncompleteStoreError",
-]
+__all__ = ["__version__", *_EXPORTS, *_ERRORS]
 
 
 def __getattr__(name: str) -> Any:
