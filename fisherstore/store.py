@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._io import VIEW_BYTES, FileSpan
 from ._tally import Tally
-from .errors import BadInputError, StoreNotFoundError, TensorNotFoundError
+from .errors import BadInputError, CorruptDataError, StoreNotFoundError, TensorNotFoundError
 from .formats import get_backend
 from .formats.base import Backend, Chunk, rows_of
 from .importance import importance_document, layer_sums
@@ -119,6 +120,26 @@ def open_store(path: str | Path) -> FisherStore:
     return FisherStore(path, manifest, source)
 
 
+#: Reads at least this large are memory-mapped instead of copied (see :meth:`FisherStore.read`).
+MAP_MIN_BYTES = 1 << 20
+
+
+def _mapped_tensor(path: Path, offset: int, nbytes: int, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """A copy-on-write mmap of ``nbytes`` at ``offset`` as rows ``[start, stop)`` of ``info``'s tensor."""
+    import mmap
+
+    import torch
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if offset + nbytes > size:  # mapping past the end would SIGBUS on access instead of raising
+            raise CorruptDataError(f"{path}: tensor {info.name!r} needs bytes up to {offset + nbytes}, the file has {size} (truncated?)")
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        window = mmap.mmap(fh.fileno(), offset + nbytes - base, access=mmap.ACCESS_COPY, offset=base)
+    flat = torch.frombuffer(window, dtype=torch.uint8, count=nbytes, offset=offset - base)  # keeps the map alive
+    return flat.view(info.torch_dtype).reshape(info.shape if not info.shape else (stop - start, *info.shape[1:]))
+
+
 class FisherStore:
     """Lazy, read-only access to the tensors of a store (see :func:`open_store`)."""
 
@@ -185,6 +206,12 @@ class FisherStore:
     ) -> torch.Tensor:
         """Read a tensor, or rows ``[start, stop)`` of it, touching only those bytes.
 
+        Rows lying raw in a file (safetensors, ``fisher.pt``) and at least
+        :data:`MAP_MIN_BYTES` long come back as a copy-on-write memory map of
+        exactly those bytes, as ``safe_open`` does: no read up front, pages
+        fault in as they are used, and writes stay private to the tensor.
+        Encoded rows (zarr) and small reads are read into a fresh buffer.
+
         ``dtype``/``device`` convert after reading (e.g. ``dtype=torch.float32``
         for numerics: bf16 has no SVD kernels).
         """
@@ -201,7 +228,12 @@ class FisherStore:
             start, stop = rows
             if not 0 <= start <= stop <= nrows:
                 raise BadInputError(f"rows ({start}, {stop}) out of range for {name!r} with {nrows} rows")
-        out = self._source.read_rows(info, start, stop)
+        per_row = rows_of(info.shape)[1] * info.itemsize
+        span = self._source.byte_span(info) if (stop - start) * per_row >= MAP_MIN_BYTES else None
+        if span is not None:
+            out = _mapped_tensor(span[0], span[1] + start * per_row, (stop - start) * per_row, info, start, stop)
+        else:
+            out = self._source.read_rows(info, start, stop)
         if dtype is not None or device is not None:
             out = out.to(device=device, dtype=dtype)
         return out

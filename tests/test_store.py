@@ -141,3 +141,29 @@ def test_open_missing(tmp_path):
         open_store(tmp_path / "absent")
     with pytest.raises(StoreNotFoundError, match="without fisherstore.json"):
         open_store(tmp_path)
+
+
+def test_large_raw_reads_are_private_maps(tmp_path):
+    """Reads >= MAP_MIN_BYTES map the file copy-on-write: equal values, writes never reach the file."""
+    from fisherstore import StoreWriter, TensorSpec, plan_groups
+    from fisherstore.store import MAP_MIN_BYTES
+
+    from .conftest import tree_digest
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    t = torch.arange(MAP_MIN_BYTES, dtype=torch.float32).reshape(1024, -1)
+    plan = plan_groups([TensorSpec.of(name, t)], 1)
+    with StoreWriter.create(tmp_path / "s", plan) as w:
+        w.write_group(0, {name: t})
+        w.finish()
+    before = tree_digest(tmp_path / "s")
+    with open_store(tmp_path / "s") as store:
+        x = store[name]
+        assert torch.equal(x, t) and torch.equal(store.read(name, rows=(512, 1024)), t[512:])
+        x.zero_()
+        assert torch.equal(store[name], t)
+    assert tree_digest(tmp_path / "s") == before
+    shard = next((tmp_path / "s").glob("fisher-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-4096])  # truncated: an error, never a SIGBUS
+    with open_store(tmp_path / "s") as store, pytest.raises(Exception, match="truncated|file has"):
+        store[name]
