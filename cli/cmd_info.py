@@ -81,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  bytes    {human_bytes(info['bytes'])}  ({info['bytes']:,})  dtypes {info['dtypes']}")
     if info["backend_options"]:
         print(f"  options  {info['backend_options']}")
-    for key, value in info["provenance"].items():
-        print(f"  {key:<8} {value}")
-    for key, value in info["attrs"].items():
-        print(f"  {key:<8} {value}")
+    extra = {**info["provenance"], **info["attrs"]}
+    width = max([8, *map(len, extra)])
+    for key, value in extra.items():
+        print(f"  {key:<{width}} {value}")
     if masks is not None:
         print(format_mask_table(masks))
         print("  energy captured per kind:")
