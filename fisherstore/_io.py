@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 import google_crc32c
 import numpy as np
 
-__all__ = ["Checksum", "FileSpan", "copy_span", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_tensor", "write_all", "TMP_PREFIX"]
+__all__ = ["atomic_dir", "Checksum", "FileSpan", "copy_span", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_tensor", "write_all", "TMP_PREFIX"]
 
 #: Prefix of every temporary file or directory fisherstore creates inside a store.
 TMP_PREFIX = ".fstmp-"
@@ -99,6 +100,30 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Build a directory in a temporary sibling; on clean exit it replaces ``path`` by a rename.
+
+    Whatever was at ``path`` goes only once the new directory is complete.  On
+    an exception the temporary directory is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700; published directories are as readable as any other output
+    try:
+        yield tmp
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
 

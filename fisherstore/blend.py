@@ -18,14 +18,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._io import TMP_PREFIX, atomic_file, fsync_dir, write_json_atomic
+from ._io import atomic_dir, atomic_file, write_json_atomic
 from .errors import BadInputError
 from .importance import load_importance
 from .naming import parse_name
@@ -158,9 +157,7 @@ def _write(src: Path, out: Path, tensors: dict[str, torch.Tensor], record: dict[
     """Assemble the output in a temporary sibling directory, then rename it onto ``out``."""
     from safetensors.torch import save
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for item in sorted(src.iterdir()):
             if item.is_file() and item.name != BLEND_RECORD and not item.name.endswith(_SKIP_SUFFIXES):
                 shutil.copy2(item, tmp / item.name)  # adapter_config.json, tokenizer files, README
@@ -169,12 +166,3 @@ def _write(src: Path, out: Path, tensors: dict[str, torch.Tensor], record: dict[
         with atomic_file(tmp / ADAPTER_WEIGHTS) as fh:
             fh.write(save(tensors, metadata={"format": "pt"}))
         write_json_atomic(tmp / BLEND_RECORD, record)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out.parent)

@@ -13,14 +13,12 @@ file and renamed.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ._io import TMP_PREFIX, fsync_dir
+from ._io import atomic_dir
 from ._tally import Tally, TallyFeed
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats.base import Chunk
@@ -122,14 +120,11 @@ def _plan(store: FisherStore, group_size: int) -> tuple[GroupInfo, ...]:
 def _to_store(
     store: FisherStore, dst: Path, backend: str, options: dict[str, Any], group_size: int, chunk_bytes: int, bar: Any
 ) -> None:
-    tmp = dst.parent / f"{TMP_PREFIX}{dst.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     source_meta = {"path": str(store.path), "format": store.format, "converted": now_iso()}
     provenance = {**store.manifest.provenance, "converted_from": source_meta}
     if store.manifest.kind == "masks" and backend == "safetensors":
         options = {"prefix": "masks", **options}
-    try:
+    with atomic_dir(dst) as tmp:  # on overwrite, the old store goes only once the new one is complete
         writer = StoreWriter.create(
             tmp, _plan(store, group_size), backend=backend, backend_options=options,
             kind=store.manifest.kind, provenance=provenance, attrs=store.manifest.attrs,
@@ -144,13 +139,6 @@ def _to_store(
                     expect={i.name: i.checksum for i in infos},
                 )
             writer.finish()
-        if dst.exists():  # overwrite: the new store is complete before the old one goes
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _stream(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[Chunk]:
