@@ -12,18 +12,29 @@ competitor runs as its own child process and we record wall time and peak RSS:
   single tensor            fisherstore lazy read vs torch.load full vs safe_open().get_tensor,
                            each reading every byte (timed inside the child, excluding imports)
 
-`sync` runs before each measurement so that no operation pays for the previous
-one's dirty pages (this disk flushes at only ~300-400 MB/s).
+Every operation starts from the same state: the previous output is deleted,
+`sync` flushes dirty pages (this disk flushes at only ~300-400 MB/s) and the
+run waits ``--settle`` seconds.  The wait matters on this VM: memory the
+guest frees is handed back to the host (virtio-balloon free page reporting)
+after a moment, and whoever allocates page cache next pays host page faults
+for it, so an operation that starts right after a large delete runs up to
+2-3x faster than one that starts later.  With the wait, every competitor
+pays the same.  Each operation runs ``--repeats`` times; the median is kept.
+Single-tensor reads run with the page cache warm for the file(s) that
+competitor reads (read once by ``cat`` just before), so at 8 GB, where the
+three copies of the data exceed RAM, no competitor reads from disk.
 
-Usage: python benchmarks/bench_store.py --sizes 2 8 [--workdir /tmp/fsbench]
+Usage: python benchmarks/bench_store.py --sizes 2 8 [--repeats 3] [--workdir /tmp/fsbench]
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,7 +109,29 @@ def size_of(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def bench_size(gb: float, work: Path, repeats: int) -> dict:
+def settle(seconds: float) -> None:
+    """Flush dirty pages, then let freed memory go back to the host (see the module docstring)."""
+    subprocess.run(["sync"], check=True)
+    time.sleep(seconds)
+
+
+def warm(path: Path) -> None:
+    """Read ``path`` (a file, or every file under a directory) once, so that its pages are cached."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for chunk in range(0, len(files), 256):
+        subprocess.run(["cat", *map(str, files[chunk : chunk + 256])], stdout=subprocess.DEVNULL, check=True)
+
+
+def median_run(label: str, argv: list[str], repeats: int, before) -> tuple[float, float, list]:
+    """Run ``argv`` ``repeats`` times, calling ``before()`` first each time; median wall, median peak RSS, all runs."""
+    runs = []
+    for _ in range(repeats):
+        before()
+        runs.append(run_child(label, argv))
+    return statistics.median(r.wall_s for r in runs), statistics.median(r.peak_rss_mb for r in runs), runs
+
+
+def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     src = work / "fisher.pt"
     n, total, largest = run_child("generate", python(GEN, str(gb), str(src)), env={"FISHERSTORE_NO_FSYNC": "1"}).stdout.split()
@@ -118,34 +151,33 @@ def bench_size(gb: float, work: Path, repeats: int) -> dict:
         ops += [
             (f"convert → safetensors{tag}", fs(*flag, "convert", str(src), str(st)), st),
             (f"convert → zarr (none){tag}", fs(*flag, "convert", str(src), str(zr)), zr),
-            (f"convert → zarr (blosc-zstd-bitshuffle){tag}",
-             fs(*flag, "convert", str(src), str(zr), "--compression", "blosc-zstd-bitshuffle"), zr),
         ]
-    rows = []
-    for label, argv, out in ops:
-        best = None
-        for _ in range(repeats):
+        if not durable:  # compression is CPU-bound: durability changes little, and each run is long
+            ops += [(f"convert → zarr ({c}){tag}", fs(*flag, "convert", str(src), str(zr), "--compression", c), zr)
+                    for c in ("blosc-lz4-bitshuffle", "blosc-zstd-bitshuffle")]
+    def fresh(out: Path | None):
+        def before() -> None:
             if out is not None and out.exists():
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
-            subprocess.run(["sync"], check=True)  # no dirty pages carried into the next measurement
-            r = run_child(label, argv)
-            best = r if best is None or r.wall_s < best.wall_s else best
-        row = {"op": label, "wall_s": best.wall_s, "peak_rss_mb": best.peak_rss_mb}
+            settle(settle_s)
+        return before
+
+    rows = []
+    back = work / "back.pt"
+    keep = {st}  # the safetensors store is the source of the conversions back to fisher.pt
+    for flag, tag in (([], ""), (["--no-fsync"], " --no-fsync")):
+        ops.append((f"convert safetensors store → fisher.pt{tag}", fs(*flag, "convert", str(st), str(back)), back))
+    for label, argv, out in ops:
+        wall, rss, runs = median_run(label, argv, repeats, fresh(out))
+        row = {"op": label, "wall_s": wall, "peak_rss_mb": rss, "runs_s": [r.wall_s for r in runs]}
         if out is not None:
             row["out_bytes"] = size_of(out)
-            row["size_ratio"] = nbytes / row["out_bytes"]
+            if out != back:
+                row["size_ratio"] = nbytes / row["out_bytes"]
         rows.append(row)
-        print(f"  {label:<48} {best.wall_s:7.2f} s  {best.peak_rss_mb:8.0f} MiB", flush=True)
-        if out is not None and label != "convert → safetensors --no-fsync" and out not in (st,):
+        print(f"  {label:<48} {wall:7.2f} s  {rss:8.0f} MiB   runs {' '.join(f'{r.wall_s:.2f}' for r in runs)}", flush=True)
+        if out is not None and out not in keep:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-    # store → fisher.pt (back), from the safetensors store kept above
-    for flag, tag in (([], ""), (["--no-fsync"], " --no-fsync")):
-        back = work / "back.pt"
-        subprocess.run(["sync"], check=True)
-        r = run_child("back", fs(*flag, "convert", str(st), str(back)))
-        rows.append({"op": f"convert safetensors store → fisher.pt{tag}", "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb})
-        print(f"  {rows[-1]['op']:<48} {r.wall_s:7.2f} s  {r.peak_rss_mb:8.0f} MiB", flush=True)
-        back.unlink()
     run_child("zarr for lazy reads", fs("--no-fsync", "convert", str(src), str(zr)))
     # single-tensor loads, timed inside the child
     single = []
@@ -158,12 +190,13 @@ def bench_size(gb: float, work: Path, repeats: int) -> dict:
         ("torch.load full", SINGLE["torch.load full"], src),
     ]:
         times, rss = [], []
-        for _ in range(repeats if label != "torch.load full" else 1):
+        for _ in range(repeats):
+            warm(path)
             r = run_child(label, python(code, str(path), largest))
             times.append(float(r.stdout.splitlines()[-1]))
             rss.append(r.peak_rss_mb)
-        single.append({"op": label, "seconds": min(times), "peak_rss_mb": min(rss)})
-        print(f"  single tensor: {label:<36} {min(times) * 1e3:9.1f} ms  {min(rss):8.0f} MiB", flush=True)
+        single.append({"op": label, "seconds": statistics.median(times), "peak_rss_mb": statistics.median(rss), "runs_s": times})
+        print(f"  single tensor: {label:<36} {statistics.median(times) * 1e3:9.1f} ms  {statistics.median(rss):8.0f} MiB", flush=True)
     shutil.rmtree(work)
     return {"size_gb": gb, "file_bytes": nbytes, "tensors": int(n), "largest": largest, "largest_bytes": 5120 * 10240 * 2,
             "ops": rows, "single_tensor": single}
@@ -194,10 +227,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=float, nargs="+", default=[2, 8], help="fisher.pt sizes in GB")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/fisherstore-bench"))
-    ap.add_argument("--repeats", type=int, default=1, help="runs per operation (best is kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per operation (the median is kept)")
+    ap.add_argument("--settle", type=float, default=4.0, help="seconds to wait after sync before each operation")
     ap.add_argument("--name", default="store", help="results file stem")
     args = ap.parse_args()
-    results = [bench_size(gb, args.workdir / f"{gb:g}gb", args.repeats) for gb in args.sizes]
+    results = [bench_size(gb, args.workdir / f"{gb:g}gb", args.repeats, args.settle) for gb in args.sizes]
     write_results(args.name, this_command(), {"results": results}, table(results))
     print(table(results))
 

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--targets", help="weights to estimate: a regex, or kinds like q,k,v (default: q/k/v/o/gate/up/down in decoder layers)")
     g.add_argument("--group-size", default="auto",
                    help=f"decoder layers per group, or auto (default): the largest group whose fp32 accumulators fit --max-memory, else {DEFAULT_GROUP_SIZE}")
-    g.add_argument("--max-memory", help="budget for one group's fp32 accumulators, e.g. 40GiB (used by --group-size auto)")
+    g.add_argument("--max-memory", help="budget for one group's fp32 accumulators, e.g. 40GiB (used by --group-size auto); K/M/G and KiB/MiB/GiB are binary, KB/MB/GB decimal")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampled estimator's labels (default 0)")
     g = p.add_argument_group("model placement")
     g.add_argument("--device", help="compute device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-from typing import Any
 
 from fisherstore.errors import BadInputError
 from fisherstore.masks import describe_masks, open_masks
+from fisherstore.sizes import parse_bytes
 from fisherstore.svd import DEFAULT_MAX_MEMORY, TRANSFORMS, SVDConfig, svd_store
 
-from ._common import format_kind_summary, format_mask_table, human_bytes, print_json
+from ._common import format_kind_summary, human_bytes, print_json
 
 EPILOG = """\
 How: each tensor F (m x n) is decomposed on its own, so tensors run in parallel (--workers
@@ -34,18 +33,14 @@ examples:
 """
 
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """``"2GiB"`` → 2147483648.  KiB/MiB/GiB/TiB and bare K/M/G/T are binary, KB/MB/GB/TB decimal."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 512MiB, 4GiB, 1.5G or 1000000000")
-    number, unit, suffix = float(m.group(1)), m.group(2).lower(), m.group(3).lower()
-    power = "kmgt".find(unit) + 1 if unit else 0
-    base = 1000 if suffix == "b" and unit else 1024
-    return int(number * base**power)
+    """``--max-memory`` as bytes (:func:`fisherstore.sizes.parse_bytes`), as an argparse type."""
+    try:
+        return parse_bytes(text)
+    except BadInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:

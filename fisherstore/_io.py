@@ -1,4 +1,4 @@
-"""Small I/O primitives: atomic files, checksums, and byte spans copied in the kernel.
+"""Small I/O primitives: atomic files, checksums, and raw byte spans of files.
 
 Atomicity rule used everywhere: write to a temporary name in the same
 directory, flush and ``fsync``, ``rename`` over the final name, then ``fsync``
@@ -9,7 +9,6 @@ never a torn one.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 import google_crc32c
 import numpy as np
 
-__all__ = ["atomic_dir", "Checksum", "FileSpan", "copy_span", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_tensor", "write_all", "TMP_PREFIX"]
+__all__ = ["atomic_dir", "Checksum", "FileSpan", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_tensor", "write_all", "TMP_PREFIX"]
 
 #: Prefix of every temporary file or directory fisherstore creates inside a store.
 TMP_PREFIX = ".fstmp-"
@@ -173,12 +172,11 @@ VIEW_BYTES = 4 << 20
 
 @dataclass(frozen=True)
 class FileSpan:
-    """``nbytes`` raw bytes of the file ``path`` from ``offset``: a chunk that can be copied without reading it.
+    """``nbytes`` raw bytes of the file ``path`` from ``offset``: a chunk not read yet.
 
     Sources whose bytes lie raw and contiguous in a file hand these out instead
-    of buffers; a sink that writes raw bytes copies them in the kernel
-    (:func:`copy_span`), and whoever needs the bytes themselves (checksums,
-    compression) reads them with :meth:`views`.
+    of buffers, so that the consumer reads them straight into buffers of its
+    own choosing (:meth:`read_into`, :meth:`views`) with no copy in between.
     """
 
     path: Path
@@ -195,50 +193,25 @@ class FileSpan:
         the CPU cache for whatever reads it next (checksum, sum, compression);
         measured as fast as mmap windows and without their page faults or RSS.
         """
-        from .errors import CorruptDataError
-
         if not self.nbytes:
             return
         buf = memoryview(np.empty(min(self.nbytes, max(1, chunk_bytes)), dtype=np.uint8))  # not zero-filled
         with open(self.path, "rb") as src:
-            done = 0
-            while done < self.nbytes:
-                want = min(len(buf), self.nbytes - done)
-                n = os.preadv(src.fileno(), [buf[:want]], self.offset + done)
-                if n == 0:
-                    raise CorruptDataError(f"{self.path}: file ends {self.nbytes - done} bytes early (truncated?)")
-                done += n
-                yield buf[:n]
+            for pos in range(0, self.nbytes, len(buf)):
+                view = buf[: min(len(buf), self.nbytes - pos)]
+                self.read_into(src.fileno(), view, pos)
+                yield view
 
+    def read_into(self, fd: int, view: memoryview, pos: int) -> None:
+        """Fill ``view`` with the span's bytes from ``pos`` (relative to the span), read from ``fd`` (this file).
 
-# copy_file_range fails with these where the kernel or filesystem cannot copy between the two files.
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
+        A file shorter than the span is :class:`~fisherstore.errors.CorruptDataError`.
+        """
+        from .errors import CorruptDataError
 
-
-def copy_span(span: FileSpan, fd: int, offset: int) -> int:
-    """Write ``span``'s bytes to ``fd`` at ``offset`` (``copy_file_range``: no copy through user space).
-
-    Falls back to mapped reads and ``pwrite`` where the kernel cannot copy.
-    Returns the offset after the span.  A source shorter than the span is
-    :class:`~fisherstore.errors.CorruptDataError`.
-    """
-    from .errors import CorruptDataError
-
-    done = 0
-    if hasattr(os, "copy_file_range"):
-        with open(span.path, "rb") as src:
-            while done < span.nbytes:
-                try:
-                    n = os.copy_file_range(src.fileno(), fd, span.nbytes - done, span.offset + done, offset + done)
-                except OSError as exc:
-                    if exc.errno not in _NO_KERNEL_COPY or done:
-                        raise
-                    break
-                if n == 0:
-                    raise CorruptDataError(f"{span.path}: file ends {span.nbytes - done} bytes early (truncated?)")
-                done += n
-    pos = offset + done
-    for view in FileSpan(span.path, span.offset + done, span.nbytes - done).views():
-        pos = write_all(fd, view, pos)
-    return pos
-
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], self.offset + pos + done)
+            if n == 0:
+                raise CorruptDataError(f"{self.path}: file ends {self.nbytes - pos - done} bytes early (truncated?)")
+            done += n

@@ -13,9 +13,11 @@ are carried across chunks.
 
 from __future__ import annotations
 
-from collections import deque
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -23,12 +25,36 @@ from ._io import Checksum, FileSpan
 from .formats.base import Chunk
 from .manifest import ITEMSIZES
 
-__all__ = ["Tally", "TallyFeed", "BLOCK"]
+__all__ = ["Tally", "ReadAhead", "Feed", "BLOCK", "PIECE_BYTES"]
+
+#: Bytes per piece handed from the read-ahead thread to the writer.  Small enough that the tally and the
+#: write both find the piece in the CPU cache, and deliberately not a multiple of the page size: on the
+#: 2-core benchmark VM, buffered writes whose boundaries all fall on page edges ran 2-3x slower than
+#: writes whose boundaries drift (benchmarks/results/store.md).
+PIECE_BYTES = (1 << 20) - 64
+#: Pieces in flight between the read-ahead thread and the writer.
+RING = 4
 
 #: Elements per fp32 summing block (even, so bf16 pairs never straddle blocks).
 BLOCK = 1 << 16
 _SUPER = 64  # blocks whose fp32 sums are added up in fp64 at once (fixes the fp64 rounding: do not change)
 _SUB = 4  # blocks widened and summed per step: 512 KiB of scratch, which stays in cache
+
+
+_local = threading.local()
+
+
+def _scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's scratch for :func:`_bf16_block_sums`: widened words, hi and lo block sums, super-block sums."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = (
+            np.empty((_SUB, BLOCK // 2), dtype=np.uint32),
+            np.empty(_SUB, dtype=np.float32),
+            np.empty(_SUB, dtype=np.float32),
+            np.empty(_SUPER, dtype=np.float32),
+        )
+    return bufs
 
 
 def _bf16_block_sums(words: np.ndarray) -> float:
@@ -37,21 +63,23 @@ def _bf16_block_sums(words: np.ndarray) -> float:
     Two bf16 values share one uint32 word: its high half already is the fp32
     bit pattern of one value and its low half shifted up is the other's, which
     widens bf16 to fp32 exactly and ~3x faster than torch's bf16 sum.  The
-    widened words go through one small reused scratch buffer, so no pass
-    leaves the cache and nothing is allocated per step.
+    widened words go through one small scratch buffer per thread, reused from
+    call to call, so no pass leaves the cache and nothing is allocated (a
+    fresh 512 KiB buffer per call cost a third of the time in page faults).
     """
     total = 0.0
     if len(words) % 2:  # only in a final partial block
         total += float((words[-1:].astype(np.uint32) << np.uint32(16)).view(np.float32)[0])
         words = words[:-1]
     pairs = words.view(np.uint32)
+    if not len(pairs):
+        return total
     half = BLOCK // 2
     rows = max(1, len(pairs) // half) if len(pairs) % half == 0 else 1
     pairs = pairs.reshape(rows, -1)
-    scratch = np.empty((min(_SUB, rows), pairs.shape[1]), dtype=np.uint32)
+    whole, hi, lo, sums = _scratch()
+    scratch = whole.reshape(-1)[: min(_SUB, rows) * pairs.shape[1]].reshape(-1, pairs.shape[1])
     widened = scratch.view(np.float32)
-    hi, lo = np.empty(_SUB, dtype=np.float32), np.empty(_SUB, dtype=np.float32)
-    sums = np.empty(min(_SUPER, rows), dtype=np.float32)
     for i in range(0, rows, _SUPER):
         n = min(_SUPER, rows - i)
         for j in range(0, n, _SUB):
@@ -114,47 +142,152 @@ class Tally:
         return self._total + tail
 
 
-class TallyFeed:
-    """A tensor's chunks on their way to a sink, tallied (checksum + sum) as they pass.
+class ReadAhead:
+    """A helper thread that reads and tallies a tensor's bytes one piece ahead of whoever writes them.
 
-    With a ``pool`` (the consumer takes file spans) spans pass through unread
-    and the pool's single thread reads each one for the tally while the
-    consumer copies it in the kernel; the tally lags at most :attr:`LAG` spans behind.
-    Without, spans become mapped buffers, tallied here.  Iterating to the end,
-    or :meth:`finish`, waits for the tally to catch up.
+    :meth:`feed` turns a tensor's chunks into a stream of byte pieces: the
+    helper thread reads file spans (and copies transient buffers) into a
+    small ring of :data:`PIECE_BYTES` buffers, runs the :class:`Tally` over
+    each piece while it is still in the CPU cache, and hands it over; the
+    caller writes it.  Reading + checksum + sum on one core thus overlaps the
+    write on the other, and every byte is read once.  The ring is reused
+    from feed to feed, so memory stays ``RING * PIECE_BYTES`` whatever the
+    tensor size.  One feed runs at a time.
     """
 
-    LAG = 2
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fisherstore-read-ahead")
+        self._ring = [memoryview(np.empty(PIECE_BYTES, dtype=np.uint8)) for _ in range(RING)]
+        self._active: Feed | None = None
 
-    def __init__(self, chunks: Iterable[Chunk], tally: Tally, pool: ThreadPoolExecutor | None) -> None:
+    def feed(self, chunks: Iterable[Chunk], tally: Tally | None, *, stable: bool = False) -> Feed:
+        """The pieces of ``chunks``, tallied into ``tally`` (if given) before they are handed out.
+
+        ``stable`` says buffers stay valid after the next chunk is asked for
+        (whole tensors): they are then sliced instead of copied.  Use the
+        feed as a context manager, so that a consumer that stops early also
+        stops the helper thread.
+        """
+        return Feed(self, chunks, tally, stable)
+
+    def close(self) -> None:
+        """Stop a feed left unfinished (its consumer failed) and the thread."""
+        if self._active is not None:
+            self._active.close()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Feed:
+    """One tensor's pieces from a :class:`ReadAhead`; iterate once, then :meth:`close` (or use ``with``).
+
+    A piece is valid until the next one is asked for.  An error of the
+    reading thread (a truncated source, say) is raised here, in the consumer.
+    """
+
+    def __init__(self, ahead: ReadAhead, chunks: Iterable[Chunk], tally: Tally | None, stable: bool) -> None:
+        self._ahead = ahead
         self._chunks = chunks
         self._tally = tally
-        self._pool = pool
-        self._pending: deque[Future[None]] = deque()
+        self._stable = stable
+        self._full: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._cancel = threading.Event()
+        self._future: Future[None] | None = None
+        self._closed = False
 
-    def __iter__(self) -> Iterator[Chunk]:
-        for chunk in self._chunks:
-            if not isinstance(chunk, FileSpan):
-                self.finish()  # keep the tally in stream order
-                self._tally.update(chunk)
-                yield chunk
-            elif self._pool is not None:
-                self._pending.append(self._pool.submit(_tally_span, self._tally, chunk))
-                if len(self._pending) > self.LAG:
-                    self._pending.popleft().result()
-                yield chunk
-            else:
-                for view in chunk.views():
-                    self._tally.update(view)
-                    yield view
-        self.finish()
+    def __iter__(self) -> Iterator[memoryview]:
+        if self._future is not None:
+            raise RuntimeError("a Feed is iterated once")
+        if self._ahead._active is not None:
+            raise RuntimeError("a ReadAhead runs one feed at a time; close the previous feed first")
+        self._ahead._active = self
+        for buf in self._ahead._ring:
+            self._free.put(buf)
+        self._future = self._ahead._pool.submit(self._produce)
+        try:
+            while True:
+                item = self._full.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                piece, base = item
+                yield piece
+                if base is not None:
+                    self._free.put(base)
+        finally:
+            self.close()
 
-    def finish(self) -> None:
-        """Wait until every chunk handed out so far is tallied; re-raise a read error."""
-        while self._pending:
-            self._pending.popleft().result()
+    def _produce(self) -> None:
+        """The helper thread: cut, read or copy, tally, hand over; stop when cancelled."""
+        try:
+            for chunk in self._chunks:
+                for piece, base in self._pieces(chunk):
+                    if self._cancel.is_set():
+                        return
+                    if self._tally is not None:
+                        self._tally.update(piece)
+                    self._full.put((piece, base))
+            self._full.put(_END)
+        except _Cancelled:
+            pass
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._full.put(exc)
+
+    def _take(self) -> memoryview:
+        """A free ring buffer, waiting for the consumer to return one; :class:`_Cancelled` once closed."""
+        buf = self._free.get()
+        if buf is None:
+            self._free.put(None)
+            raise _Cancelled
+        return buf
+
+    def _pieces(self, chunk: Chunk) -> Iterator[tuple[memoryview, memoryview | None]]:
+        if isinstance(chunk, FileSpan):
+            with open(chunk.path, "rb") as src:
+                for pos in range(0, chunk.nbytes, PIECE_BYTES):
+                    buf = self._take()
+                    n = min(PIECE_BYTES, chunk.nbytes - pos)
+                    chunk.read_into(src.fileno(), buf[:n], pos)
+                    yield buf[:n], buf
+            return
+        view = memoryview(chunk).cast("B")
+        for pos in range(0, len(view), PIECE_BYTES):
+            part = view[pos : pos + PIECE_BYTES]
+            if self._stable:
+                yield part, None
+                continue
+            buf = self._take()
+            buf[: len(part)] = part
+            yield buf[: len(part)], buf
+
+    def close(self) -> None:
+        """Stop the helper thread (if the consumer stopped early) and wait for it."""
+        if self._future is None or self._closed:
+            return
+        self._closed = True
+        self._cancel.set()
+        self._free.put(None)  # wakes a helper waiting for a buffer
+        try:
+            self._future.result()
+        finally:
+            self._ahead._active = None
+
+    def __enter__(self) -> Feed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _tally_span(tally: Tally, span: FileSpan) -> None:
-    for view in span.views():
-        tally.update(view)
+_END = object()
+
+
+class _Cancelled(Exception):
+    """The consumer closed the feed: the helper thread stops quietly."""

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ._io import atomic_dir
-from ._tally import Tally, TallyFeed
+from ._tally import ReadAhead, Tally
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
-from .formats.base import Chunk
+from .formats.base import Buffer, Chunk
 from .manifest import GroupInfo, TensorInfo, now_iso
 from .progress import progress
 from .store import DEFAULT_CHUNK_BYTES, FisherStore, open_store
@@ -83,32 +82,26 @@ def convert(
     return dst
 
 
-def _checked_chunks(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any, pool: ThreadPoolExecutor) -> Iterator[Chunk]:
-    """A tensor's chunks (file spans where the source has them), checked against its recorded checksum.
+def _to_pt(store: FisherStore, dst: Path, chunk_bytes: int, bar: Any) -> None:
+    """Write a ``fisher.pt``, checking each tensor against the source's recorded checksum on the way."""
+    from .formats.legacy_pt import write_pt
 
-    The check reads the bytes on ``pool``'s thread while the consumer copies
-    them, and fails once the last chunk has passed.
-    """
-    chunks = _stream(store, info, chunk_bytes, bar)
-    if not info.checksum:
-        yield from chunks
-        return
-    tally = Tally(info.dtype)
-    yield from TallyFeed(chunks, tally, pool)
-    if tally.checksum.hexdigest() != info.checksum:
+    infos = [store.info(n) for n in store.names]
+    with ReadAhead() as ahead:
+        items = ((i.spec, _checked_pieces(ahead, store, i, chunk_bytes, bar)) for i in infos)
+        write_pt(dst, [i.spec for i in infos], items)
+
+
+def _checked_pieces(ahead: ReadAhead, store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[Buffer]:
+    """A tensor's bytes, read ahead; when the source recorded a checksum they are tallied and must match it."""
+    tally = Tally(info.dtype) if info.checksum else None
+    with ahead.feed(_stream(store, info, chunk_bytes, bar), tally) as feed:
+        yield from feed
+    if tally is not None and tally.checksum.hexdigest() != info.checksum:
         raise ChecksumMismatchError(
             f"tensor {info.name!r}: source bytes hash to {tally.checksum.hexdigest()}, its manifest says "
             f"{info.checksum}; the source is corrupt (run fisherstore verify on it)"
         )
-
-
-def _to_pt(store: FisherStore, dst: Path, chunk_bytes: int, bar: Any) -> None:
-    from .formats.legacy_pt import write_pt
-
-    infos = [store.info(n) for n in store.names]
-    with ThreadPoolExecutor(1, thread_name_prefix="fisherstore-check") as pool:
-        items = ((i.spec, _checked_chunks(store, i, chunk_bytes, bar, pool)) for i in infos)
-        write_pt(dst, [i.spec for i in infos], items)
 
 
 def _plan(store: FisherStore, group_size: int) -> tuple[GroupInfo, ...]:

@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import importlib.metadata
 import logging
-import re
 import resource
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +46,7 @@ from .models import config_hash
 from .naming import target_regex
 from .progress import progress
 from .prompts import PromptSet, as_prompt_set, encode_prompts
+from .sizes import parse_bytes
 from .writer import StoreWriter, plan_groups
 
 __all__ = [
@@ -80,10 +80,6 @@ DEFAULT_GROUP_SIZE = 8
 _RESUME_KEYS = ("config_hash", "prompts_sha256", "num_prompts", "max_length", "chat_template",
                 "estimator", "seed", "targets", "tokenizer_vocab_size", "tokens")
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 @dataclass(frozen=True)
 class ExtractSummary:
     """What an extraction did and what it cost."""
@@ -107,20 +103,6 @@ class ExtractSummary:
         d = asdict(self)
         d["group_seconds"] = list(self.group_seconds)
         return d
-
-
-def parse_bytes(value: int | str) -> int:
-    """``"8GiB"`` → 8589934592; also ``"500MB"``, ``"1.5G"``, plain integers."""
-    if isinstance(value, int):
-        size = value
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise BadInputError(f"memory size {value!r} is not a number with an optional unit like 8GiB, 500MB or 1.5G")
-        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if size <= 0:
-        raise BadInputError(f"memory size must be positive, got {value!r}")
-    return size
 
 
 def target_parameters(model: torch.nn.Module, targets: str | list[str] | None = None) -> dict[str, torch.nn.Parameter]:

@@ -8,7 +8,6 @@ loads a whole store or a whole file.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from collections.abc import Iterator
@@ -176,6 +175,8 @@ class FisherStore:
         try:
             return self._source.infos[name]
         except KeyError:
+            import difflib
+
             close = difflib.get_close_matches(name, self._source.infos, n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise TensorNotFoundError(f"{self.path}: no tensor {name!r}{hint}") from None

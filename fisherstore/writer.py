@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._io import TMP_PREFIX, write_json_atomic
-from ._tally import Tally, TallyFeed
+from ._tally import ReadAhead, Tally
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats import get_backend
 from .formats.base import Chunk
@@ -83,7 +83,7 @@ class StoreWriter:
         self._executor: ThreadPoolExecutor | None = None
         self._slot = threading.Semaphore(1)
         self._futures: list[Future[None]] = []
-        self._tally_pool: ThreadPoolExecutor | None = None
+        self._read_ahead: ReadAhead | None = None
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -184,12 +184,17 @@ class StoreWriter:
         items: Iterable[tuple[TensorSpec, Iterable[Chunk]]],
         attrs: Mapping[str, dict[str, Any]] | None = None,
         expect: Mapping[str, str] | None = None,
+        *,
+        stable: bool = False,
     ) -> list[TensorInfo]:
         """Write group ``index`` from ``(spec, chunks)`` pairs in plan order, then commit it.
 
         Chunks are byte buffers or :class:`~fisherstore._io.FileSpan` s (raw
-        bytes in a source file: a sink that takes them copies them in the
-        kernel while a helper thread reads them for the checksum and sum).
+        bytes in a source file).  A helper thread reads them ahead of the
+        backend and tallies checksum and sum on the way
+        (:class:`~fisherstore._tally.ReadAhead`), so reading overlaps writing.
+        A buffer may be reused by its producer once the next chunk is asked
+        for, unless ``stable`` says they stay valid (whole tensors: no copy).
         ``expect`` maps names to checksums the bytes must have (a conversion
         checks its source this way for free); a mismatch aborts the group.
         """
@@ -203,9 +208,8 @@ class StoreWriter:
                 if spec != want:
                     raise BadInputError(f"group {index}: got tensor {spec}, the plan expects {want}")
                 tally = Tally(spec.dtype)
-                feed = TallyFeed(chunks, tally, self._tally_pool_for(sink))
-                location = sink.write_tensor(spec, feed)
-                feed.finish()
+                with self._reader().feed(chunks, tally, stable=stable) as feed:
+                    location = sink.write_tensor(spec, feed)
                 checksum = tally.checksum.hexdigest()
                 if expect and expect.get(spec.name) and expect[spec.name] != checksum:
                     raise ChecksumMismatchError(
@@ -251,7 +255,7 @@ class StoreWriter:
                 f"group {index}: missing {sorted(planned - given)}, unexpected {sorted(given - planned)}"
             )
         items = ((spec, [tensor_bytes(_check(spec, tensors[spec.name]))]) for spec in group.tensors)
-        return self.stream_group(index, items, attrs)
+        return self.stream_group(index, items, attrs, stable=True)
 
     def submit_group(
         self, index: int, tensors: Mapping[str, torch.Tensor], attrs: Mapping[str, dict[str, Any]] | None = None
@@ -276,13 +280,11 @@ class StoreWriter:
         self._futures.append(future)
         return future
 
-    def _tally_pool_for(self, sink: Any) -> ThreadPoolExecutor | None:
-        """The helper thread that tallies file spans while ``sink`` copies them; ``None`` if it takes no spans."""
-        if not sink.takes_spans:
-            return None
-        if self._tally_pool is None:
-            self._tally_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisherstore-tally")
-        return self._tally_pool
+    def _reader(self) -> ReadAhead:
+        """The read-ahead thread of this writer (started on first use)."""
+        if self._read_ahead is None:
+            self._read_ahead = ReadAhead()
+        return self._read_ahead
 
     def _raise_failed(self) -> None:
         for f in self._futures:
@@ -316,9 +318,9 @@ class StoreWriter:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        if self._tally_pool is not None:
-            self._tally_pool.shutdown(wait=True)
-            self._tally_pool = None
+        if self._read_ahead is not None:
+            self._read_ahead.close()
+            self._read_ahead = None
         self.backend.close()
 
     def __enter__(self) -> StoreWriter:

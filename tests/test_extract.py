@@ -75,11 +75,11 @@ def reference_fisher(model, inputs, names, labels=None):
     return {n: t / len(inputs) for n, t in total.items()}
 
 
-def assert_matches(got, ref):
+def assert_matches(got, ref, rtol=1e-4):
     assert sorted(got) == sorted(ref)
     for name, expected in ref.items():
         assert got[name].dtype == torch.float32
-        torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-7 * float(expected.max()), msg=name)
+        torch.testing.assert_close(got[name], expected, rtol=rtol, atol=1e-7 * float(expected.max()), msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +213,10 @@ def test_auto_group_size_and_memory_sizes(tiny):
     assert auto_group_size(specs, "1TiB") == 4
     with pytest.raises(BadInputError, match="one layer's fp32 accumulators need"):
         auto_group_size(specs, 1000)
-    assert [parse_bytes(v) for v in ("8GiB", "500MB", "1.5G", "1024", 7)] == [8 << 30, 500 * 10**6, 15 * 10**8, 1024, 7]
-    for bad in ("lots", "-1G", "0", "5 parsecs"):
-        with pytest.raises(BadInputError, match="memory size"):
+    # one meaning everywhere (svd --max-memory too): bare K/M/G and KiB/MiB/GiB binary, KB/MB/GB decimal
+    assert [parse_bytes(v) for v in ("8GiB", "500MB", "1.5G", "1024", 7, "64k")] == [8 << 30, 500 * 10**6, int(1.5 * (1 << 30)), 1024, 7, 65536]
+    for bad in ("lots", "-1G", "0", "5 parsecs", "1.5GiB2", True):
+        with pytest.raises(BadInputError, match="size"):
             parse_bytes(bad)
 
 
@@ -225,8 +226,10 @@ def test_device_map_loaded_model_gives_the_same_fisher(tiny, prompts, reference,
     mapped = load_model(tmp_path / "m", device_map="auto")
     summary = extract(mapped.model, mapped.tokenizer, prompts, tmp_path / "s", group_size=2, dtype="fp32",
                       max_length=MAX_LENGTH, provenance=mapped.provenance)
+    on_gpu = next(mapped.model.parameters()).device.type == "cuda"  # "auto" maps onto a GPU where there is one
     with open_store(tmp_path / "s") as store:
-        assert_matches({n: store[n] for n in store.names}, reference)
+        # fp32 on a GPU sums in another order: elementwise differences of ~3e-4 were measured on an H200
+        assert_matches({n: store[n] for n in store.names}, reference, rtol=1e-3 if on_gpu else 1e-4)
         assert store.manifest.provenance["model_format"] == "hf"
     assert summary.groups_run == 2
 

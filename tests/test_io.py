@@ -1,10 +1,13 @@
-"""Byte spans: kernel copies, their fallback, and the bytes a span reads back."""
+"""Byte spans and the read-ahead thread: the bytes they hand out, their tally, errors, early stops."""
 
 import os
+import threading
 
+import numpy as np
 import pytest
 
-from fisherstore._io import FileSpan, copy_span
+from fisherstore._io import FileSpan
+from fisherstore._tally import PIECE_BYTES, ReadAhead, Tally
 from fisherstore.errors import CorruptDataError
 
 
@@ -14,23 +17,6 @@ def source(tmp_path):
     path = tmp_path / "src.bin"
     path.write_bytes(data)
     return path, data
-
-
-@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "fallback"])
-def test_copy_span_writes_exactly_the_span_at_the_offset(tmp_path, source, monkeypatch, kernel):
-    path, data = source
-    if not kernel:  # a platform without copy_file_range takes the read + pwrite path
-        monkeypatch.delattr(os, "copy_file_range", raising=False)
-    dst = tmp_path / "dst.bin"
-    fd = os.open(dst, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.pwrite(fd, b"H" * 10, 0)
-        end = copy_span(FileSpan(path, 77, 9000), fd, 10)
-        end = copy_span(FileSpan(path, 0, 0), fd, end)
-    finally:
-        os.close(fd)
-    assert end == 9010
-    assert dst.read_bytes() == b"H" * 10 + data[77:9077]
 
 
 def test_span_views_are_bounded_and_complete(source):
@@ -44,17 +30,97 @@ def test_span_views_are_bounded_and_complete(source):
     assert len(span) == len(data) - 5
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "fallback"])
-def test_span_past_the_end_of_its_file_is_corrupt(tmp_path, source, monkeypatch, kernel):
+def test_span_past_the_end_of_its_file_is_corrupt(source):
     path, data = source
-    if not kernel:
-        monkeypatch.delattr(os, "copy_file_range", raising=False)
     span = FileSpan(path, len(data) - 100, 200)
     with pytest.raises(CorruptDataError, match="100 bytes early"):
         list(span.views())
-    fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        with pytest.raises(CorruptDataError, match="100 bytes early"):
-            copy_span(span, fd, 0)
-    finally:
-        os.close(fd)
+
+
+@pytest.fixture
+def big_source(tmp_path):
+    """A file of 2.5 read-ahead pieces of bf16-like bytes, so pieces, ring reuse and a short tail all occur."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 0x4000, size=(5 * PIECE_BYTES // 2) // 2, dtype=np.uint16).tobytes()
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"HEAD" + data)
+    return path, data
+
+
+def _tally_of(data: bytes) -> Tally:
+    t = Tally("bfloat16")
+    t.update(data)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["span", "buffer", "stable buffer", "mixed"])
+def test_read_ahead_hands_out_every_byte_in_order_and_tallies_it(big_source, kind):
+    path, data = big_source
+    half = len(data) // 2 + 2  # an even split point that is no piece boundary
+    chunks = {
+        "span": [FileSpan(path, 4, len(data))],
+        "buffer": [bytearray(data)],
+        "stable buffer": [memoryview(data)],
+        "mixed": [FileSpan(path, 4, half), data[half:]],
+    }[kind]
+    tally = Tally("bfloat16")
+    got = bytearray()
+    with ReadAhead() as ahead, ahead.feed(chunks, tally, stable=kind == "stable buffer") as feed:
+        for piece in feed:
+            assert len(piece) <= PIECE_BYTES
+            got += piece
+    expected = _tally_of(data)
+    assert bytes(got) == data
+    assert tally.checksum.hexdigest() == expected.checksum.hexdigest() and tally.sum == expected.sum
+
+
+def test_read_ahead_copies_transient_buffers_and_slices_stable_ones(big_source):
+    _, data = big_source
+    buf = bytearray(data[:PIECE_BYTES])
+    with ReadAhead() as ahead:
+        with ahead.feed([buf], None) as feed:
+            (piece,) = list(feed)
+            buf[:4] = b"XXXX"  # the producer may reuse its buffer: the piece is a copy
+            assert bytes(piece[:4]) == data[:4]
+        with ahead.feed([buf], None, stable=True) as feed:
+            (piece,) = list(feed)
+            assert piece.obj is memoryview(buf).obj  # a view of the caller's buffer, no copy
+
+
+def test_read_ahead_raises_a_truncated_source_in_the_consumer(big_source):
+    path, data = big_source
+    span = FileSpan(path, 4, len(data) + 1000)
+    with ReadAhead() as ahead, ahead.feed([span], Tally("bfloat16")) as feed:
+        with pytest.raises(CorruptDataError, match="1000 bytes early"):
+            for _ in feed:
+                pass
+
+
+def test_read_ahead_stops_when_the_consumer_stops_early_and_runs_the_next_feed(big_source):
+    path, data = big_source
+    spans = [FileSpan(path, 4, len(data))] * 4  # more pieces than the ring holds: the helper must block
+    ahead = ReadAhead()
+    feed = ahead.feed(spans, None)
+    first = next(iter(feed))
+    assert bytes(first[:8]) == data[:8]
+    done = threading.Event()
+    closer = threading.Thread(target=lambda: (ahead.close(), done.set()))  # closes the unfinished feed first
+    closer.start()
+    assert done.wait(10), "closing a ReadAhead with a feed blocked on the ring hung"
+    closer.join()
+    again = ReadAhead()  # and a fresh one works after an abandoned feed
+    with again, again.feed([FileSpan(path, 4, 4096)], None) as feed2:
+        assert b"".join(bytes(p) for p in feed2) == data[:4096]
+
+
+def test_read_ahead_runs_one_feed_at_a_time(big_source):
+    path, data = big_source
+    with ReadAhead() as ahead:
+        first = ahead.feed([FileSpan(path, 4, len(data))], None)
+        it = iter(first)
+        next(it)
+        with pytest.raises(RuntimeError, match="one feed at a time"):
+            next(iter(ahead.feed([b"x"], None)))
+        first.close()
+        with ahead.feed([b"abc"], None) as feed:
+            assert [bytes(p) for p in feed] == [b"abc"]

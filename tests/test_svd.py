@@ -11,6 +11,7 @@ import torch
 
 from fisherstore import BadInputError, StoreWriter, TensorSpec, open_store, plan_groups
 from fisherstore.cli import cmd_svd
+from fisherstore.cli._common import format_mask_table
 from fisherstore.manifest import Manifest
 from fisherstore.masks import open_masks, source_identity
 from fisherstore.svd import SVDConfig, decompose, decompose_tensor, plan_decomposition, svd_store
@@ -22,6 +23,7 @@ from .conftest import SHARED_SAMPLE
 DRIVER = """\
 import argparse, logging, resource, sys
 from fisherstore.cli import cmd_svd
+from fisherstore.cli._common import format_mask_table
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 p = argparse.ArgumentParser()
 cmd_svd.register(p.add_subparsers())
@@ -161,7 +163,12 @@ def test_transforms_decompose_the_transformed_tensor(transform, fn):
     a = fisher_like((400, 300), torch.Generator().manual_seed(4), torch.bfloat16)
     t = fn(a.double())
     ref = torch.linalg.svdvals(t)
-    r = decompose(a, SVDConfig(rank=12, transform=transform, max_memory=1 << 19))
+    # power_iters=4, not the default 2: randomized SVD resolves sigma_j to about
+    # (sigma_{k+p+1} / sigma_j) ** (4q + 2), and realistic near-rank-1 Fisher under sqrt has a flat
+    # tail after sigma_1 (sigma_2..sigma_4 = 0.021, 0.017, 0.016 vs sigma_23 = 0.006), so two
+    # iterations leave sigma_3 ~7e-5 off — a property of the spectrum, not of the transform under
+    # test. Four bring every sigma_j checked below to <= 2e-6, so rtol stays 1e-5.
+    r = decompose(a, SVDConfig(rank=12, transform=transform, max_memory=1 << 19, power_iters=4))
     assert r.method == "randomized" and not r.in_memory
     assert torch.allclose(r.S[:4].double(), ref[:4], rtol=1e-5)
     assert _residual(t, r) <= 1.02 * _optimal(ref, 12)
@@ -302,7 +309,7 @@ def test_parse_size(text, value):
 
 
 def test_parse_size_rejects_garbage():
-    with pytest.raises(argparse.ArgumentTypeError, match="'2 apples' is not a size"):
+    with pytest.raises(argparse.ArgumentTypeError, match="'2 apples' is not a number with an optional unit"):
         cmd_svd.parse_size("2 apples")
 
 
@@ -325,7 +332,7 @@ def test_mask_table_formatting(tmp_path, gemma_store):
     from fisherstore.masks import describe_masks
 
     with open_masks(tmp_path / "m") as m:
-        table = cmd_svd.format_mask_table(describe_masks(m)).splitlines()
+        table = format_mask_table(describe_masks(m)).splitlines()
     assert table[0].split() == ["tensor", "shape", "rank", "method", "energy", "residual"]
     assert len(table) == 8 and table[1].split()[:4] == ["model.layers.0.self_attn.q_proj.weight", "64x64", "2", "randomized"]
 

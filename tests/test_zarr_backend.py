@@ -20,7 +20,8 @@ from zarr.core.dtype import data_type_registry
 
 from fisherstore._io import TMP_PREFIX
 from fisherstore.errors import BadInputError, CorruptDataError
-from fisherstore.formats.zarr import COMPRESSIONS, BFloat16, ZarrBackend, register_bfloat16
+from fisherstore.formats.zarr import COMPRESSIONS, ZarrBackend
+from fisherstore.formats.zarr_bf16 import BFloat16, register_bfloat16
 from fisherstore.manifest import GroupInfo, TensorInfo, TensorSpec
 from fisherstore.naming import parse_name
 from fisherstore.store import open_store
@@ -405,7 +406,7 @@ def test_root_that_is_not_a_group_is_refused(tmp_path):
 def test_options_defaults_and_idempotence():
     defaults = ZarrBackend.parse_options({})
     assert defaults == {"compression": "none", "level": None, "chunk_mb": 4, "shard_mb": 256}
-    assert ZarrBackend.parse_options({"compression": "blosc-lz4-bitshuffle"})["level"] == 5
+    assert ZarrBackend.parse_options({"compression": "blosc-lz4-bitshuffle"})["level"] == 9
     assert ZarrBackend.parse_options({"compression": "zstd", "level": 9})["level"] == 9
     for options in (defaults, ZarrBackend.parse_options({"compression": "zstd", "chunk_mb": 0.5})):
         assert ZarrBackend.parse_options(options) == options
@@ -448,3 +449,37 @@ def test_bfloat16_registration_is_idempotent_and_lets_zarr_python_write_it(tmp_p
     assert np.isnan(float(BFloat16().from_json_scalar("NaN", zarr_format=3)))
     with pytest.raises(ValueError, match="big-endian"):
         BFloat16(endianness="big").to_native_dtype()
+
+
+# -- raw spans of uncompressed arrays --------------------------------------------------------------------
+def test_uncompressed_single_shard_array_lies_raw_and_others_do_not(tmp_path, gemma_bf16):
+    """An uncompressed array in one shard is the tensor's bytes from offset 0: lazy reads map it, conversions stream it."""
+    t = gemma_bf16[NAME]
+    backend, infos = write(tmp_path / "raw", {NAME: t}, chunk_mb=1000 / 2**20)  # many chunks, one shard
+    (shard,) = shard_files(tmp_path / "raw", NAME)
+    assert backend.byte_span(infos[NAME]) == (shard, 0)
+    assert shard.read_bytes()[: t.numel() * 2] == bytes(tensor_bytes(t))
+    for options in ({"compression": "zstd"}, SMALL):  # encoded chunks; a tensor split over several shards
+        other, other_infos = write(tmp_path / str(len(options)), {NAME: t}, **options)
+        assert other.byte_span(other_infos[NAME]) is None
+
+
+def test_uncompressed_shard_with_chunks_out_of_order_is_read_chunk_by_chunk(tmp_path, gemma_bf16):
+    """The index decides: a shard whose chunks are not in order (another writer's) gets no raw span, and reads stay right."""
+    t = gemma_bf16[NAME]
+    backend, infos = write(tmp_path, {NAME: t}, chunk_mb=1000 / 2**20)
+    (shard,) = shard_files(tmp_path, NAME)
+    meta = json.loads((tmp_path / NAME / "zarr.json").read_text())
+    nchunks = meta["chunk_grid"]["configuration"]["chunk_shape"][0] // meta["codecs"][0]["configuration"]["chunk_shape"][0]
+    size = 16 * nchunks + 4  # after the data: (offset, nbytes) per chunk, then a crc32c
+    raw = bytearray(shard.read_bytes())
+    index = np.frombuffer(bytes(raw[-size:-4]), dtype="<u8").reshape(-1, 2).copy()
+    (o0, n0), (o1, n1) = index[0], index[1]
+    chunk0, chunk1 = bytes(raw[o0 : o0 + n0]), bytes(raw[o1 : o1 + n1])
+    raw[o0 : o0 + n1], raw[o0 + n1 : o0 + n1 + n0] = chunk1, chunk0  # swap the two chunks' bytes...
+    index[0], index[1] = (o0 + n1, n0), (o0, n1)  # ...and point the index at their new places
+    raw[-size:] = index.tobytes() + google_crc32c.value(index.tobytes()).to_bytes(4, "little")
+    shard.write_bytes(bytes(raw))
+    fresh = ZarrBackend(tmp_path, backend.options)
+    assert fresh.byte_span(infos[NAME]) is None
+    assert same_bits(fresh.read_rows(infos[NAME], 0, t.shape[0]), t)

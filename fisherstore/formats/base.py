@@ -3,9 +3,7 @@
 Backends only move bytes.  Checksums, sums, the manifest, groups and resume
 logic belong to :mod:`fisherstore.writer` and :mod:`fisherstore.store`, so a
 new backend implements four small methods and passes the conformance suite
-``tests/test_backends.py``.  Two are optional speed-ups: a sink that stores
-bytes unchanged sets :attr:`GroupSink.takes_spans` and copies
-:class:`~fisherstore._io.FileSpan` chunks in the kernel, and a backend that
+``tests/test_backends.py``.  One is an optional speed-up: a backend that
 can decode into a caller's buffer overrides :meth:`Backend.read_rows_into`,
 which keeps conversion and verify free of the torch import.
 """
@@ -26,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "GroupSink", "Buffer", "Chunk", "FileSpan", "rows_of"]
 
 Buffer = bytes | bytearray | memoryview
-#: What a sink that sets :attr:`GroupSink.takes_spans` may receive: bytes, or raw bytes left in a source file.
+#: What a source hands out: bytes, or raw bytes left in a file (read by whoever consumes them).
 Chunk = Buffer | FileSpan
 
 
@@ -43,18 +41,11 @@ def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
 class GroupSink(abc.ABC):
     """Receives one group's tensors, in the planned order, and commits them as a unit."""
 
-    #: True if :meth:`write_tensor` accepts :class:`~fisherstore._io.FileSpan` chunks besides buffers.
-    #: Sinks that store the bytes unchanged set it and copy spans in the kernel
-    #: (:func:`~fisherstore._io.copy_span`); for the others the writer turns spans into buffers.
-    takes_spans: bool = False
-
     @abc.abstractmethod
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Chunk]) -> dict[str, Any]:
-        """Write a tensor from C-order chunks of any sizes; return its manifest ``location``.
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
+        """Write a tensor from C-order byte buffers of any sizes; return its manifest ``location``.
 
-        Chunks are byte buffers, and also :class:`~fisherstore._io.FileSpan`
-        when :attr:`takes_spans` is set.  A buffer is valid only until the next
-        chunk is requested.
+        A buffer is valid only until the next one is requested.
         """
 
     @abc.abstractmethod

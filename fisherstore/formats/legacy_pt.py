@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import hashlib
 import io
 import logging
 import math
@@ -39,7 +38,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-from .._io import FileSpan, atomic_file, copy_span
+from .._io import atomic_file
 from ..errors import (
     BadInputError,
     CorruptDataError,
@@ -94,7 +93,7 @@ _STORAGE_NAME_RE = re.compile(r"[A-Za-z0-9]+Storage")
 
 # Staging: small pieces are gathered into one buffer; pieces at least this big are written directly.
 _STAGE_BYTES = 8 << 20
-_DIRECT_BYTES = 1 << 20
+_DIRECT_BYTES = 256 << 10
 # One read() or write() moves at most this much on Linux; larger transfers loop.
 _IO_CAP = 1 << 30
 
@@ -742,18 +741,8 @@ class _ZipStream:
         self._names.append(name)
         self._crc, self._left, self._done = 0, size, 0
 
-    def data(self, chunk: Buffer | FileSpan) -> None:
-        """Append bytes of the open record (a file span is copied in the kernel)."""
-        if isinstance(chunk, FileSpan):
-            self._take(chunk.nbytes)
-            crc = self._pool.submit(_span_crc32, chunk, self._crc)
-            self._flush()
-            self._fh.flush()
-            start = self._fh.tell()
-            self._fh.seek(copy_span(chunk, self._fh.fileno(), start))
-            self._pos += chunk.nbytes
-            self._crc = crc.result()
-            return
+    def data(self, chunk: Buffer) -> None:
+        """Append bytes of the open record."""
         try:
             mv = memoryview(chunk).cast("B")
         except TypeError as exc:
@@ -801,6 +790,8 @@ class _ZipStream:
 
     def finish(self) -> None:
         """Write ``.data/serialization_id``, the central directory and the ZIP64 + classic end records."""
+        import hashlib  # only the writer needs it (its OpenSSL start-up costs every reader ~5 ms)
+
         names = hashlib.blake2b("\0".join(self._names).encode(), digest_size=8).digest()
         crcs = hashlib.blake2b(struct.pack(f"<{len(self._crcs)}I", *self._crcs), digest_size=8).digest()
         sid = f"{int.from_bytes(names, 'little'):020d}{int.from_bytes(crcs, 'little'):020d}"
@@ -817,22 +808,15 @@ class _ZipStream:
         self._flush()
 
 
-def _span_crc32(span: FileSpan, crc: int) -> int:
-    """``zlib.crc32`` of a file span's bytes, continuing from ``crc``."""
-    for view in span.views():
-        crc = zlib.crc32(view, crc)
-    return crc
-
-
-def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[TensorSpec, Iterable[Buffer | FileSpan]]]) -> None:
+def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[TensorSpec, Iterable[Buffer]]]) -> None:
     """Stream a ``fisher.pt`` that stock ``torch.load(path, weights_only=True)`` (and ``mmap=True``) loads.
 
     ``specs`` fixes the names, shapes and dtypes (and the pickle, written
     first); ``items`` then yields ``(spec, chunks)`` in the same order, where
     ``chunks`` are C-order little-endian byte buffers of any sizes summing to
-    the tensor's size, or :class:`~fisherstore._io.FileSpan` s of raw bytes
-    in another file, which are copied in the kernel.  Only the chunk in hand is held, so a 58 GB export needs
-    no 58 GB of RAM; chunks of a few MiB or more are written without copying.
+    the tensor's size.  Only the chunk in hand is held, so a 58 GB export
+    needs no 58 GB of RAM; chunks of ``_DIRECT_BYTES`` or more are written
+    without copying.
     The file appears atomically (temporary file beside ``path``, fsync,
     rename); on any error the temporary file is removed and ``path`` is
     untouched.

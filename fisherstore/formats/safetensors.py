@@ -4,9 +4,8 @@ Shards are ordinary safetensors files (``fisher-00001-of-00008.safetensors``)
 and ``<prefix>.safetensors.index.json`` holds ``{"metadata": {"total_size"},
 "weight_map"}``, so ``safetensors.safe_open`` and HF tooling read a store
 without fisherstore.  Headers are written first (every group's specs are
-planned), then tensor bytes stream in with ``pwrite``, or are copied in the
-kernel (``copy_file_range``) when they come as raw spans of a source file;
-the shard appears under its final name only on commit.
+planned), then tensor bytes stream in with ``pwrite``; the shard appears
+under its final name only on commit.
 
 This module also parses and validates headers for bare ``.safetensors``
 files (:class:`SafetensorsFileSource`), refusing the header lies the
@@ -25,11 +24,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import TMP_PREFIX, FileSpan, copy_span, fsync, fsync_dir, pread_tensor, write_all, write_json_atomic
+from .._io import TMP_PREFIX, fsync, fsync_dir, pread_tensor, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import parse_name, validate_name
-from .base import Backend, Chunk, GroupSink, rows_of
+from .base import Backend, Buffer, GroupSink, rows_of
 
 if TYPE_CHECKING:
     import torch
@@ -113,9 +112,7 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
 
 
 class _ShardSink(GroupSink):
-    """Writes one shard: header first, then each tensor's bytes at its offset (file spans copied in the kernel)."""
-
-    takes_spans = True
+    """Writes one shard: header first, then each tensor's bytes at its offset."""
 
     def __init__(self, backend: SafetensorsBackend, group: GroupInfo, num_groups: int) -> None:
         self.final = backend.root / backend.shard_name(group.index, num_groups)
@@ -133,11 +130,11 @@ class _ShardSink(GroupSink):
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0)
 
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Chunk]) -> dict[str, Any]:
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
         begin = self.offsets[spec.name]
         pos = begin
         for chunk in chunks:
-            pos = copy_span(chunk, self.fd, pos) if isinstance(chunk, FileSpan) else write_all(self.fd, chunk, pos)
+            pos = write_all(self.fd, chunk, pos)
         if pos - begin != spec.nbytes:
             raise CorruptDataError(f"tensor {spec.name!r}: got {pos - begin} bytes, expected {spec.nbytes}")
         self.pending.discard(spec.name)

@@ -13,18 +13,21 @@ Layout (what this module writes and the only layout its reader accepts):
   full chunk shape with the fill value (0), as zarr requires.
 * Inner chunks are ``bytes`` (little-endian) optionally followed by one
   compressor (``zstd`` or ``blosc``).  bf16 uses the zarr-extensions
-  ``bfloat16`` data type, which tensorstore reads natively; importing this
-  module registers it with zarr-python (numpy dtype ``ml_dtypes.bfloat16``).
+  ``bfloat16`` data type, which tensorstore reads natively; zarr-python reads
+  it once :mod:`fisherstore.formats.zarr_bf16` is imported (done here when
+  zarr-python is already loaded; else ``fisherstore.register_bfloat16()``).
 
 Why not write through zarr-python: its write path runs at about a quarter of
 ``cp`` speed.  Here a shard is written sequentially — with no compression
-the caller's buffers go straight to the file with ``pwrite`` and raw source
-file spans are copied in the kernel (``copy_file_range``), while compression
-runs on a thread pool (numcodecs releases the GIL) — and shard ``fsync`` runs
-in the background (skipped under ``--no-fsync``).  Tests check that the files are
+the caller's buffers go straight to the file with ``pwrite``, while
+compression runs on a thread pool (numcodecs releases the GIL) — and shard
+``fsync`` runs in the background (skipped under ``--no-fsync``).  Tests check that the files are
 byte-identical to zarr-python's and that zarr-python and tensorstore read every
 array identically.  Reads take local paths only (``pread`` of the index, then
-of the needed chunks); other stores can be read with zarr-python.
+of the needed chunks); other stores can be read with zarr-python.  An
+uncompressed array held in one shard is the tensor's bytes from offset 0
+(checked against the index), so it is also offered as a raw byte span:
+large lazy reads map it and conversions stream it, as for safetensors.
 
 Atomicity: a group's arrays are written under a temporary directory in the
 root, every file fsynced; ``commit`` fsyncs the directories, renames each
@@ -34,36 +37,37 @@ the root.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import google_crc32c
-import ml_dtypes
 import numpy as np
 from numcodecs import Zstd, blosc
-from zarr.core.dtype import data_type_registry
-from zarr.core.dtype.npy.float import BaseFloat
 
-from .._io import TMP_PREFIX, FileSpan, copy_span, fsync, fsync_dir, write_all, write_json_atomic
+from .._io import TMP_PREFIX, fsync, fsync_dir, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import validate_name
-from .base import Backend, Buffer, Chunk, GroupSink, rows_of
+from .base import Backend, Buffer, GroupSink, rows_of
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ZarrBackend", "BFloat16", "COMPRESSIONS", "register_bfloat16"]
+__all__ = ["ZarrBackend", "COMPRESSIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -73,42 +77,8 @@ _WORKERS = min(8, os.cpu_count() or 1)
 _GROUP_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 
 
-# -- bfloat16 for zarr-python ------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class BFloat16(BaseFloat[Any, Any]):  # type: ignore[type-var]
-    """The zarr-extensions ``bfloat16`` data type for zarr-python (numpy dtype ``ml_dtypes.bfloat16``).
-
-    It behaves like the core float types (fill values, JSON) except that only
-    little-endian storage can be decoded: numpy has no big-endian bfloat16.
-    """
-
-    dtype_cls = type(np.dtype(ml_dtypes.bfloat16))
-    _zarr_v3_name: ClassVar[Literal["bfloat16"]] = "bfloat16"  # type: ignore[assignment]
-    _zarr_v2_names: ClassVar[tuple[str, ...]] = ()  # zarr v2 has no bfloat16
-
-    @property
-    def item_size(self) -> int:
-        return 2
-
-    def to_native_dtype(self) -> np.dtype[Any]:
-        if self.endianness != "little":
-            raise ValueError("big-endian bfloat16 has no numpy dtype; read this array with tensorstore")
-        return np.dtype(ml_dtypes.bfloat16)
-
-    def from_json_scalar(self, data: Any, *, zarr_format: Any) -> Any:
-        # "0x" + 4 hex digits is a bf16 bit pattern; the base class would read it as float16 bits.
-        if isinstance(data, str) and data.startswith("0x") and len(data) == 6:
-            return np.array(int(data, 16), dtype=np.uint16).view(ml_dtypes.bfloat16)[()]
-        return super().from_json_scalar(data, zarr_format=zarr_format)
-
-
-def register_bfloat16() -> None:
-    """Register :class:`BFloat16` with zarr-python, unless some ``bfloat16`` type already is (idempotent)."""
-    if "bfloat16" not in data_type_registry.contents:
-        data_type_registry.register("bfloat16", BFloat16)
-
-
-register_bfloat16()
+if "zarr" in sys.modules:  # a zarr-python user: let it read what this module writes
+    from . import zarr_bf16  # noqa: F401
 
 
 # -- compression ---------------------------------------------------------------------------------
@@ -144,15 +114,15 @@ class _Compression:
         return bytes(blosc.compress(data, self.cname.encode(), level, shuffle, self.blocksize, typesize=itemsize))
 
 
-#: ``compression`` option values.  Measured on real bf16 Fisher (4 MiB chunks, one core):
-#: blosc-zstd-bitshuffle 1.46x smaller at ~1 GB/s (256 KiB blocks: 1.42x with blosc's own choice),
-#: blosc-lz4-bitshuffle 1.43x at ~1.7 GB/s, zstd 1.32x, blosc-zstd-shuffle 1.38x.
+#: ``compression`` option values.  Measured on the real bf16 Fisher sample (4 MiB chunks, one core,
+#: compress speed): blosc-zstd-shuffle 1.49x at ~0.36 GB/s, blosc-zstd-bitshuffle 1.46x at ~0.76 GB/s
+#: (256 KiB blocks: 1.43x with 128 KiB), blosc-lz4-bitshuffle (level 9) 1.43x at ~1.2 GB/s, zstd 1.32x at ~0.74 GB/s.
 COMPRESSIONS: dict[str, _Compression | None] = {
     "none": None,
     "zstd": _Compression("zstd", default_level=1, max_level=22),
     "blosc-zstd-shuffle": _Compression("blosc", 1, 9, "zstd", "shuffle", 256 << 10),
     "blosc-zstd-bitshuffle": _Compression("blosc", 1, 9, "zstd", "bitshuffle", 256 << 10),
-    "blosc-lz4-bitshuffle": _Compression("blosc", 5, 9, "lz4", "bitshuffle", 128 << 10),
+    "blosc-lz4-bitshuffle": _Compression("blosc", 9, 9, "lz4", "bitshuffle", 128 << 10),
 }
 _DEFAULTS: dict[str, Any] = {"compression": "none", "level": None, "chunk_mb": 4, "shard_mb": 256}
 
@@ -331,29 +301,44 @@ class _Layout:
 
 
 # -- writing ------------------------------------------------------------------------------------------
-def _split(chunks: Iterable[Chunk], total: int, step: int, name: str) -> Iterator[tuple[memoryview | FileSpan, bool]]:
-    """A byte stream cut at every multiple of ``step`` (views of buffers, sub-spans of file spans).
-
-    The flag marks a piece that ends a step or the stream.
-    """
+def _split(chunks: Iterable[Buffer], total: int, step: int, name: str) -> Iterator[tuple[memoryview, bool]]:
+    """A byte stream cut at every multiple of ``step``; the flag marks a piece that ends a step or the stream."""
     pos = 0
     for buf in chunks:
-        item = buf if isinstance(buf, FileSpan) else memoryview(buf).cast("B")
+        item = memoryview(buf).cast("B")
         done, size = 0, len(item)
         while done < size:
             room = min(step - pos % step, total - pos)
             if room <= 0:
                 raise CorruptDataError(f"tensor {name!r}: got more than the {total} bytes its shape and dtype need")
             n = min(room, size - done)
-            if isinstance(item, FileSpan):
-                piece: memoryview | FileSpan = FileSpan(item.path, item.offset + done, n)
-            else:
-                piece = item[done : done + n]
+            piece = item[done : done + n]
             done += n
             pos += n
             yield piece, pos % step == 0 or pos == total
     if pos != total:
         raise CorruptDataError(f"tensor {name!r}: got {pos} bytes, expected {total}")
+
+
+@functools.cache
+def _retain_freed_buffers() -> None:
+    """Let glibc keep freed multi-MiB blocks for reuse instead of unmapping them (once per process).
+
+    Each compressed chunk comes back as a fresh ~4 MiB ``bytes``; by default
+    glibc maps and unmaps such blocks, so every chunk costs ~1,000 page faults:
+    measured on 2.2 GB, 305k faults and 3.5 s of system time, against 23k
+    faults and 1.9 s with this setting (the same as ``MALLOC_MMAP_THRESHOLD_``
+    = 32 MiB, ``MALLOC_TRIM_THRESHOLD_`` = 128 MiB in the environment).  A
+    no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 128 << 20)
 
 
 def _fsync_close(fd: int) -> None:
@@ -376,15 +361,15 @@ class _ShardStream:
         self.chunk_start = 0
         self.index = np.full((layout.chunks_per_shard, 2), _EMPTY, dtype="<u8")
 
-    def write(self, data: Buffer | FileSpan) -> None:
-        """Append bytes (or a file span's bytes, copied in the kernel) to the current chunk."""
+    def write(self, data: Buffer) -> None:
+        """Append bytes to the current chunk."""
         if self.fd < 0:
             path = self.array_dir / self.layout.shard_key(self.chunk // self.layout.chunks_per_shard)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self.pos = 0
             self.index[:] = _EMPTY
-        self.pos = copy_span(data, self.fd, self.pos) if isinstance(data, FileSpan) else write_all(self.fd, data, self.pos)
+        self.pos = write_all(self.fd, data, self.pos)
 
     def end_chunk(self, pad_to: int = 0) -> None:
         """Close the current chunk (zero-padded to ``pad_to`` bytes); finish the shard when it is full."""
@@ -413,18 +398,16 @@ class _ZarrGroupSink(GroupSink):
     def __init__(self, backend: ZarrBackend, group: GroupInfo) -> None:
         self.backend = backend
         self.group = group
-        self.takes_spans = backend.options["compression"] == "none"  # raw chunks are the tensor's bytes: copy in the kernel
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}zarr-g{group.index:05d}-", dir=backend.root))
         self.arrays: list[str] = []
         self._syncs: list[Future[None]] = []
         self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="fisherstore-zarr-fsync")
-        self._pool: ThreadPoolExecutor | None = None
 
     def sync_later(self, fd: int) -> None:
         """fsync and close ``fd`` in the background (the disk flush overlaps the next writes)."""
         self._syncs.append(self._sync_pool.submit(_fsync_close, fd))
 
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Chunk]) -> dict[str, Any]:
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
         if spec.name in self.arrays:
             raise BadInputError(f"tensor {spec.name!r} was already written in group {self.group.index}")
         layout = _Layout.plan(spec, self.backend.options)
@@ -452,45 +435,50 @@ class _ZarrGroupSink(GroupSink):
     def _write_compressed(self, stream: _ShardStream, layout: _Layout, spec: TensorSpec, chunks: Iterable[Buffer]) -> None:
         """Copy the stream into whole chunks, compress them on the pool, write them in order.
 
-        At most ``2 * workers`` chunks are in flight and their buffers are
-        reused, so memory stays a few chunks whatever the tensor size.  Input
-        buffers are copied because the caller may reuse them once the next one
-        is asked for.
+        At most ``2 * workers`` chunks are in flight.  The pool and the chunk
+        buffers belong to the backend and serve every group, so memory stays a
+        few chunks whatever the tensor or file size (a pool per group gave
+        each group fresh threads, and the C allocator a fresh arena each:
+        peak RSS grew with the number of groups).  Input buffers are copied
+        because the caller may reuse them once the next one is asked for.
         """
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="fisherstore-zarr-compress")
+        pool, free = self.backend._compression()
         codec, level, itemsize = layout.codec, layout.level, layout.itemsize
         assert codec is not None and level is not None
         pending: deque[tuple[Future[bytes], np.ndarray]] = deque()
-        free: list[np.ndarray] = []
 
         def write_oldest() -> None:
             future, done = pending.popleft()
             stream.write(future.result())
             stream.end_chunk()
-            free.append(done)
+            free.append(done.base)
 
-        buf, fill = np.empty(layout.chunk_bytes, dtype=np.uint8), 0
+        def take() -> np.ndarray:
+            while free:
+                whole = free.pop()
+                if len(whole) >= layout.chunk_bytes:
+                    return whole[: layout.chunk_bytes]
+            return np.empty(-(-layout.chunk_bytes // _MIB) * _MIB, dtype=np.uint8)[: layout.chunk_bytes]
+
+        buf, fill = take(), 0
         try:
             for piece, ends in _split(chunks, spec.nbytes, max(1, layout.chunk_bytes), spec.name):
                 buf[fill : fill + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
                 fill += len(piece)
                 if ends:
                     buf[fill:] = 0  # edge chunks hold the fill value past the last row
-                    pending.append((self._pool.submit(codec.encode, buf, level, itemsize), buf))
+                    pending.append((pool.submit(codec.encode, buf, level, itemsize), buf))
                     if len(pending) > 2 * _WORKERS:
                         write_oldest()
-                    buf, fill = (free.pop() if free else np.empty(layout.chunk_bytes, dtype=np.uint8)), 0
+                    buf, fill = take(), 0
             while pending:
                 write_oldest()
+            free.append(buf.base)
         finally:
             for future, _ in pending:
                 future.cancel()
 
     def _shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
         self._sync_pool.shutdown(wait=True)
 
     def commit(self) -> None:
@@ -523,7 +511,7 @@ class ZarrBackend(Backend):
 
     Options (all optional, stored in the manifest):
     ``compression``: one of :data:`COMPRESSIONS` (default ``"none"``);
-    ``level``: compressor level (default per compression: zstd family 1, lz4 5);
+    ``level``: compressor level (default per compression: zstd family 1, lz4 9);
     ``chunk_mb``: MiB per inner row chunk (default 4);
     ``shard_mb``: MiB per shard file (default 256: one file per tensor up to ~256 MiB).
     """
@@ -533,6 +521,22 @@ class ZarrBackend(Backend):
     def __init__(self, root: Path, options: dict[str, Any] | None = None) -> None:
         super().__init__(root, options)
         self._layouts: dict[str, _Layout] = {}
+        self._spans: dict[str, tuple[Path, int] | None] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._free: list[np.ndarray] = []
+
+    def _compression(self) -> tuple[ThreadPoolExecutor, list[np.ndarray]]:
+        """The compression threads and free chunk buffers shared by this backend's group sinks."""
+        if self._pool is None:
+            _retain_freed_buffers()
+            self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="fisherstore-zarr-compress")
+        return self._pool, self._free
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._free.clear()
 
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -593,6 +597,26 @@ class ZarrBackend(Backend):
             self._layouts[array] = layout
         return array_dir, layout
 
+    def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
+        """Where an uncompressed tensor held in one shard lies raw: its chunks are the tensor's bytes in order.
+
+        That holds for every such array this module writes; the shard index
+        is checked, so a shard laid out otherwise is read chunk by chunk.
+        """
+        array_dir, layout = self._layout(info)
+        if layout.codec is not None or not 0 < layout.num_chunks <= layout.chunks_per_shard:
+            return None
+        if info.name not in self._spans:
+            path = array_dir / layout.shard_key(0)
+            where = f"tensor {info.name!r}: shard file {path}"
+            with _open_shard(path, where) as fd:
+                index, data_end = _read_index(fd, layout, where)
+            n = layout.num_chunks
+            expected = np.stack([np.arange(n, dtype="<u8") * layout.chunk_bytes, np.full(n, layout.chunk_bytes, dtype="<u8")], axis=1)
+            contiguous = np.array_equal(index[:n], expected) and n * layout.chunk_bytes <= data_end
+            self._spans[info.name] = (path, 0) if contiguous else None
+        return self._spans[info.name]
+
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         import torch
 
@@ -621,17 +645,8 @@ class ZarrBackend(Backend):
     ) -> None:
         """Copy rows ``[start, stop)`` ∩ ``chunks`` of one shard into ``out`` (whose row 0 is ``start``)."""
         where = f"tensor {name!r}: shard file {path}"
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CorruptDataError(f"{where} is missing; the store is damaged: restore or re-create it") from None
-        try:
-            data_end = os.fstat(fd).st_size - layout.index_bytes
-            raw = os.pread(fd, layout.index_bytes, max(0, data_end))
-            crc = int.from_bytes(raw[-4:], "little")
-            if data_end < 0 or len(raw) != layout.index_bytes or google_crc32c.value(raw[:-4]) != crc:
-                raise CorruptDataError(f"{where}: shard index is truncated or its crc32c does not match")
-            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+        with _open_shard(path, where) as fd:
+            index, data_end = _read_index(fd, layout, where)
             row_bytes, cr = layout.row_bytes, layout.chunk_rows
             codec = layout.codec
             for chunk in chunks:
@@ -657,8 +672,29 @@ class ZarrBackend(Backend):
                         raise CorruptDataError(f"{where}: chunk {chunk} does not decompress ({exc})") from None
                     if not whole:
                         dst[:] = scratch[skip : skip + len(dst)]
-        finally:
-            os.close(fd)
+
+
+@contextlib.contextmanager
+def _open_shard(path: Path, where: str) -> Iterator[int]:
+    """A shard file's descriptor; a missing shard is :class:`CorruptDataError`."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CorruptDataError(f"{where} is missing; the store is damaged: restore or re-create it") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read_index(fd: int, layout: _Layout, where: str) -> tuple[np.ndarray, int]:
+    """A shard's ``(offset, nbytes)`` index rows, checked against their crc32c, and where its data ends."""
+    data_end = os.fstat(fd).st_size - layout.index_bytes
+    raw = os.pread(fd, layout.index_bytes, max(0, data_end))
+    crc = int.from_bytes(raw[-4:], "little")
+    if data_end < 0 or len(raw) != layout.index_bytes or google_crc32c.value(raw[:-4]) != crc:
+        raise CorruptDataError(f"{where}: shard index is truncated or its crc32c does not match")
+    return np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2), data_end
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, where: str) -> None:
