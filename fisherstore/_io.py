@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 import google_crc32c
 import numpy as np
 
-__all__ = ["atomic_dir", "Checksum", "FileSpan", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_tensor", "write_all", "TMP_PREFIX"]
+__all__ = ["atomic_dir", "Checksum", "FileSpan", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_into", "pread_tensor", "write_all", "TMP_PREFIX"]
 
 #: Prefix of every temporary file or directory fisherstore creates inside a store.
 TMP_PREFIX = ".fstmp-"
@@ -134,24 +134,29 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         fh.write(data)
 
 
-def pread_tensor(fd: int, nbytes: int, offset: int, where: str) -> torch.Tensor:
-    """Read exactly ``nbytes`` at ``offset`` into a fresh uint8 tensor (one copy, no mmap).
+def pread_into(fd: int, view: memoryview, offset: int, where: str, *, beyond: int = 0) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``.
 
-    A short read means the file is shorter than its metadata claims, which is
-    reported as :class:`~fisherstore.errors.CorruptDataError` naming ``where``.
+    A short read means the file is shorter than its metadata claims:
+    :class:`~fisherstore.errors.CorruptDataError` naming ``where`` and how many
+    bytes are missing (``beyond``: more that were expected after ``view``).
     """
-    import torch
-
     from .errors import CorruptDataError
 
-    out = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(out.numpy())
     done = 0
-    while done < nbytes:
+    while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise CorruptDataError(f"{where}: file ends {nbytes - done} bytes early (truncated?)")
+            raise CorruptDataError(f"{where}: file ends {len(view) - done + beyond} bytes early (truncated?)")
         done += n
+
+
+def pread_tensor(fd: int, nbytes: int, offset: int, where: str) -> torch.Tensor:
+    """Read exactly ``nbytes`` at ``offset`` into a fresh uint8 tensor (one copy, no mmap); see :func:`pread_into`."""
+    import torch
+
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    pread_into(fd, memoryview(out.numpy()), offset, where)
     return out
 
 
@@ -207,11 +212,4 @@ class FileSpan:
 
         A file shorter than the span is :class:`~fisherstore.errors.CorruptDataError`.
         """
-        from .errors import CorruptDataError
-
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], self.offset + pos + done)
-            if n == 0:
-                raise CorruptDataError(f"{self.path}: file ends {self.nbytes - pos - done} bytes early (truncated?)")
-            done += n
+        pread_into(fd, view, self.offset + pos, str(self.path), beyond=self.nbytes - pos - len(view))
