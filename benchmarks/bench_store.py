@@ -19,7 +19,10 @@ guest frees is handed back to the host (virtio-balloon free page reporting)
 after a moment, and whoever allocates page cache next pays host page faults
 for it, so an operation that starts right after a large delete runs up to
 2-3x faster than one that starts later.  With the wait, every competitor
-pays the same.  Each operation runs ``--repeats`` times; the median is kept.
+pays the same.  The operations run in ``--repeats`` rounds, each running
+every operation once in the same order, so that a slow or fast spell of the
+VM (the same `cp` took 0.8 to 3.5 s within an hour) falls on all competitors
+alike: ratios to `cp` are taken within a round and their median is reported.
 Single-tensor reads run with the page cache warm for the file(s) that
 competitor reads (read once by ``cat`` just before), so at 8 GB, where the
 three copies of the data exceed RAM, no competitor reads from disk.
@@ -122,15 +125,6 @@ def warm(path: Path) -> None:
         subprocess.run(["cat", *map(str, files[chunk : chunk + 256])], stdout=subprocess.DEVNULL, check=True)
 
 
-def median_run(label: str, argv: list[str], repeats: int, before) -> tuple[float, float, list]:
-    """Run ``argv`` ``repeats`` times, calling ``before()`` first each time; median wall, median peak RSS, all runs."""
-    runs = []
-    for _ in range(repeats):
-        before()
-        runs.append(run_child(label, argv))
-    return statistics.median(r.wall_s for r in runs), statistics.median(r.peak_rss_mb for r in runs), runs
-
-
 def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     src = work / "fisher.pt"
@@ -162,22 +156,39 @@ def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
             settle(settle_s)
         return before
 
-    rows = []
     back = work / "back.pt"
     keep = {st}  # the safetensors store is the source of the conversions back to fisher.pt
     for flag, tag in (([], ""), (["--no-fsync"], " --no-fsync")):
         ops.append((f"convert safetensors store → fisher.pt{tag}", fs(*flag, "convert", str(st), str(back)), back))
-    for label, argv, out in ops:
-        wall, rss, runs = median_run(label, argv, repeats, fresh(out))
-        row = {"op": label, "wall_s": wall, "peak_rss_mb": rss, "runs_s": [r.wall_s for r in runs]}
+    # Rounds: every operation once per round, in the same order, so that a slow or fast spell of the VM
+    # falls on all competitors alike; ratios to cp are taken within a round, then the median is kept.
+    runs: dict[str, list] = {label: [] for label, _, _ in ops}
+    sizes: dict[str, int] = {}
+    for round_ in range(repeats):
+        print(f"  round {round_ + 1}/{repeats}", flush=True)
+        for label, argv, out in ops:
+            fresh(out)()
+            runs[label].append(run_child(label, argv))
+            if out is not None:
+                sizes[label] = size_of(out)
+                if out not in keep:
+                    shutil.rmtree(out) if out.is_dir() else out.unlink()
+            print(f"    {label:<52} {runs[label][-1].wall_s:7.2f} s", flush=True)
+    rows = []
+    for label, _, out in ops:
+        walls = [r.wall_s for r in runs[label]]
+        row = {
+            "op": label, "wall_s": statistics.median(walls), "runs_s": walls,
+            "peak_rss_mb": statistics.median(r.peak_rss_mb for r in runs[label]),
+            "x_cp": statistics.median(c.wall_s / r.wall_s for c, r in zip(runs["cp"], runs[label])),
+            "x_cp_sync": statistics.median(c.wall_s / r.wall_s for c, r in zip(runs["cp + sync"], runs[label])),
+        }
         if out is not None:
-            row["out_bytes"] = size_of(out)
+            row["out_bytes"] = sizes[label]
             if out != back:
                 row["size_ratio"] = nbytes / row["out_bytes"]
         rows.append(row)
-        print(f"  {label:<48} {wall:7.2f} s  {rss:8.0f} MiB   runs {' '.join(f'{r.wall_s:.2f}' for r in runs)}", flush=True)
-        if out is not None and out not in keep:
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        print(f"  {label:<52} {row['wall_s']:7.2f} s  {row['peak_rss_mb']:8.0f} MiB  {row['x_cp']:.2f}x cp", flush=True)
     run_child("zarr for lazy reads", fs("--no-fsync", "convert", str(src), str(zr)))
     # single-tensor loads, timed inside the child
     single = []
@@ -206,15 +217,18 @@ def table(results: list[dict]) -> str:
     lines = []
     for res in results:
         cp = next(r for r in res["ops"] if r["op"] == "cp")["wall_s"]
-        cps = next(r for r in res["ops"] if r["op"] == "cp + sync")["wall_s"]
         boot = res["ops"][0]["wall_s"]
         mb = res["file_bytes"] / 2**20
         lines += [f"### {res['file_bytes'] / 1e9:.2f} GB fisher.pt, {res['tensors']} tensors, largest {res['largest_bytes'] / 1e6:.0f} MB",
-                  "", "| operation | wall s | MB/s | × cp throughput | × (cp + sync) | × cp, startup excluded | peak RSS MiB | size ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "", "| operation | wall s (median) | runs s | MB/s | × cp throughput | × (cp + sync) | × cp, startup excluded | peak RSS MiB | size ratio |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in res["ops"]:
             ratio = f"{r['size_ratio']:.3f}" if "size_ratio" in r else ""
             steady = f"{cp / (r['wall_s'] - boot):.2f}" if r["op"].startswith("convert") else ""
-            lines.append(f"| {r['op']} | {r['wall_s']:.2f} | {mb / r['wall_s']:.0f} | {cp / r['wall_s']:.2f} | {cps / r['wall_s']:.2f} | {steady} | {r['peak_rss_mb']:.0f} | {ratio} |")
+            every = " ".join(f"{w:.2f}" for w in r["runs_s"])
+            lines.append(f"| {r['op']} | {r['wall_s']:.2f} | {every} | {mb / r['wall_s']:.0f} | {r['x_cp']:.2f} | {r['x_cp_sync']:.2f} | {steady} | {r['peak_rss_mb']:.0f} | {ratio} |")
+        lines += ["", "× cp and × (cp + sync) are medians of ratios taken within a round (each round runs every operation "
+                  "once, in this order); × cp, startup excluded = median cp / (median wall - median start-up)."]
         fs_lazy = next(r for r in res["single_tensor"] if r["op"] == "fisherstore lazy (fisher.pt)")["seconds"]
         lines += ["", "| single largest tensor, every byte read | ms | × fisherstore lazy (fisher.pt) | peak RSS MiB |", "|---|---:|---:|---:|"]
         for r in res["single_tensor"]:
@@ -227,7 +241,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=float, nargs="+", default=[2, 8], help="fisher.pt sizes in GB")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/fisherstore-bench"))
-    ap.add_argument("--repeats", type=int, default=3, help="runs per operation (the median is kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each runs every operation once (medians are kept)")
     ap.add_argument("--settle", type=float, default=4.0, help="seconds to wait after sync before each operation")
     ap.add_argument("--name", default="store", help="results file stem")
     args = ap.parse_args()

@@ -13,9 +13,11 @@ are carried across chunks.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -116,29 +118,37 @@ class Tally:
         self.nbytes = 0
         self._block_bytes = BLOCK * ITEMSIZES[dtype]
         self._total = 0.0
-        self._carry = bytearray()
+        self._carry: np.ndarray | None = None  # one block, allocated when an update ends inside a block
+        self._carried = 0
 
     def update(self, chunk: bytes | bytearray | memoryview) -> None:
         view = memoryview(chunk).cast("B")
         self.checksum.update(view)
         self.nbytes += len(view)
-        if self._carry:
-            need = self._block_bytes - len(self._carry)
-            self._carry += view[:need]
-            view = view[need:]
-            if len(self._carry) < self._block_bytes:
+        raw = np.frombuffer(view, dtype=np.uint8)
+        if self._carried:  # complete the block the previous update ended in
+            assert self._carry is not None
+            n = min(self._block_bytes - self._carried, len(raw))
+            self._carry[self._carried : self._carried + n] = raw[:n]
+            self._carried += n
+            raw = raw[n:]
+            if self._carried < self._block_bytes:
                 return
-            self._total += _block_sums(np.frombuffer(self._carry, dtype=np.uint8), self.dtype)
-            self._carry = bytearray()
-        whole = len(view) - len(view) % self._block_bytes
+            self._total += _block_sums(self._carry, self.dtype)
+            self._carried = 0
+        whole = len(raw) - len(raw) % self._block_bytes
         if whole:
-            self._total += _block_sums(np.frombuffer(view[:whole], dtype=np.uint8), self.dtype)
-        self._carry += view[whole:]
+            self._total += _block_sums(raw[:whole], self.dtype)
+        if whole < len(raw):
+            if self._carry is None:
+                self._carry = np.empty(self._block_bytes, dtype=np.uint8)
+            self._carried = len(raw) - whole
+            self._carry[: self._carried] = raw[whole:]
 
     @property
     def sum(self) -> float:
         """The sum of every element seen so far."""
-        tail = _block_sums(np.frombuffer(self._carry, dtype=np.uint8), self.dtype) if self._carry else 0.0
+        tail = _block_sums(self._carry[: self._carried], self.dtype) if self._carried else 0.0
         return self._total + tail
 
 
@@ -147,28 +157,45 @@ class ReadAhead:
 
     :meth:`feed` turns a tensor's chunks into a stream of byte pieces: the
     helper thread reads file spans (and copies transient buffers) into a
-    small ring of :data:`PIECE_BYTES` buffers, runs the :class:`Tally` over
-    each piece while it is still in the CPU cache, and hands it over; the
-    caller writes it.  Reading + checksum + sum on one core thus overlaps the
-    write on the other, and every byte is read once.  The ring is reused
-    from feed to feed, so memory stays ``RING * PIECE_BYTES`` whatever the
-    tensor size.  One feed runs at a time.
+    small ring of buffers, runs the :class:`Tally` over every
+    :data:`PIECE_BYTES` of it while they are still in the CPU cache, and
+    hands the pieces over; the caller writes them.  Reading + checksum + sum
+    on one core thus overlaps the write on the other, and every byte is read
+    once.  The ring is reused from feed to feed (grown when a feed asks for
+    bigger or more pieces), so memory stays a few pieces whatever the tensor
+    size.  One feed runs at a time.
     """
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fisherstore-read-ahead")
-        self._ring = [memoryview(np.empty(PIECE_BYTES, dtype=np.uint8)) for _ in range(RING)]
+        self._buffers: list[np.ndarray] = []
         self._active: Feed | None = None
 
-    def feed(self, chunks: Iterable[Chunk], tally: Tally | None, *, stable: bool = False) -> Feed:
+    def feed(
+        self, chunks: Iterable[Chunk], tally: Tally | None, *, stable: bool = False, cut: int = PIECE_BYTES, held: int = 0
+    ) -> Feed:
         """The pieces of ``chunks``, tallied into ``tally`` (if given) before they are handed out.
 
-        ``stable`` says buffers stay valid after the next chunk is asked for
-        (whole tensors): they are then sliced instead of copied.  Use the
+        Pieces are ``cut`` bytes, counted from the start of the stream (the
+        last may be shorter), and each stays valid until ``held + 1`` further
+        pieces have been asked for: a consumer that keeps a few pieces in
+        flight (compression) needs no copies of its own.  ``stable`` says
+        buffers stay valid after the next chunk is asked for (whole tensors):
+        they are then sliced, not copied, each cut from its own start.  Use the
         feed as a context manager, so that a consumer that stops early also
         stops the helper thread.
         """
-        return Feed(self, chunks, tally, stable)
+        if cut < 1 or held < 0:
+            raise ValueError(f"cut must be >= 1 and held >= 0, got cut={cut}, held={held}")
+        return Feed(self, chunks, tally, stable, cut, held)
+
+    def _ring(self, cut: int, held: int) -> list[memoryview]:
+        """Buffers for one feed: ``held`` kept by the consumer, plus enough to read ~RING pieces' worth ahead."""
+        size = -(-max(cut, PIECE_BYTES) // (1 << 20)) << 20  # whole MiB, so that similar cuts reuse buffers
+        count = held + max(2, RING * PIECE_BYTES // cut)
+        self._buffers = [b for b in self._buffers if len(b) >= size][:count]
+        self._buffers += [np.empty(size, dtype=np.uint8) for _ in range(count - len(self._buffers))]
+        return [memoryview(b)[: max(cut, PIECE_BYTES)] for b in self._buffers]
 
     def close(self) -> None:
         """Stop a feed left unfinished (its consumer failed) and the thread."""
@@ -186,15 +213,17 @@ class ReadAhead:
 class Feed:
     """One tensor's pieces from a :class:`ReadAhead`; iterate once, then :meth:`close` (or use ``with``).
 
-    A piece is valid until the next one is asked for.  An error of the
-    reading thread (a truncated source, say) is raised here, in the consumer.
+    An error of the reading thread (a truncated source, say) is raised here,
+    in the consumer.
     """
 
-    def __init__(self, ahead: ReadAhead, chunks: Iterable[Chunk], tally: Tally | None, stable: bool) -> None:
+    def __init__(self, ahead: ReadAhead, chunks: Iterable[Chunk], tally: Tally | None, stable: bool, cut: int, held: int) -> None:
         self._ahead = ahead
         self._chunks = chunks
         self._tally = tally
         self._stable = stable
+        self._cut = cut
+        self._held = held
         self._full: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._cancel = threading.Event()
@@ -207,9 +236,10 @@ class Feed:
         if self._ahead._active is not None:
             raise RuntimeError("a ReadAhead runs one feed at a time; close the previous feed first")
         self._ahead._active = self
-        for buf in self._ahead._ring:
+        for buf in self._ahead._ring(self._cut, self._held):
             self._free.put(buf)
         self._future = self._ahead._pool.submit(self._produce)
+        kept: deque[memoryview] = deque()  # ring buffers of pieces the consumer may still hold
         try:
             while True:
                 item = self._full.get()
@@ -220,20 +250,19 @@ class Feed:
                 piece, base = item
                 yield piece
                 if base is not None:
-                    self._free.put(base)
+                    kept.append(base)
+                    if len(kept) > self._held:
+                        self._free.put(kept.popleft())
         finally:
             self.close()
 
     def _produce(self) -> None:
         """The helper thread: cut, read or copy, tally, hand over; stop when cancelled."""
         try:
-            for chunk in self._chunks:
-                for piece, base in self._pieces(chunk):
-                    if self._cancel.is_set():
-                        return
-                    if self._tally is not None:
-                        self._tally.update(piece)
-                    self._full.put((piece, base))
+            for piece, base in self._pieces():
+                if self._cancel.is_set():
+                    return
+                self._full.put((piece, base))
             self._full.put(_END)
         except _Cancelled:
             pass
@@ -248,24 +277,38 @@ class Feed:
             raise _Cancelled
         return buf
 
-    def _pieces(self, chunk: Chunk) -> Iterator[tuple[memoryview, memoryview | None]]:
-        if isinstance(chunk, FileSpan):
-            with open(chunk.path, "rb") as src:
-                for pos in range(0, chunk.nbytes, PIECE_BYTES):
-                    buf = self._take()
-                    n = min(PIECE_BYTES, chunk.nbytes - pos)
-                    chunk.read_into(src.fileno(), buf[:n], pos)
-                    yield buf[:n], buf
-            return
-        view = memoryview(chunk).cast("B")
-        for pos in range(0, len(view), PIECE_BYTES):
-            part = view[pos : pos + PIECE_BYTES]
-            if self._stable:
-                yield part, None
+    def _count(self, part: memoryview) -> None:
+        if self._tally is not None:
+            self._tally.update(part)
+
+    def _pieces(self) -> Iterator[tuple[memoryview, memoryview | None]]:
+        """``(piece, its ring buffer or None)`` of ``cut`` bytes each; every byte is tallied right after it is read."""
+        cut = self._cut
+        buf: memoryview | None = None
+        fill = 0
+        for chunk in self._chunks:
+            if self._stable and buf is None and not isinstance(chunk, FileSpan):
+                view = memoryview(chunk).cast("B")  # no copy: the caller's buffer outlives the pieces
+                for pos in range(0, len(view), cut):
+                    piece = view[pos : pos + cut]
+                    for at in range(0, len(piece), PIECE_BYTES):
+                        self._count(piece[at : at + PIECE_BYTES])
+                    yield piece, None
                 continue
-            buf = self._take()
-            buf[: len(part)] = part
-            yield buf[: len(part)], buf
+            with _filler(chunk) as (size, fill_from):
+                pos = 0
+                while pos < size:
+                    if buf is None:
+                        buf, fill = self._take(), 0
+                    part = buf[fill : fill + min(PIECE_BYTES, cut - fill, size - pos)]
+                    fill_from(part, pos)
+                    self._count(part)
+                    fill, pos = fill + len(part), pos + len(part)
+                    if fill == cut:
+                        yield buf[:fill], buf
+                        buf = None
+        if buf is not None:
+            yield buf[:fill], buf
 
     def close(self) -> None:
         """Stop the helper thread (if the consumer stopped early) and wait for it."""
@@ -287,6 +330,21 @@ class Feed:
 
 
 _END = object()
+
+
+@contextlib.contextmanager
+def _filler(chunk: Chunk) -> Iterator[tuple[int, Callable[[memoryview, int], None]]]:
+    """``(size, fill)`` of a chunk, ``fill(part, pos)`` copying its bytes from ``pos`` into ``part``."""
+    if isinstance(chunk, FileSpan):
+        with open(chunk.path, "rb") as src:
+            yield chunk.nbytes, lambda part, pos: chunk.read_into(src.fileno(), part, pos)
+        return
+    view = memoryview(chunk).cast("B")
+
+    def copy(part: memoryview, pos: int) -> None:
+        part[:] = view[pos : pos + len(part)]
+
+    yield len(view), copy
 
 
 class _Cancelled(Exception):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._io import TMP_PREFIX, write_json_atomic
-from ._tally import ReadAhead, Tally
+from ._tally import PIECE_BYTES, ReadAhead, Tally
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats import get_backend
 from .formats.base import Chunk
@@ -208,8 +208,9 @@ class StoreWriter:
                 if spec != want:
                     raise BadInputError(f"group {index}: got tensor {spec}, the plan expects {want}")
                 tally = Tally(spec.dtype)
-                with self._reader().feed(chunks, tally, stable=stable) as feed:
-                    location = sink.write_tensor(spec, feed)
+                cut, held = sink.pieces(spec) or (PIECE_BYTES, 0)
+                with self._reader().feed(chunks, tally, stable=stable, cut=cut, held=held) as feed:
+                    location = sink.write_tensor(spec, feed, held=held)
                 checksum = tally.checksum.hexdigest()
                 if expect and expect.get(spec.name) and expect[spec.name] != checksum:
                     raise ChecksumMismatchError(

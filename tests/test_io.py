@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -124,3 +125,30 @@ def test_read_ahead_runs_one_feed_at_a_time(big_source):
         first.close()
         with ahead.feed([b"abc"], None) as feed:
             assert [bytes(p) for p in feed] == [b"abc"]
+
+
+@pytest.mark.parametrize("stable", [False, True])
+def test_read_ahead_cuts_fixed_pieces_that_stay_valid_while_held(tmp_path, stable):
+    """Pieces of ``cut`` bytes across chunk boundaries; each is intact until ``held + 1`` more were asked for."""
+    cut, held = PIECE_BYTES + 10, 3  # larger than a tally step, so each piece is filled in two steps
+    data = np.random.default_rng(1).integers(0, 0x4000, size=(12 * cut + 500) // 2, dtype=np.uint16).tobytes()
+    path = tmp_path / "src.bin"
+    path.write_bytes(b"HEAD" + data)
+    third = len(data) // 3
+    chunks = [memoryview(data)] if stable else [FileSpan(path, 4, third), bytearray(data[third:])]
+    pieces: list[memoryview] = []
+    tally = Tally("bfloat16")
+    with ReadAhead() as ahead, ahead.feed(chunks, tally, stable=stable, cut=cut, held=held) as feed:
+        for piece in feed:
+            pieces.append(piece)
+            time.sleep(0.02)  # let the helper run as far ahead as its free buffers allow
+            for i in range(max(0, len(pieces) - 1 - held), len(pieces)):  # the held ones and the new one
+                assert bytes(pieces[i]) == data[i * cut : (i + 1) * cut], f"piece {i} changed while held"
+    assert [len(p) for p in pieces] == [cut] * (len(data) // cut) + [len(data) % cut]
+    expected = _tally_of(data)
+    assert tally.checksum.hexdigest() == expected.checksum.hexdigest() and tally.sum == expected.sum
+
+
+def test_read_ahead_rejects_a_zero_cut():
+    with ReadAhead() as ahead, pytest.raises(ValueError, match="cut must be >= 1"):
+        ahead.feed([b"abc"], None, cut=0)

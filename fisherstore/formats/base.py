@@ -42,11 +42,22 @@ class GroupSink(abc.ABC):
     """Receives one group's tensors, in the planned order, and commits them as a unit."""
 
     @abc.abstractmethod
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
         """Write a tensor from C-order byte buffers of any sizes; return its manifest ``location``.
 
-        A buffer is valid only until the next one is requested.
+        A buffer is valid until ``held + 1`` further ones have been requested
+        (by default, only until the next one).
         """
+
+    def pieces(self, spec: TensorSpec) -> tuple[int, int] | None:
+        """``(piece_bytes, held)``: how :meth:`write_tensor` would like ``spec``'s bytes, or ``None`` for any way.
+
+        The writer then hands over pieces of ``piece_bytes`` counted from the
+        tensor's start, each valid for ``held`` more pieces (its read-ahead
+        ring is that much bigger), so that a sink which keeps pieces in flight,
+        such as whole chunks being compressed, need not copy them.
+        """
+        return None
 
     @abc.abstractmethod
     def commit(self) -> None:

@@ -130,7 +130,7 @@ class _ShardSink(GroupSink):
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0)
 
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
         begin = self.offsets[spec.name]
         pos = begin
         for chunk in chunks:

@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 _MIB = 1 << 20
 _EMPTY = 2**64 - 1  # shard index entry of a chunk that was never written
 _WORKERS = min(8, os.cpu_count() or 1)
+_IN_FLIGHT = 2 * _WORKERS  # chunks being compressed while the next one is gathered
 _GROUP_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 
 
@@ -107,7 +108,7 @@ class _Compression:
             },
         }
 
-    def encode(self, data: np.ndarray, level: int, itemsize: int) -> bytes:
+    def encode(self, data: Buffer, level: int, itemsize: int) -> bytes:
         if self.codec == "zstd":
             return bytes(Zstd(level=level).encode(data))
         shuffle = blosc.BITSHUFFLE if self.shuffle == "bitshuffle" else blosc.SHUFFLE
@@ -407,7 +408,12 @@ class _ZarrGroupSink(GroupSink):
         """fsync and close ``fd`` in the background (the disk flush overlaps the next writes)."""
         self._syncs.append(self._sync_pool.submit(_fsync_close, fd))
 
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer]) -> dict[str, Any]:
+    def pieces(self, spec: TensorSpec) -> tuple[int, int] | None:
+        """Compressed: whole inner chunks, kept while up to ``2 * workers`` of them are being compressed."""
+        layout = _Layout.plan(spec, self.backend.options)
+        return None if layout.codec is None else (max(1, layout.chunk_bytes), _IN_FLIGHT)
+
+    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
         if spec.name in self.arrays:
             raise BadInputError(f"tensor {spec.name!r} was already written in group {self.group.index}")
         layout = _Layout.plan(spec, self.backend.options)
@@ -423,7 +429,7 @@ class _ZarrGroupSink(GroupSink):
                     if ends:
                         stream.end_chunk(pad_to=layout.chunk_bytes)
             else:
-                self._write_compressed(stream, layout, spec, chunks)
+                self._write_compressed(stream, layout, spec, chunks, borrow=held >= _IN_FLIGHT)
         finally:
             stream.close()
         data = json.dumps(layout.metadata(), indent=1).encode()
@@ -432,51 +438,66 @@ class _ZarrGroupSink(GroupSink):
         self.sync_later(fd)
         return {"array": spec.name}
 
-    def _write_compressed(self, stream: _ShardStream, layout: _Layout, spec: TensorSpec, chunks: Iterable[Buffer]) -> None:
-        """Copy the stream into whole chunks, compress them on the pool, write them in order.
+    def _write_compressed(
+        self, stream: _ShardStream, layout: _Layout, spec: TensorSpec, chunks: Iterable[Buffer], borrow: bool
+    ) -> None:
+        """Compress whole chunks on the pool, at most :data:`_IN_FLIGHT` at a time, and write them in order.
 
-        At most ``2 * workers`` chunks are in flight.  The pool and the chunk
-        buffers belong to the backend and serve every group, so memory stays a
-        few chunks whatever the tensor or file size (a pool per group meant
-        fresh threads, and allocator arenas, per group: peak RSS grew 14-25%
-        from 2.2 to 8.4 GB; with this and :func:`_retain_freed_buffers`, 6-12%).  Input buffers are copied
-        because the caller may reuse them once the next one is asked for.
+        With ``borrow`` (the caller keeps pieces valid while that many are in
+        flight: the writer's read-ahead does), a piece that is exactly one
+        whole chunk is compressed where it lies; anything else (a short last
+        chunk, pieces cut elsewhere, callers that reuse their buffer at once)
+        is first assembled in a chunk buffer of the backend's.  The pool and
+        those buffers serve every group, so memory stays a few chunks whatever
+        the tensor or file size (a pool per group meant fresh threads, and
+        allocator arenas, per group: peak RSS grew 14-25% from 2.2 to 8.4 GB;
+        with this and :func:`_retain_freed_buffers`, 6-12%).
         """
         pool, free = self.backend._compression()
-        codec, level, itemsize = layout.codec, layout.level, layout.itemsize
+        codec, level, itemsize, size = layout.codec, layout.level, layout.itemsize, layout.chunk_bytes
         assert codec is not None and level is not None
-        pending: deque[tuple[Future[bytes], np.ndarray]] = deque()
+        pending: deque[tuple[Future[bytes], np.ndarray | None]] = deque()
+
+        def submit(data: Buffer, own: np.ndarray | None) -> None:
+            pending.append((pool.submit(codec.encode, data, level, itemsize), own))
+            if len(pending) > _IN_FLIGHT:
+                write_oldest()
 
         def write_oldest() -> None:
-            future, done = pending.popleft()
+            future, own = pending.popleft()
             stream.write(future.result())
             stream.end_chunk()
-            free.append(done.base)
+            if own is not None:
+                free.append(own.base)
 
         def take() -> np.ndarray:
             while free:
                 whole = free.pop()
-                if len(whole) >= layout.chunk_bytes:
-                    return whole[: layout.chunk_bytes]
-            return np.empty(-(-layout.chunk_bytes // _MIB) * _MIB, dtype=np.uint8)[: layout.chunk_bytes]
+                if len(whole) >= size:
+                    return whole[:size]
+            return np.empty(-(-size // _MIB) * _MIB, dtype=np.uint8)[:size]
 
-        buf, fill = take(), 0
+        buf, fill = None, 0
         try:
-            for piece, ends in _split(chunks, spec.nbytes, max(1, layout.chunk_bytes), spec.name):
+            for piece, ends in _split(chunks, spec.nbytes, max(1, size), spec.name):
+                if borrow and buf is None and len(piece) == size:  # a whole chunk, where it lies
+                    submit(piece, None)
+                    continue
+                if buf is None:
+                    buf, fill = take(), 0
                 buf[fill : fill + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
                 fill += len(piece)
                 if ends:
                     buf[fill:] = 0  # edge chunks hold the fill value past the last row
-                    pending.append((pool.submit(codec.encode, buf, level, itemsize), buf))
-                    if len(pending) > 2 * _WORKERS:
-                        write_oldest()
-                    buf, fill = take(), 0
+                    submit(buf, buf)
+                    buf = None
             while pending:
                 write_oldest()
-            free.append(buf.base)
         finally:
             for future, _ in pending:
                 future.cancel()
+            if buf is not None:
+                free.append(buf.base)
 
     def _shutdown(self) -> None:
         self._sync_pool.shutdown(wait=True)
