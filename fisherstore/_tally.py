@@ -122,8 +122,14 @@ class Tally:
         self._carried = 0
 
     def update(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Add the next bytes to both the checksum and the sum."""
         view = memoryview(chunk).cast("B")
         self.checksum.update(view)
+        self.add(view)
+
+    def add(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Add the next bytes to the sum only (whoever calls this hashes them into :attr:`checksum`, in order)."""
+        view = memoryview(chunk).cast("B")
         self.nbytes += len(view)
         raw = np.frombuffer(view, dtype=np.uint8)
         if self._carried:  # complete the block the previous update ended in
@@ -157,13 +163,15 @@ class ReadAhead:
 
     :meth:`feed` turns a tensor's chunks into a stream of byte pieces: the
     helper thread reads file spans (and copies transient buffers) into a
-    small ring of buffers, runs the :class:`Tally` over every
-    :data:`PIECE_BYTES` of it while they are still in the CPU cache, and
-    hands the pieces over; the caller writes them.  Reading + checksum + sum
-    on one core thus overlaps the write on the other, and every byte is read
-    once.  The ring is reused from feed to feed (grown when a feed asks for
-    bigger or more pieces), so memory stays a few pieces whatever the tensor
-    size.  One feed runs at a time.
+    small ring of buffers and adds every :data:`PIECE_BYTES` of them to the
+    :class:`Tally`'s sum while they are still in the CPU cache; the
+    consumer's thread hashes each piece into the checksum as it takes it,
+    then writes it.  Read + sum on one core thus overlap checksum + write on
+    the other (hashing on the reading side too left the writer idle: 2.2 GB
+    took ~1.06 s against ~0.92 s this way), and every byte is read once.
+    The ring is reused from feed to feed (grown when a feed asks for bigger
+    or more pieces), so memory stays a few pieces whatever the tensor size.
+    One feed runs at a time.
     """
 
     def __init__(self) -> None:
@@ -248,6 +256,8 @@ class Feed:
                 if isinstance(item, BaseException):
                     raise item
                 piece, base = item
+                if self._tally is not None:  # hashed here, so that the two threads share the work
+                    self._tally.checksum.update(piece)
                 yield piece
                 if base is not None:
                     kept.append(base)
@@ -279,7 +289,7 @@ class Feed:
 
     def _count(self, part: memoryview) -> None:
         if self._tally is not None:
-            self._tally.update(part)
+            self._tally.add(part)
 
     def _pieces(self) -> Iterator[tuple[memoryview, memoryview | None]]:
         """``(piece, its ring buffer or None)`` of ``cut`` bytes each; every byte is tallied right after it is read."""
