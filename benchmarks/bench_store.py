@@ -13,21 +13,23 @@ competitor runs as its own child process and we record wall time and peak RSS:
                            each reading every byte (timed inside the child, excluding imports)
 
 Every operation starts from the same state: the previous output is deleted,
-`sync` flushes dirty pages (this disk flushes at only ~300-400 MB/s) and the
-run waits ``--settle`` seconds.  The wait matters on this VM: memory the
-guest frees is handed back to the host (virtio-balloon free page reporting)
-after a moment, and whoever allocates page cache next pays host page faults
-for it, so an operation that starts right after a large delete runs up to
-2-3x faster than one that starts later.  With the wait, every competitor
-pays the same.  The operations run in ``--repeats`` rounds, each running
-every operation once in the same order, so that a slow or fast spell of the
-VM (the same `cp` took 0.8 to 3.5 s within an hour) falls on all competitors
-alike: ratios to `cp` are taken within a round and their median is reported.
+`sync` flushes dirty pages (this disk flushes at only ~300-400 MB/s), the run
+waits ``--settle`` seconds, and then a throw-away child touches as much memory
+as the operation may allocate (the file's size + 1/8, never more than is free)
+and exits.  That last step matters on this VM: memory the guest frees is
+handed back to the host (virtio-balloon free page reporting), and whoever
+allocates it next pays host page faults: the same `cp` took 0.8 to 3.5 s
+within an hour, depending on what ran before.  Touching the memory just
+before an operation gives every competitor the same, fault-free memory, as
+on a machine without a balloon.  The operations run in ``--repeats`` rounds
+(one value per size, or one for all), each running every operation once in
+the same order; ratios to `cp` are taken within a round and their median is
+reported.
 Single-tensor reads run with the page cache warm for the file(s) that
 competitor reads (read once by ``cat`` just before), so at 8 GB, where the
 three copies of the data exceed RAM, no competitor reads from disk.
 
-Usage: python benchmarks/bench_store.py --sizes 2 8 [--repeats 3] [--workdir /tmp/fsbench]
+Usage: python benchmarks/bench_store.py --sizes 2 8 [--repeats 3 2] [--workdir /tmp/fsbench]
 """
 
 from __future__ import annotations
@@ -112,10 +114,13 @@ def size_of(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def settle(seconds: float) -> None:
-    """Flush dirty pages, then let freed memory go back to the host (see the module docstring)."""
+def settle(seconds: float, warm_bytes: int) -> None:
+    """Flush dirty pages, wait, then fault ``warm_bytes`` of memory back in from the host (module docstring)."""
     subprocess.run(["sync"], check=True)
     time.sleep(seconds)
+    free = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemFree:"))
+    n = max(0, min(warm_bytes, free - (1 << 30)))  # never evict the source from the page cache
+    subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({n}, dtype=numpy.uint8)"], check=True)
 
 
 def warm(path: Path) -> None:
@@ -153,7 +158,7 @@ def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
         def before() -> None:
             if out is not None and out.exists():
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
-            settle(settle_s)
+            settle(settle_s, nbytes + (nbytes >> 3))
         return before
 
     back = work / "back.pt"
@@ -241,11 +246,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=float, nargs="+", default=[2, 8], help="fisher.pt sizes in GB")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/fisherstore-bench"))
-    ap.add_argument("--repeats", type=int, default=3, help="rounds; each runs every operation once (medians are kept)")
+    ap.add_argument("--repeats", type=int, nargs="+", default=[3],
+                    help="rounds per size (one value per size, or one for all); each runs every operation once")
     ap.add_argument("--settle", type=float, default=4.0, help="seconds to wait after sync before each operation")
     ap.add_argument("--name", default="store", help="results file stem")
     args = ap.parse_args()
-    results = [bench_size(gb, args.workdir / f"{gb:g}gb", args.repeats, args.settle) for gb in args.sizes]
+    repeats = args.repeats + args.repeats[-1:] * (len(args.sizes) - len(args.repeats))
+    results = [bench_size(gb, args.workdir / f"{gb:g}gb", r, args.settle) for gb, r in zip(args.sizes, repeats)]
     write_results(args.name, this_command(), {"results": results}, table(results))
     print(table(results))
 
