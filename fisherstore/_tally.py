@@ -7,8 +7,8 @@ The writer never re-reads what it wrote: every chunk goes through a
 The sum is defined independently of how the bytes were chunked, so the same
 tensor gets the same recorded sum whichever path wrote it: values are summed
 in fp32 within fixed blocks of :data:`BLOCK` elements counted from the start
-of the tensor, and the block sums are accumulated in fp64.  Partial blocks
-are carried across chunks.
+of the tensor, and the block sums are added up in fp64 in fixed groups.
+Partial blocks are carried across chunks.
 """
 
 from __future__ import annotations
@@ -39,78 +39,83 @@ RING = 4
 
 #: Elements per fp32 summing block (even, so bf16 pairs never straddle blocks).
 BLOCK = 1 << 16
-_SUPER = 64  # blocks whose fp32 sums are added up in fp64 at once (fixes the fp64 rounding: do not change)
+#: Block sums are added up in fp64 in groups of this many blocks, counted from the start of the tensor.
+_GROUP = 64
 _SUB = 4  # blocks widened and summed per step: 512 KiB of scratch, which stays in cache
+#: dtypes summed blockwise; others are rare in Fisher stores and get torch's fp64 sum per update.
+_BLOCKWISE = ("bfloat16", "float32")
 
 
 _local = threading.local()
 
 
-def _scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's scratch for :func:`_bf16_block_sums`: widened words, hi and lo block sums, super-block sums."""
+def _scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's scratch for :func:`_bf16_block_sums`: widened words, hi and lo block sums."""
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = (
             np.empty((_SUB, BLOCK // 2), dtype=np.uint32),
             np.empty(_SUB, dtype=np.float32),
             np.empty(_SUB, dtype=np.float32),
-            np.empty(_SUPER, dtype=np.float32),
         )
     return bufs
 
 
-def _bf16_block_sums(words: np.ndarray) -> float:
-    """fp64 total of per-block fp32 sums of bf16 values given as uint16 (whole blocks or one tail).
+def _bf16_block_sums(words: np.ndarray) -> np.ndarray:
+    """fp32 sum of each block of bf16 values given as uint16 words: whole blocks, or one partial block of even length.
 
     Two bf16 values share one uint32 word: its high half already is the fp32
     bit pattern of one value and its low half shifted up is the other's, which
     widens bf16 to fp32 exactly and ~3x faster than torch's bf16 sum.  The
     widened words go through one small scratch buffer per thread, reused from
-    call to call, so no pass leaves the cache and nothing is allocated (a
+    call to call, so no pass leaves the cache and nothing big is allocated (a
     fresh 512 KiB buffer per call cost a third of the time in page faults).
     """
-    total = 0.0
-    if len(words) % 2:  # only in a final partial block
-        total += float((words[-1:].astype(np.uint32) << np.uint32(16)).view(np.float32)[0])
-        words = words[:-1]
     pairs = words.view(np.uint32)
-    if not len(pairs):
-        return total
     half = BLOCK // 2
-    rows = max(1, len(pairs) // half) if len(pairs) % half == 0 else 1
+    rows = len(pairs) // half if len(pairs) % half == 0 else 1
     pairs = pairs.reshape(rows, -1)
-    whole, hi, lo, sums = _scratch()
+    whole, hi, lo = _scratch()
     scratch = whole.reshape(-1)[: min(_SUB, rows) * pairs.shape[1]].reshape(-1, pairs.shape[1])
     widened = scratch.view(np.float32)
-    for i in range(0, rows, _SUPER):
-        n = min(_SUPER, rows - i)
-        for j in range(0, n, _SUB):
-            m = min(_SUB, n - j)
-            p = pairs[i + j : i + j + m]
-            np.bitwise_and(p, 0xFFFF0000, out=scratch[:m])
-            widened[:m].sum(axis=1, dtype=np.float32, out=hi[:m])
-            np.left_shift(p, 16, out=scratch[:m])
-            widened[:m].sum(axis=1, dtype=np.float32, out=lo[:m])
-            np.add(hi[:m], lo[:m], out=sums[j : j + m])
-        total += float(sums[:n].sum(dtype=np.float64))
-    return total
+    out = np.empty(rows, dtype=np.float32)
+    for j in range(0, rows, _SUB):
+        m = min(_SUB, rows - j)
+        p = pairs[j : j + m]
+        np.bitwise_and(p, 0xFFFF0000, out=scratch[:m])
+        widened[:m].sum(axis=1, dtype=np.float32, out=hi[:m])
+        np.left_shift(p, 16, out=scratch[:m])
+        widened[:m].sum(axis=1, dtype=np.float32, out=lo[:m])
+        np.add(hi[:m], lo[:m], out=out[j : j + m])
+    return out
 
 
-def _block_sums(raw: np.ndarray, dtype: str) -> float:
+def _block_sums(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """fp32 sum of each block of a blockwise dtype: whole blocks, or one partial block (even length for bf16)."""
     if dtype == "bfloat16":
         return _bf16_block_sums(raw.view(np.uint16))
-    if dtype == "float32":
-        arr = raw.view(np.float32)
-        rows = len(arr) // BLOCK if len(arr) % BLOCK == 0 and len(arr) else 1
-        return float(arr.reshape(rows, -1).sum(axis=1, dtype=np.float32).sum(dtype=np.float64))
-    import torch  # other dtypes are rare in Fisher stores; torch's fp64 sum defines their value
+    arr = raw.view(np.float32)
+    rows = len(arr) // BLOCK if len(arr) % BLOCK == 0 else 1
+    return arr.reshape(rows, -1).sum(axis=1, dtype=np.float32)
+
+
+def _torch_sum(raw: np.ndarray, dtype: str) -> float:
+    import torch  # only for dtypes that are not summed blockwise
 
     t = torch.from_numpy(raw.copy()).view(getattr(torch, dtype))
     return float(t.sum(dtype=torch.float64)) if t.numel() else 0.0
 
 
 class Tally:
-    """Running CRC-32C and chunking-independent sum of one tensor's bytes."""
+    """Running CRC-32C and sum of one tensor's bytes, both independent of how the bytes were chunked.
+
+    The sum follows ``docs/FORMAT.md``: fp32 sums of blocks of :data:`BLOCK`
+    elements, added up in fp64 :data:`_GROUP` blocks at a time, groups counted
+    from the tensor's start, then the final partial block (a bf16 tensor's odd
+    last element on its own, then the fp32 sum of the rest).  Grouping by the
+    tensor, not by the calls, makes even the fp64 rounding the same whatever
+    the pieces (1 MiB for raw writes, whole chunks when compressing).
+    """
 
     def __init__(self, dtype: str) -> None:
         self.dtype = dtype
@@ -118,6 +123,8 @@ class Tally:
         self.nbytes = 0
         self._block_bytes = BLOCK * ITEMSIZES[dtype]
         self._total = 0.0
+        self._group = np.empty(_GROUP, dtype=np.float32)  # block sums of the group being filled
+        self._grouped = 0
         self._carry: np.ndarray | None = None  # one block, allocated when an update ends inside a block
         self._carried = 0
 
@@ -140,22 +147,51 @@ class Tally:
             raw = raw[n:]
             if self._carried < self._block_bytes:
                 return
-            self._total += _block_sums(self._carry, self.dtype)
+            self._add_blocks(self._carry)
             self._carried = 0
         whole = len(raw) - len(raw) % self._block_bytes
         if whole:
-            self._total += _block_sums(raw[:whole], self.dtype)
+            self._add_blocks(raw[:whole])
         if whole < len(raw):
             if self._carry is None:
                 self._carry = np.empty(self._block_bytes, dtype=np.uint8)
             self._carried = len(raw) - whole
             self._carry[: self._carried] = raw[whole:]
 
+    def _add_blocks(self, raw: np.ndarray) -> None:
+        if self.dtype not in _BLOCKWISE:
+            self._total += _torch_sum(raw, self.dtype)
+            return
+        sums = _block_sums(raw, self.dtype)
+        while len(sums):
+            n = min(_GROUP - self._grouped, len(sums))
+            self._group[self._grouped : self._grouped + n] = sums[:n]
+            self._grouped += n
+            sums = sums[n:]
+            if self._grouped == _GROUP:
+                self._total += float(self._group.sum(dtype=np.float64))
+                self._grouped = 0
+
     @property
     def sum(self) -> float:
         """The sum of every element seen so far."""
-        tail = _block_sums(self._carry[: self._carried], self.dtype) if self._carried else 0.0
-        return self._total + tail
+        total = self._total
+        if self._grouped:
+            total += float(self._group[: self._grouped].sum(dtype=np.float64))
+        if self._carried:
+            assert self._carry is not None
+            total += self._partial(self._carry[: self._carried])
+        return total
+
+    def _partial(self, raw: np.ndarray) -> float:
+        """The final partial block's sum."""
+        if self.dtype not in _BLOCKWISE:
+            return _torch_sum(raw, self.dtype)
+        odd = 0.0
+        if self.dtype == "bfloat16" and len(raw) % 4:  # an odd number of bf16 values: the last one on its own
+            odd = float((raw[-2:].view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)[0])
+            raw = raw[:-2]
+        return odd + (float(_block_sums(raw, self.dtype)[0]) if len(raw) else 0.0)
 
 
 class ReadAhead:

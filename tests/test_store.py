@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 
 from fisherstore import TensorNotFoundError, open_store
-from fisherstore._tally import Tally
+from fisherstore._tally import PIECE_BYTES, Tally
 from fisherstore.errors import BadInputError, StoreNotFoundError
 
 from .conftest import SHARED_SAMPLE
@@ -140,6 +140,21 @@ def test_tally_bf16_sum_matches_its_definition_exactly(numel):
     x = (torch.randn(numel, generator=g) * 100).to(torch.bfloat16)
     tally = Tally("bfloat16")
     tally.update(x.view(torch.uint8).numpy().tobytes())
+    assert tally.sum == _reference_sum(x)
+
+
+@pytest.mark.parametrize("piece", [70_001 * 2, PIECE_BYTES, 4_188_160, 3 * 2**20 + 2])
+def test_tally_sum_is_bit_identical_however_the_bytes_are_cut(piece):
+    """Values spanning ~60 orders of magnitude, so that fp64 additions of block sums round: the grouping of
+    blocks must follow the tensor, not the pieces (raw writes use ~1 MiB pieces, compression whole chunks)."""
+    g = torch.Generator().manual_seed(7)
+    numel = 65536 * 130 + 7
+    blocks = torch.randint(-100, 100, (numel // 65536 + 1,), generator=g).repeat_interleave(65536)[:numel]
+    x = (torch.rand(numel, generator=g) * torch.exp2(blocks.double())).to(torch.bfloat16)
+    raw = x.view(torch.uint8).numpy().tobytes()
+    tally = Tally("bfloat16")
+    for i in range(0, len(raw), piece):
+        tally.update(raw[i : i + piece])
     assert tally.sum == _reference_sum(x)
 
 
