@@ -136,51 +136,50 @@ def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
     n, total, largest = run_child("generate", python(GEN, str(gb), str(src)), env={"FISHERSTORE_NO_FSYNC": "1"}).stdout.split()
     nbytes = src.stat().st_size
     print(f"[{gb} GB] {n} tensors, {int(total) / 1e9:.2f} GB of tensor data, file {nbytes / 1e9:.2f} GB", flush=True)
-    st, zr = work / "st", work / "z.zarr"
-    ops: list[tuple[str, list[str], Path | None]] = [
-        ("startup: fisherstore --version (imports only)", fs("--version"), None),
-        ("cp", ["cp", str(src), str(work / "copy.pt")], work / "copy.pt"),
-        ("cp + sync", ["sh", "-c", f"cp {src} {work / 'copy.pt'} && sync {work / 'copy.pt'}"], work / "copy.pt"),
-        ("torch.load", python(TORCH_LOAD, str(src)), None),
-        ("torch.load mmap, touch all", python(TORCH_MMAP, str(src)), None),
+    st, zr, back = work / "st", work / "z.zarr", work / "back.pt"
+    # (label, argv, output, input it reads besides the source).  Every output is deleted right after its
+    # operation unless the next one reads it, so that at 8 GB no stale copy crowds the source out of the
+    # page cache (three copies of the data exceed RAM).
+    ops: list[tuple[str, list[str], Path | None, Path | None]] = [
+        ("startup: fisherstore --version (imports only)", fs("--version"), None, None),
+        ("cp", ["cp", str(src), str(work / "copy.pt")], work / "copy.pt", None),
+        ("cp + sync", ["sh", "-c", f"cp {src} {work / 'copy.pt'} && sync {work / 'copy.pt'}"], work / "copy.pt", None),
+        ("torch.load", python(TORCH_LOAD, str(src)), None, None),
+        ("torch.load mmap, touch all", python(TORCH_MMAP, str(src)), None, None),
+        ("convert → safetensors --no-fsync", fs("--no-fsync", "convert", str(src), str(st)), st, None),
+        ("convert → zarr (none) --no-fsync", fs("--no-fsync", "convert", str(src), str(zr)), zr, None),
+        # compression is CPU-bound: durability changes little, and each run is long
+        *((f"convert → zarr ({c}) --no-fsync", fs("--no-fsync", "convert", str(src), str(zr), "--compression", c), zr, None)
+          for c in ("blosc-lz4-bitshuffle", "blosc-zstd-bitshuffle")),
+        ("convert → zarr (none)", fs("convert", str(src), str(zr)), zr, None),
+        ("convert → safetensors", fs("convert", str(src), str(st)), st, None),
+        ("convert safetensors store → fisher.pt", fs("convert", str(st), str(back)), back, st),
+        ("convert safetensors store → fisher.pt --no-fsync", fs("--no-fsync", "convert", str(st), str(back)), back, st),
     ]
-    for durable in (False, True):
-        flag = [] if durable else ["--no-fsync"]
-        tag = "" if durable else " --no-fsync"
-        ops += [
-            (f"convert → safetensors{tag}", fs(*flag, "convert", str(src), str(st)), st),
-            (f"convert → zarr (none){tag}", fs(*flag, "convert", str(src), str(zr)), zr),
-        ]
-        if not durable:  # compression is CPU-bound: durability changes little, and each run is long
-            ops += [(f"convert → zarr ({c}){tag}", fs(*flag, "convert", str(src), str(zr), "--compression", c), zr)
-                    for c in ("blosc-lz4-bitshuffle", "blosc-zstd-bitshuffle")]
-    def fresh(out: Path | None):
-        def before() -> None:
-            if out is not None and out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            settle(settle_s, nbytes + (nbytes >> 3))
-        return before
 
-    back = work / "back.pt"
-    keep = {st}  # the safetensors store is the source of the conversions back to fisher.pt
-    for flag, tag in (([], ""), (["--no-fsync"], " --no-fsync")):
-        ops.append((f"convert safetensors store → fisher.pt{tag}", fs(*flag, "convert", str(st), str(back)), back))
+    def remove(path: Path) -> None:
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
     # Rounds: every operation once per round, in the same order, so that a slow or fast spell of the VM
     # falls on all competitors alike; ratios to cp are taken within a round, then the median is kept.
-    runs: dict[str, list] = {label: [] for label, _, _ in ops}
+    runs: dict[str, list] = {op[0]: [] for op in ops}
     sizes: dict[str, int] = {}
     for round_ in range(repeats):
         print(f"  round {round_ + 1}/{repeats}", flush=True)
-        for label, argv, out in ops:
-            fresh(out)()
+        for i, (label, argv, out, reads) in enumerate(ops):
+            if out is not None:
+                remove(out)
+            settle(settle_s, nbytes + (nbytes >> 3))
             runs[label].append(run_child(label, argv))
             if out is not None:
                 sizes[label] = size_of(out)
-                if out not in keep:
-                    shutil.rmtree(out) if out.is_dir() else out.unlink()
+            following = ops[i + 1][3] if i + 1 < len(ops) else None
+            for path in {out, reads} - {None, following}:
+                remove(path)
             print(f"    {label:<52} {runs[label][-1].wall_s:7.2f} s", flush=True)
     rows = []
-    for label, _, out in ops:
+    for label, _, out, _ in ops:
         walls = [r.wall_s for r in runs[label]]
         row = {
             "op": label, "wall_s": statistics.median(walls), "runs_s": walls,
@@ -194,7 +193,8 @@ def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
                 row["size_ratio"] = nbytes / row["out_bytes"]
         rows.append(row)
         print(f"  {label:<52} {row['wall_s']:7.2f} s  {row['peak_rss_mb']:8.0f} MiB  {row['x_cp']:.2f}x cp", flush=True)
-    run_child("zarr for lazy reads", fs("--no-fsync", "convert", str(src), str(zr)))
+    run_child("stores for lazy reads", fs("--no-fsync", "convert", str(src), str(zr)))
+    run_child("stores for lazy reads", fs("--no-fsync", "convert", str(src), str(st)))
     # single-tensor loads, timed inside the child
     single = []
     code_fs = SINGLE["fisherstore lazy (fisher.pt)"]
