@@ -451,7 +451,7 @@ class _ZarrGroupSink(GroupSink):
         those buffers serve every group, so memory stays a few chunks whatever
         the tensor or file size (a pool per group meant fresh threads, and
         allocator arenas, per group: peak RSS grew 14-25% from 2.2 to 8.4 GB;
-        with this and :func:`_retain_freed_buffers`, 6-12%).
+        with this and :func:`_retain_freed_buffers`, 8-9%: benchmarks/results/store.md).
         """
         pool, free = self.backend._compression()
         codec, level, itemsize, size = layout.codec, layout.level, layout.itemsize, layout.chunk_bytes
