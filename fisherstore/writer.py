@@ -191,7 +191,8 @@ class StoreWriter:
 
         Chunks are byte buffers or :class:`~fisherstore._io.FileSpan` s (raw
         bytes in a source file).  A helper thread reads them ahead of the
-        backend and tallies checksum and sum on the way
+        backend and adds them to the sum on the way; this thread hashes each
+        piece as it hands it to the backend
         (:class:`~fisherstore._tally.ReadAhead`), so reading overlaps writing.
         A buffer may be reused by its producer once the next chunk is asked
         for, unless ``stable`` says they stay valid (whole tensors: no copy).
