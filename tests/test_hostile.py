@@ -136,3 +136,30 @@ def test_manifest_location_escaping_the_store(cli, tmp_path, make_store, gemma_b
     store = make_store(gemma_bf16)
     _tamper_manifest(store, lambda name, m: m["tensors"][name]["location"].update(file="../../etc/passwd"))
     _refused(cli, tmp_path, store, "out.pt", "not a shard name")
+
+
+@pytest.mark.parametrize(
+    "to, reserved",
+    [(["--to", "safetensors"], "cannot reserve"), (["--to", "zarr"], "cannot reserve"), (["--to", "zarr", "--compression", "zstd"], "")],
+)
+def test_a_disk_too_small_fails_with_one_line_naming_the_file(tmp_path, good_pt, to, reserved):
+    """A file-size limit below a shard's size stands in for a full disk: exit 2, one line naming the file, nothing
+    left.  Shards of known size are reserved (fallocate) before they are written, so those fail up front."""
+    import subprocess
+    import sys
+
+    limit = 8 << 10  # below the largest shards of the tiny Gemma set (16 KiB tensors), above what is written first
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "from fisherstore.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    digest, listing = tree_digest(good_pt), _listing(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script, "convert", str(good_pt), str(tmp_path / "out"), *to], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("fisherstore: error:") and proc.stderr.count("\n") == 1, proc.stderr
+    assert reserved in proc.stderr and "File too large" in proc.stderr, proc.stderr
+    assert "fisher-00001-of-" in proc.stderr or "/model.layers." in proc.stderr, proc.stderr
+    assert tree_digest(good_pt) == digest and _listing(tmp_path) == listing

@@ -152,3 +152,23 @@ def test_read_ahead_cuts_fixed_pieces_that_stay_valid_while_held(tmp_path, stabl
 def test_read_ahead_rejects_a_zero_cut():
     with ReadAhead() as ahead, pytest.raises(ValueError, match="cut must be >= 1"):
         ahead.feed([b"abc"], None, cut=0)
+
+
+def test_checksum_equals_google_crc32c_whatever_the_update_sizes():
+    """Updates of 64 KiB or more go through a GIL-free ctypes call into google-crc32c's C library, smaller ones
+    through its extension: both must give google-crc32c's own CRC-32C, in any mix and for any buffer type."""
+    import google_crc32c
+
+    from fisherstore._io import _GIL_FREE_BYTES, Checksum, _crc32c_extend
+
+    assert _crc32c_extend() is not None  # the GIL-free path exists here (Linux, C build of google-crc32c)
+    data = np.random.default_rng(3).integers(0, 256, 3 * _GIL_FREE_BYTES + 5, dtype=np.uint8)
+    expected = "crc32c:" + google_crc32c.Checksum(data.tobytes()).digest().hex()
+    for cuts in ([len(data)], [1, _GIL_FREE_BYTES - 1, _GIL_FREE_BYTES, 7], [_GIL_FREE_BYTES * 2 + 3, 1]):
+        for kind in (bytes, memoryview, np.asarray):
+            c, pos = Checksum(), 0
+            for n in [*cuts, len(data)]:
+                c.update(kind(data[pos : pos + n].tobytes()) if kind is not np.asarray else data[pos : pos + n])
+                pos = min(pos + n, len(data))
+            assert c.hexdigest() == expected, (cuts, kind)
+    assert Checksum().hexdigest() == "crc32c:00000000"

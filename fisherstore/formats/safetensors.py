@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import TMP_PREFIX, fsync, fsync_dir, pread_tensor, write_all, write_json_atomic
+from .._io import TMP_PREFIX, fsync, fsync_dir, preallocate, pread_tensor, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import parse_name, validate_name
@@ -128,13 +128,14 @@ class _ShardSink(GroupSink):
         self.offsets = {s.name: self.data_start + header[s.name]["data_offsets"][0] for s in group.tensors}
         self.pending = {s.name for s in group.tensors}
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0)
+        preallocate(self.fd, self.data_start + pos, self.final)
+        write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0, self.final)
 
     def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
         begin = self.offsets[spec.name]
         pos = begin
         for chunk in chunks:
-            pos = write_all(self.fd, chunk, pos)
+            pos = write_all(self.fd, chunk, pos, self.final)
         if pos - begin != spec.nbytes:
             raise CorruptDataError(f"tensor {spec.name!r}: got {pos - begin} bytes, expected {spec.nbytes}")
         self.pending.discard(spec.name)

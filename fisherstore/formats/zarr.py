@@ -58,7 +58,7 @@ import google_crc32c
 import numpy as np
 from numcodecs import Zstd, blosc
 
-from .._io import TMP_PREFIX, fsync, fsync_dir, pread_into, write_all, write_json_atomic
+from .._io import TMP_PREFIX, fsync, fsync_dir, preallocate, pread_into, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import validate_name
@@ -203,6 +203,13 @@ class _Layout:
     @property
     def index_bytes(self) -> int:
         return 16 * self.chunks_per_shard + 4
+
+    def shard_nbytes(self, shard: int) -> int | None:
+        """Size of shard ``shard``'s file when it is known before writing (uncompressed), else None."""
+        if self.codec is not None:
+            return None
+        chunks = min(self.chunks_per_shard, self.num_chunks - shard * self.chunks_per_shard)
+        return chunks * self.chunk_bytes + self.index_bytes
 
     @property
     def codec(self) -> _Compression | None:
@@ -358,6 +365,7 @@ class _ShardStream:
         self.layout = layout
         self.chunk = 0  # index of the chunk being written
         self.fd = -1
+        self.path = array_dir  # the shard file being written, once one is open
         self.pos = 0
         self.chunk_start = 0
         self.index = np.full((layout.chunks_per_shard, 2), _EMPTY, dtype="<u8")
@@ -365,12 +373,17 @@ class _ShardStream:
     def write(self, data: Buffer) -> None:
         """Append bytes to the current chunk."""
         if self.fd < 0:
-            path = self.array_dir / self.layout.shard_key(self.chunk // self.layout.chunks_per_shard)
+            shard = self.chunk // self.layout.chunks_per_shard
+            path = self.array_dir / self.layout.shard_key(shard)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self.path = path
+            nbytes = self.layout.shard_nbytes(shard)
+            if nbytes is not None:
+                preallocate(self.fd, nbytes, path)
             self.pos = 0
             self.index[:] = _EMPTY
-        self.pos = write_all(self.fd, data, self.pos)
+        self.pos = write_all(self.fd, data, self.pos, self.path)
 
     def end_chunk(self, pad_to: int = 0) -> None:
         """Close the current chunk (zero-padded to ``pad_to`` bytes); finish the shard when it is full."""
@@ -434,7 +447,7 @@ class _ZarrGroupSink(GroupSink):
             stream.close()
         data = json.dumps(layout.metadata(), indent=1).encode()
         fd = os.open(array_dir / "zarr.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        write_all(fd, data, 0)
+        write_all(fd, data, 0, array_dir / "zarr.json")
         self.sync_later(fd)
         return {"array": spec.name}
 
