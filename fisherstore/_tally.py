@@ -172,7 +172,8 @@ class Tally:
             for part in blocks:
                 self._total += _torch_sum(part, self.dtype)
             return
-        sums = _block_sums(blocks, self.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is inf, which the writer reports
+            sums = _block_sums(blocks, self.dtype)
         while len(sums):
             n = min(_GROUP - self._grouped, len(sums))
             self._group[self._grouped : self._grouped + n] = sums[:n]
@@ -193,6 +194,7 @@ class Tally:
             total += self._partial(self._carry[: self._carried])
         return total
 
+    @np.errstate(over="ignore", invalid="ignore")
     def _partial(self, raw: np.ndarray) -> float:
         """The final partial block's sum."""
         if self.dtype not in _BLOCKWISE:

@@ -220,8 +220,8 @@ class StoreWriter:
                     )
                 if not math.isfinite(tally.sum):
                     raise BadInputError(
-                        f"tensor {spec.name!r} holds non-finite values (sum {tally.sum}); a Fisher estimate must be "
-                        "finite: check the run that produced it"
+                        f"tensor {spec.name!r} holds non-finite values, or values whose fp32 sum overflows (sum {tally.sum}); "
+                        "a Fisher estimate must be finite: check the run that produced it"
                     )
                 layer, kind = parse_name(spec.name)
                 infos.append(

@@ -163,3 +163,17 @@ def test_a_disk_too_small_fails_with_one_line_naming_the_file(tmp_path, good_pt,
     assert reserved in proc.stderr and "File too large" in proc.stderr, proc.stderr
     assert "fisher-00001-of-" in proc.stderr or "/model.layers." in proc.stderr, proc.stderr
     assert tree_digest(good_pt) == digest and _listing(tmp_path) == listing
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a numpy warning would print a second line
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 3e38])
+def test_non_finite_or_overflowing_values_are_refused_in_one_line(cli, tmp_path, gemma_bf16, value):
+    """NaN, inf, or finite values whose fp32 block sum overflows: one line naming the tensor (no numpy warning)."""
+    tensors = dict(gemma_bf16)
+    name = sorted(tensors)[3]
+    tensors[name] = torch.zeros(520, 256, dtype=torch.bfloat16)  # two whole summing blocks, then a partial one
+    tensors[name].view(-1)[:2] = value  # neighbours: an odd and an even position of the first block
+    src = tmp_path / "src" / "fisher.pt"
+    src.parent.mkdir()
+    torch.save(tensors, src)
+    _refused(cli, tmp_path, src, "out", f"tensor {name!r} holds non-finite values")
