@@ -221,23 +221,25 @@ def _fallocate() -> Any:
     return fn
 
 
-def preallocate(fd: int, nbytes: int, where: str | Path) -> None:
-    """Reserve ``nbytes`` of disk for the file ``fd`` (empty, about to be written in full) before writing it.
+def preallocate(fd: int, nbytes: int, where: str | Path, *, required: bool = True) -> None:
+    """Reserve ``nbytes`` of disk for the empty file ``fd`` before writing it (the file's size becomes ``nbytes``).
 
     The filesystem then allocates the extents once instead of write by
-    write: on ext4, writing 2.2 GB into the page cache took 0.50 s after
-    this against 0.76 s without (benchmarks/results/store.md), and a disk
-    too small fails here (an ``OSError`` naming ``where``), before anything
-    is written.  Where the platform or
-    filesystem cannot (no ``fallocate``, ``EOPNOTSUPP``), it does nothing:
-    glibc's ``posix_fallocate`` would emulate it by writing every block.
+    write: on ext4 here, pwriting 2.2 GB in ~1 MiB pieces took 0.50 s into a
+    reserved file against 0.76 s into a growing one, and a disk too small
+    fails here (an ``OSError`` naming ``where``), before anything is
+    written.  A reservation that is only an estimate (``required=False``:
+    compressed output, truncated to what was written afterwards) is skipped
+    where it cannot be had.  Where the platform or filesystem cannot (no
+    ``fallocate``, ``EOPNOTSUPP``) it does nothing: glibc's
+    ``posix_fallocate`` would emulate it by writing every block.
     """
     fn = _fallocate()
     if fn is None or nbytes <= 0:
         return
     if fn(fd, 0, 0, nbytes) != 0:
         err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.ESPIPE):
+        if required and err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.ESPIPE):
             raise OSError(err, f"cannot reserve {nbytes} bytes to write: {os.strerror(err)}", str(where))
 
 

@@ -204,12 +204,17 @@ class _Layout:
     def index_bytes(self) -> int:
         return 16 * self.chunks_per_shard + 4
 
-    def shard_nbytes(self, shard: int) -> int | None:
-        """Size of shard ``shard``'s file when it is known before writing (uncompressed), else None."""
-        if self.codec is not None:
-            return None
+    def shard_reserve(self, shard: int) -> tuple[int, bool]:
+        """Bytes to reserve for shard ``shard``'s file before writing it, and whether that is its exact size.
+
+        Uncompressed shards have a known size; a compressed one gets what its
+        chunks would take uncompressed plus codec overhead (an upper bound in
+        practice), and is trimmed to what was written when it is finished.
+        """
         chunks = min(self.chunks_per_shard, self.num_chunks - shard * self.chunks_per_shard)
-        return chunks * self.chunk_bytes + self.index_bytes
+        if self.codec is None:
+            return chunks * self.chunk_bytes + self.index_bytes, True
+        return chunks * (self.chunk_bytes + self.chunk_bytes // 128 + 64) + self.index_bytes, False
 
     @property
     def codec(self) -> _Compression | None:
@@ -366,6 +371,7 @@ class _ShardStream:
         self.chunk = 0  # index of the chunk being written
         self.fd = -1
         self.path = array_dir  # the shard file being written, once one is open
+        self.exact = True  # whether its reservation was its exact size
         self.pos = 0
         self.chunk_start = 0
         self.index = np.full((layout.chunks_per_shard, 2), _EMPTY, dtype="<u8")
@@ -378,9 +384,8 @@ class _ShardStream:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self.path = path
-            nbytes = self.layout.shard_nbytes(shard)
-            if nbytes is not None:
-                preallocate(self.fd, nbytes, path)
+            nbytes, self.exact = self.layout.shard_reserve(shard)
+            preallocate(self.fd, nbytes, path, required=self.exact)
             self.pos = 0
             self.index[:] = _EMPTY
         self.pos = write_all(self.fd, data, self.pos, self.path)
@@ -395,6 +400,8 @@ class _ShardStream:
         if self.chunk % self.layout.chunks_per_shard == 0 or self.chunk == self.layout.num_chunks:
             raw = self.index.tobytes()
             self.write(raw + google_crc32c.value(raw).to_bytes(4, "little"))
+            if not self.exact:
+                os.ftruncate(self.fd, self.pos)  # give back what the reservation held beyond the compressed bytes
             fd, self.fd = self.fd, -1
             self.chunk_start = 0
             self.sink.sync_later(fd)
