@@ -115,9 +115,10 @@ class _Compression:
         return bytes(blosc.compress(data, self.cname.encode(), level, shuffle, self.blocksize, typesize=itemsize))
 
 
-#: ``compression`` option values.  Measured on the real bf16 Fisher sample (4 MiB chunks, one core,
-#: compress speed): blosc-zstd-shuffle 1.49x at ~0.36 GB/s, blosc-zstd-bitshuffle 1.46x at ~0.76 GB/s
-#: (256 KiB blocks: 1.43x with 128 KiB), blosc-lz4-bitshuffle (level 9) 1.43x at ~1.2 GB/s, zstd 1.32x at ~0.74 GB/s.
+#: ``compression`` option values.  Measured on the real bf16 Fisher sample (4 MiB chunks, one thread, blosc's
+#: own threads off, as the writer runs it): blosc-zstd-shuffle 1.50x at ~0.24 GB/s, blosc-zstd-bitshuffle
+#: 1.46x at ~0.43 GB/s (256 KiB blocks: 1.43x with 128 KiB), blosc-lz4-bitshuffle (level 9) 1.43x at
+#: ~0.63 GB/s, zstd 1.32x at ~0.38 GB/s.  numcodecs' blosc is built without AVX2, so bitshuffle runs SSE2 code.
 COMPRESSIONS: dict[str, _Compression | None] = {
     "none": None,
     "zstd": _Compression("zstd", default_level=1, max_level=22),
@@ -471,7 +472,7 @@ class _ZarrGroupSink(GroupSink):
         those buffers serve every group, so memory stays a few chunks whatever
         the tensor or file size (a pool per group meant fresh threads, and
         allocator arenas, per group: peak RSS grew 14-25% from 2.2 to 8.4 GB;
-        with this and :func:`_retain_freed_buffers`, 8-9%: benchmarks/results/store.md).
+        with this and :func:`_retain_freed_buffers`, -2% to 4%: benchmarks/results/store.md).
         """
         pool, free = self.backend._compression()
         codec, level, itemsize, size = layout.codec, layout.level, layout.itemsize, layout.chunk_bytes
