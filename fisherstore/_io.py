@@ -51,6 +51,17 @@ def fsync(fd: int) -> None:
         os.fsync(fd)
 
 
+def _c_function(library: str | None, name: str, argtypes: list[Any], restype: Any, *, use_errno: bool = False) -> Any:
+    """``name`` of the shared library ``library`` (None: the C library) as a ctypes function; None where missing."""
+    try:
+        fn = getattr(ctypes.CDLL(library, use_errno=use_errno), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
 @functools.cache
 def _crc32c_extend() -> Any:
     """``crc32c_extend`` of the C library inside google-crc32c, called through ctypes; None where unreachable.
@@ -61,13 +72,9 @@ def _crc32c_extend() -> Any:
     """
     try:
         from google_crc32c import _crc32c  # the C extension; its library holds the public C API
-
-        fn = ctypes.CDLL(_crc32c.__file__).crc32c_extend
-    except (ImportError, OSError, AttributeError):
+    except ImportError:
         return None
-    fn.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-    fn.restype = ctypes.c_uint32
-    return fn
+    return _c_function(_crc32c.__file__, "crc32c_extend", [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint32)
 
 
 class Checksum:
@@ -85,13 +92,12 @@ class Checksum:
         self._crc = 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        # A read-only numpy view: the C code takes the buffer without a copy.
-        view = np.frombuffer(data, dtype=np.uint8)
+        view = np.frombuffer(data, dtype=np.uint8)  # a view, never a copy
         extend = _crc32c_extend() if len(view) >= _GIL_FREE_BYTES else None
         if extend is not None:
             self._crc = extend(self._crc, view.ctypes.data, len(view))
         else:
-            view.flags.writeable = False
+            view.flags.writeable = False  # the extension takes only read-only buffers
             self._crc = google_crc32c.extend(self._crc, view)
 
     def hexdigest(self) -> str:
@@ -212,13 +218,7 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int, where:
 @functools.cache
 def _fallocate() -> Any:
     """The C library's ``fallocate`` (Linux), or None where there is none."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
+    return _c_function(None, "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int, use_errno=True)
 
 
 def preallocate(fd: int, nbytes: int, where: str | Path, *, required: bool = True) -> None:

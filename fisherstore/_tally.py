@@ -86,6 +86,13 @@ def _bf16_block_sums(parts: list[np.ndarray]) -> np.ndarray:
     rows = [part.view(np.uint32).reshape(-1, BLOCK // 2) for part in parts]
     out = np.empty(sum(len(r) for r in rows), dtype=np.float32)
     done = filled = 0
+
+    def flush() -> None:  # sum the blocks widened into the scratch so far
+        nonlocal done, filled
+        odd, even = _run_sums(scratch[:, :filled].view(np.float32))
+        np.add(odd, even, out=out[done : done + filled])
+        done, filled = done + filled, 0
+
     for r in rows:
         j = 0
         while j < len(r):
@@ -93,10 +100,10 @@ def _bf16_block_sums(parts: list[np.ndarray]) -> np.ndarray:
             np.bitwise_and(r[j : j + m], 0xFFFF0000, out=scratch[0, filled : filled + m])
             np.left_shift(r[j : j + m], 16, out=scratch[1, filled : filled + m])
             filled, j = filled + m, j + m
-            if filled == _SUB or (j == len(r) and r is rows[-1]):
-                odd, even = _run_sums(scratch[:, :filled].view(np.float32))
-                np.add(odd, even, out=out[done : done + filled])
-                done, filled = done + filled, 0
+            if filled == _SUB:
+                flush()
+    if filled:
+        flush()
     return out
 
 
