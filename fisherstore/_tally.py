@@ -229,12 +229,15 @@ class ReadAhead:
     took ~1.06 s against ~0.92 s this way), and every byte is read once.
     The ring is reused from feed to feed (grown when a feed asks for bigger
     or more pieces), so memory stays a few pieces whatever the tensor size.
-    One feed runs at a time.
+    One feed runs at a time; the pieces a consumer may still hold stay valid
+    across feeds, so it can finish one tensor's work while the next tensor is
+    read (compression keeps its pipeline full from tensor to tensor).
     """
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fisherstore-read-ahead")
         self._buffers: list[np.ndarray] = []
+        self._kept: deque[memoryview] = deque()  # ring buffers of pieces the consumer may still hold, oldest first
         self._active: Feed | None = None
 
     def feed(
@@ -244,8 +247,9 @@ class ReadAhead:
 
         Pieces are ``cut`` bytes, counted from the start of the stream (the
         last may be shorter), and each stays valid until ``held + 1`` further
-        pieces have been asked for: a consumer that keeps a few pieces in
-        flight (compression) needs no copies of its own.  ``stable`` says
+        pieces have been asked for, from this feed or the next ones: a
+        consumer that keeps a few pieces in flight (compression) needs no
+        copies of its own, even across tensors.  ``stable`` says
         buffers stay valid after the next chunk is asked for (whole tensors):
         they are then sliced, not copied, each cut from its own start.  Use the
         feed as a context manager, so that a consumer that stops early also
@@ -256,12 +260,19 @@ class ReadAhead:
         return Feed(self, chunks, tally, stable, cut, held)
 
     def _ring(self, cut: int, held: int) -> list[memoryview]:
-        """Buffers for one feed: ``held`` kept by the consumer, plus enough to read ~RING pieces' worth ahead."""
+        """Buffers for one feed: ``held`` kept by the consumer, plus enough to read ~RING pieces' worth ahead.
+
+        Buffers of earlier feeds' pieces that the consumer may still hold are
+        left out; they are kept for later feeds.
+        """
         size = -(-max(cut, PIECE_BYTES) // (1 << 20)) << 20  # whole MiB, so that similar cuts reuse buffers
         count = held + max(2, RING * PIECE_BYTES // cut)
-        self._buffers = [b for b in self._buffers if len(b) >= size][:count]
-        self._buffers += [np.empty(size, dtype=np.uint8) for _ in range(count - len(self._buffers))]
-        return [memoryview(b)[: max(cut, PIECE_BYTES)] for b in self._buffers]
+        busy = {id(view.obj) for view in self._kept}
+        held_back = [b for b in self._buffers if id(b) in busy]
+        ring = [b for b in self._buffers if len(b) >= size and id(b) not in busy][:count]
+        ring += [np.empty(size, dtype=np.uint8) for _ in range(count - len(ring))]
+        self._buffers = ring + held_back
+        return [memoryview(b)[: max(cut, PIECE_BYTES)] for b in ring]
 
     def close(self) -> None:
         """Stop a feed left unfinished (its consumer failed) and the thread."""
@@ -302,10 +313,12 @@ class Feed:
         if self._ahead._active is not None:
             raise RuntimeError("a ReadAhead runs one feed at a time; close the previous feed first")
         self._ahead._active = self
-        for buf in self._ahead._ring(self._cut, self._held):
+        ring = self._ahead._ring(self._cut, self._held)
+        for buf in ring:
             self._free.put(buf)
+        mine = {id(buf) for buf in ring}
         self._future = self._ahead._pool.submit(self._produce)
-        kept: deque[memoryview] = deque()  # ring buffers of pieces the consumer may still hold
+        kept = self._ahead._kept
         try:
             while True:
                 item = self._full.get()
@@ -319,8 +332,10 @@ class Feed:
                 yield piece
                 if base is not None:
                     kept.append(base)
-                    if len(kept) > self._held:
-                        self._free.put(kept.popleft())
+                while len(kept) > self._held:
+                    done = kept.popleft()
+                    if id(done) in mine:  # else an earlier feed's buffer: back to the ReadAhead for later feeds
+                        self._free.put(done)
         finally:
             self.close()
 

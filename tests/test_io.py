@@ -149,6 +149,30 @@ def test_read_ahead_cuts_fixed_pieces_that_stay_valid_while_held(tmp_path, stabl
     assert tally.checksum.hexdigest() == expected.checksum.hexdigest() and tally.sum == expected.sum
 
 
+def test_pieces_held_from_one_feed_stay_valid_while_the_next_feed_reads(tmp_path):
+    """A consumer finishing one tensor's pieces (compression in flight) while the next tensor is read: the last
+    ``held`` pieces of a feed stay intact until ``held + 1`` pieces of the following feeds were asked for,
+    even when a later feed asks for smaller pieces or holds none."""
+    cut, held = 2 * PIECE_BYTES, 3
+    rng = np.random.default_rng(2)
+    tensors = [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in (5 * cut + 7, 4 * cut, cut // 3)]
+    for i, data in enumerate(tensors):
+        (tmp_path / f"t{i}").write_bytes(data)
+    window: list[tuple[memoryview, bytes]] = []  # (piece, its expected bytes), the newest last
+    with ReadAhead() as ahead:
+        for i, (data, feed_cut) in enumerate(zip(tensors, (cut, cut, PIECE_BYTES))):
+            chunks = [FileSpan(tmp_path / f"t{i}", 0, len(data))]
+            with ahead.feed(chunks, None, cut=feed_cut, held=held) as feed:
+                for k, piece in enumerate(feed):
+                    window = [*window, (piece, data[k * feed_cut : (k + 1) * feed_cut])][-(held + 1) :]
+                    time.sleep(0.02)  # let the helper fill every buffer it is allowed to
+                    for j, (held_piece, expected) in enumerate(window):
+                        assert bytes(held_piece) == expected, f"tensor {i} piece {k}: held piece {j} was overwritten"
+        # a feed that holds nothing may take every buffer back at once
+        with ahead.feed([FileSpan(tmp_path / "t0", 0, len(tensors[0]))], None, cut=cut) as feed:
+            assert b"".join(bytes(p) for p in feed) == tensors[0]
+
+
 def test_read_ahead_rejects_a_zero_cut():
     with ReadAhead() as ahead, pytest.raises(ValueError, match="cut must be >= 1"):
         ahead.feed([b"abc"], None, cut=0)

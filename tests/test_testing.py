@@ -64,7 +64,7 @@ def _properties(tensors: dict[str, torch.Tensor], store: Path) -> dict[str, floa
         return sum(f(t) * t.numel() for t in tensors.values()) / n
 
     write_store(store, tensors, backend="zarr", group_size=4, compression=CODEC)  # default chunking
-    stored = sum(p.stat().st_size for p in store.rglob("*") if p.is_file() and "c" in p.relative_to(store).parts)
+    stored = sum(p.stat().st_size for p in store.rglob("*") if p.is_file() and p.name != "zarr.json" and p.parent != store)
     return {
         "log2_mean": weighted(lambda t: torch.log2(t.double()).mean().item()),
         "log2_std": weighted(lambda t: torch.log2(t.double()).std().item()),

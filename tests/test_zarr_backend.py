@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -167,14 +168,38 @@ def test_files_are_byte_identical_to_zarr_pythons(tmp_path, compression):
         "blosc-zstd-bitshuffle": BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=2, blocksize=256 << 10),
     }[compression]
     theirs = zarr.open_group(tmp_path / "theirs", mode="w").create_array(
-        "x", shape=(37, 11), dtype=ml_dtypes.bfloat16, chunks=(5, 11), shards=(15, 11), compressors=compressors, fill_value=0
+        "x", shape=(37, 11), dtype=ml_dtypes.bfloat16, chunks=(5, 11), shards=(15, 11), compressors=compressors,
+        fill_value=0, chunk_key_encoding={"name": "default", "separator": "."},
     )
     theirs[...] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     assert json.loads((tmp_path / "theirs" / "x" / "zarr.json").read_text()) == meta
     ours = shard_files(tmp_path / "ours", "x")
-    assert [p.relative_to(tmp_path / "ours") for p in ours] == [Path("x/c/0/0"), Path("x/c/1/0"), Path("x/c/2/0")]
+    assert [p.relative_to(tmp_path / "ours") for p in ours] == [Path("x/c.0.0"), Path("x/c.1.0"), Path("x/c.2.0")]
     for p in ours:
         assert p.read_bytes() == (tmp_path / "theirs" / p.relative_to(tmp_path / "ours")).read_bytes(), p
+
+
+@pytest.mark.parametrize("compression", ["none", "blosc-lz4-bitshuffle"])
+def test_arrays_with_slash_chunk_keys_are_read(tmp_path, compression):
+    """Arrays whose shards lie at ``c/<s>/0`` (zarr's default separator, which fisherstore wrote before) read
+    bit-exact, and an uncompressed one-shard array is still offered as a raw byte span."""
+    t = (torch.rand(40, 12, generator=torch.Generator().manual_seed(4)) + 0.1).to(torch.bfloat16)
+    shards = (40, 12) if compression == "none" else (24, 12)
+    compressors = None if compression == "none" else BloscCodec(cname="lz4", clevel=9, shuffle="bitshuffle", typesize=2, blocksize=128 << 10)
+    theirs = zarr.open_group(tmp_path, mode="w").create_array(
+        "model.layers.0.mlp.up_proj.weight", shape=(40, 12), dtype=ml_dtypes.bfloat16, chunks=(8, 12), shards=shards,
+        compressors=compressors, fill_value=0,
+    )
+    theirs[...] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    assert (tmp_path / theirs.basename / "c" / "0" / "0").is_file()
+    backend = ZarrBackend(tmp_path, {"compression": compression})
+    info = TensorInfo(theirs.basename, (40, 12), "bfloat16", 0, {"array": theirs.basename}, "", float("nan"))
+    assert same_bits(backend.read_rows(info, 0, 40), t)
+    assert same_bits(backend.read_rows(info, 13, 29), t[13:29])
+    span = backend.byte_span(info)
+    assert (span is not None) == (compression == "none")
+    if span is not None:
+        assert span == (tmp_path / theirs.basename / "c" / "0" / "0", 0)
 
 
 def test_reused_input_buffer_is_copied_before_compression(tmp_path, gemma_bf16):
@@ -204,7 +229,7 @@ def test_default_layout_is_4mib_chunks_in_one_shard(tmp_path):
     assert meta["data_type"] == "bfloat16" and meta["fill_value"] == 0.0
     assert meta["codecs"][0]["configuration"]["chunk_shape"] == [1000, 2048]  # 3 even chunks of ~4 MiB
     assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [3000, 2048]
-    assert [p.name for p in shard_files(tmp_path, "t")] == ["0"]
+    assert [p.name for p in shard_files(tmp_path, "t")] == ["c.0.0"]
 
 
 # -- compression -------------------------------------------------------------------------------------
@@ -221,15 +246,25 @@ def test_compression_ratio_on_real_fisher(tmp_path, sample):
 
 
 # -- atomicity and resume ----------------------------------------------------------------------------
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
 def test_abort_leaves_no_trace(tmp_path, gemma_bf16):
+    """An abort with chunks still compressing (a tensor's last chunks stay in flight when it returns) removes
+    every file and closes every shard."""
     backend = ZarrBackend(tmp_path, {"compression": "zstd", **SMALL})
     specs = tuple(TensorSpec.of(n, t) for n, t in gemma_bf16.items())
+    before = open_fds()
     sink = backend.begin_group(GroupInfo(0, (), specs), 1)
     for spec in specs[:3]:
         sink.write_tensor(spec, odd_pieces(gemma_bf16[spec.name]))
+    assert sink._pending, "the last tensor's final chunks should still be in flight"
     assert any(p.name.startswith(TMP_PREFIX) for p in tmp_path.iterdir())
     sink.abort()
     assert list(tmp_path.iterdir()) == []
+    assert open_fds() <= before
+    backend.close()
 
 
 def test_error_mid_tensor_is_aborted_cleanly(tmp_path, gemma_bf16):
@@ -296,7 +331,7 @@ def read_all(backend: ZarrBackend, info: TensorInfo) -> torch.Tensor:
 def test_deleted_shard_is_corrupt(victim, gemma_bf16):
     backend, info, shards = victim
     shards[1].unlink()
-    with pytest.raises(CorruptDataError, match=rf"tensor '{NAME}': shard file \S*/{NAME}/c/1/0 is missing"):
+    with pytest.raises(CorruptDataError, match=rf"tensor '{NAME}': shard file \S*/{NAME}/c\.1\.0 is missing"):
         read_all(backend, info)
     assert same_bits(backend.read_rows(info, 0, 2), gemma_bf16[NAME][:2])  # rows in other shards still read
 
@@ -306,7 +341,7 @@ def test_truncated_shard_is_corrupt(victim, keep):
     backend, info, shards = victim
     raw = shards[0].read_bytes()
     shards[0].write_bytes(raw[:keep] if keep >= 0 else raw[:keep])
-    with pytest.raises(CorruptDataError, match=rf"tensor '{NAME}': shard file .*c/0/0"):
+    with pytest.raises(CorruptDataError, match=rf"tensor '{NAME}': shard file \S*/{NAME}/c\.0\.0:"):
         read_all(backend, info)
 
 
@@ -321,7 +356,7 @@ def test_bad_index_crc_is_corrupt(victim):
 
 def test_index_pointing_outside_the_data_is_corrupt(victim):
     backend, info, shards = victim
-    meta = json.loads((shards[0].parents[2] / "zarr.json").read_text())
+    meta = json.loads((shards[0].parent / "zarr.json").read_text())
     shard_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
     chunk_rows = meta["codecs"][0]["configuration"]["chunk_shape"][0]
     size = 16 * (shard_rows // chunk_rows) + 4  # the index: (offset, nbytes) per chunk, then a crc32c

@@ -7,7 +7,8 @@ Layout (what this module writes and the only layout its reader accepts):
   path ``<tensor name>`` and its manifest location is ``{"array": name}``.
 * Arrays are chunked by whole rows of dim 0, about ``chunk_mb`` MiB per inner
   chunk, and stored with the ``sharding_indexed`` codec: a shard file
-  (``<name>/c/<s>/0...``) holds up to ``shard_mb`` MiB of consecutive row
+  (``<name>/c.<s>.0...``: the default chunk key encoding with separator
+  ``.``, so an array is one directory) holds up to ``shard_mb`` MiB of consecutive row
   chunks followed by the shard index (``(offset, nbytes)`` uint64
   little-endian pairs, then a CRC-32C of them).  Edge chunks are padded to the
   full chunk shape with the fill value (0), as zarr requires.
@@ -50,6 +51,7 @@ import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -179,6 +181,9 @@ class _Layout:
     shard_rows: int
     compression: str = "none"
     level: int | None = None
+    #: Chunk key separator: ``.`` keeps each array one directory (``/`` costs two more per array to create
+    #: and fsync); ``/``, which fisherstore wrote before, is still read.
+    separator: Literal[".", "/"] = "."
 
     @property
     def itemsize(self) -> int:
@@ -253,7 +258,7 @@ class _Layout:
             "shape": list(self.shape),
             "data_type": self.dtype,  # manifest dtype names are the zarr v3 names (bfloat16: zarr-extensions)
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": self._grid(self.shard_rows)}},
-            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": self.separator}},
             "fill_value": 0.0 if is_float else (False if self.dtype == "bool" else 0),
             "codecs": [
                 {
@@ -291,7 +296,10 @@ class _Layout:
                     if c is not None and c.codec == codec["name"] and c.cname == config.get("cname", "")
                     and c.shuffle == config.get("shuffle", "")
                 )
-            layout = cls(shape, dtype, chunk_rows[0], shard_rows[0], compression, level)
+            separator = meta["chunk_key_encoding"]["configuration"]["separator"]
+            if separator not in (".", "/"):
+                raise ValueError(separator)
+            layout = cls(shape, dtype, chunk_rows[0], shard_rows[0], compression, level, separator)
             expected = layout.metadata()
             if compressors and codec["name"] == "blosc":  # the block size only tunes compression: any value decodes
                 expected["codecs"][0]["configuration"]["codecs"][1]["configuration"]["blocksize"] = config.get("blocksize")
@@ -310,8 +318,8 @@ class _Layout:
         return layout
 
     def shard_key(self, shard: int) -> str:
-        """Path of a shard file relative to the array (default chunk key encoding, ``/`` separator)."""
-        return "c" if not self.shape else "/".join(["c", str(shard), *("0" * (len(self.shape) - 1))])
+        """Path of a shard file relative to the array (default chunk key encoding)."""
+        return "c" if not self.shape else self.separator.join(["c", str(shard), *("0" * (len(self.shape) - 1))])
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -381,8 +389,10 @@ class _ShardStream:
         """Append bytes to the current chunk."""
         if self.fd < 0:
             shard = self.chunk // self.layout.chunks_per_shard
-            path = self.array_dir / self.layout.shard_key(shard)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            key = self.layout.shard_key(shard)
+            path = self.array_dir / key
+            if "/" in key:
+                path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self.path = path
             nbytes, self.exact = self.layout.shard_reserve(shard)
@@ -424,6 +434,9 @@ class _ZarrGroupSink(GroupSink):
         self.arrays: list[str] = []
         self._syncs: list[Future[None]] = []
         self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="fisherstore-zarr-fsync")
+        # Chunks being compressed, oldest first, with the stream they go to and the chunk buffer they own (if
+        # any).  They carry over from tensor to tensor, so the pool stays busy while the next tensor is read.
+        self._pending: deque[tuple[Future[bytes], _ShardStream, np.ndarray | None]] = deque()
 
     def sync_later(self, fd: int) -> None:
         """fsync and close ``fd`` in the background (the disk flush overlaps the next writes)."""
@@ -449,10 +462,11 @@ class _ZarrGroupSink(GroupSink):
                     stream.write(piece)
                     if ends:
                         stream.end_chunk(pad_to=layout.chunk_bytes)
-            else:
+            else:  # its last chunks may still be compressing on return: the next tensor or commit writes them
                 self._write_compressed(stream, layout, spec, chunks, borrow=held >= _IN_FLIGHT)
-        finally:
+        except BaseException:
             stream.close()
+            raise
         data = json.dumps(layout.metadata(), indent=1).encode()
         fd = os.open(array_dir / "zarr.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         write_all(fd, data, 0, array_dir / "zarr.json")
@@ -465,31 +479,26 @@ class _ZarrGroupSink(GroupSink):
         """Compress whole chunks on the pool, at most :data:`_IN_FLIGHT` at a time, and write them in order.
 
         With ``borrow`` (the caller keeps pieces valid while that many are in
-        flight: the writer's read-ahead does), a piece that is exactly one
-        whole chunk is compressed where it lies; anything else (a short last
-        chunk, pieces cut elsewhere, callers that reuse their buffer at once)
-        is first assembled in a chunk buffer of the backend's.  The pool and
-        those buffers serve every group, so memory stays a few chunks whatever
-        the tensor or file size (a pool per group meant fresh threads, and
-        allocator arenas, per group: peak RSS grew 14-25% from 2.2 to 8.4 GB;
-        with this and :func:`_retain_freed_buffers`, -2% to 4%: benchmarks/results/store.md).
+        flight, across tensors: the writer's read-ahead does), a piece that is
+        exactly one whole chunk is compressed where it lies; anything else (a
+        short last chunk, pieces cut elsewhere, callers that reuse their buffer
+        at once) is first assembled in a chunk buffer of the backend's.  The
+        pool and those buffers serve every group, so memory stays a few chunks
+        whatever the tensor or file size (a pool per group meant fresh threads,
+        and allocator arenas, per group: peak RSS grew 14-25% from 2.2 to 8.4
+        GB; with this and :func:`_retain_freed_buffers`, -2% to 4%:
+        benchmarks/results/store.md).  The tensor's last chunks are left in
+        flight on return, so that compression does not wait for the next
+        tensor's first bytes; whoever comes next writes them.
         """
         pool, free = self.backend._compression()
         codec, level, itemsize, size = layout.codec, layout.level, layout.itemsize, layout.chunk_bytes
         assert codec is not None and level is not None
-        pending: deque[tuple[Future[bytes], np.ndarray | None]] = deque()
 
         def submit(data: Buffer, own: np.ndarray | None) -> None:
-            pending.append((pool.submit(codec.encode, data, level, itemsize), own))
-            if len(pending) > _IN_FLIGHT:
-                write_oldest()
-
-        def write_oldest() -> None:
-            future, own = pending.popleft()
-            stream.write(future.result())
-            stream.end_chunk()
-            if own is not None:
-                free.append(own.base)
+            self._pending.append((pool.submit(codec.encode, data, level, itemsize), stream, own))
+            if len(self._pending) > _IN_FLIGHT:
+                self._write_oldest()
 
         def take() -> np.ndarray:
             while free:
@@ -512,18 +521,24 @@ class _ZarrGroupSink(GroupSink):
                     buf[fill:] = 0  # edge chunks hold the fill value past the last row
                     submit(buf, buf)
                     buf = None
-            while pending:
-                write_oldest()
         finally:
-            for future, _ in pending:
-                future.cancel()
             if buf is not None:
                 free.append(buf.base)
+
+    def _write_oldest(self) -> None:
+        """Write the oldest chunk in flight to its shard (waiting for its compression)."""
+        future, stream, own = self._pending.popleft()
+        stream.write(future.result())
+        stream.end_chunk()
+        if own is not None:
+            self.backend._free.append(own.base)
 
     def _shutdown(self) -> None:
         self._sync_pool.shutdown(wait=True)
 
     def commit(self) -> None:
+        while self._pending:
+            self._write_oldest()
         self._shutdown()
         for future in self._syncs:
             future.result()  # raise the first fsync error
@@ -542,6 +557,14 @@ class _ZarrGroupSink(GroupSink):
         log.debug("zarr group %d committed: %d arrays", self.group.index, len(self.arrays))
 
     def abort(self) -> None:
+        pending, self._pending = list(self._pending), deque()
+        for future, _, _ in pending:
+            future.cancel()
+        wait_futures([future for future, _, _ in pending])  # none still reads a buffer that may be reused
+        for _, stream, own in pending:
+            stream.close()
+            if own is not None:
+                self.backend._free.append(own.base)
         self._shutdown()
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
