@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from ._io import Checksum, FileSpan
@@ -46,7 +47,7 @@ _GROUP = 64
 #: Values per fp32 run inside a whole block: runs are summed by ``np.einsum`` (SIMD lanes, ~2x numpy's
 #: pairwise ``sum``), the run sums of a block pairwise; as accurate as a pairwise sum of the whole block.
 _RUN = 1024
-_SUB = 8  # blocks widened and summed per step (2 MiB of scratch): one einsum per ~1 MiB piece
+_SUB = 8  # bf16 blocks widened and summed per step (2 MiB of scratch): one einsum per ~1 MiB piece
 #: dtypes summed blockwise; others are rare in Fisher stores and get torch's fp64 sum per update.
 _BLOCKWISE = ("bfloat16", "float32")
 
@@ -55,10 +56,10 @@ _local = threading.local()
 
 
 def _scratch() -> np.ndarray:
-    """This thread's scratch for :func:`_bf16_block_sums`: both halves of :data:`_SUB` blocks' widened words."""
+    """This thread's scratch for :func:`_bf16_block_sums`: :data:`_SUB` blocks widened to fp32."""
     buf = getattr(_local, "buf", None)
     if buf is None:
-        buf = _local.buf = np.empty((2, _SUB, BLOCK // 2), dtype=np.uint32)
+        buf = _local.buf = np.empty((_SUB, BLOCK), dtype=np.float32)
     return buf
 
 
@@ -69,36 +70,31 @@ def _run_sums(values: np.ndarray) -> np.ndarray:
 
 
 def _bf16_block_sums(parts: list[np.ndarray]) -> np.ndarray:
-    """fp32 sum of each whole block of bf16 values, in order, given as arrays of whole blocks of uint16 words.
+    """fp32 sum of each whole block of bf16 values, in order, given as byte arrays of whole blocks.
 
-    Two bf16 values share one uint32 word: its high half already is the fp32
-    bit pattern of the odd-position value and its low half shifted up is the
-    even-position one's, which widens bf16 to fp32 exactly and ~3x faster
-    than torch's bf16 sum.  A block's sum is the sum of its odd-position
-    values plus the sum of its even-position values (:func:`_run_sums`).  The
-    widened words go through one small scratch buffer per thread, reused from
-    call to call, so no pass leaves the cache and nothing big is allocated (a
-    fresh buffer per call cost a third of the time in page faults); blocks
-    from several parts (a carried block and the blocks after it) share one
-    einsum, which is most of the per-call cost.
+    ml_dtypes' cast widens bf16 to fp32 exactly in one pass (~1.5x faster
+    than widening the two halves of each 32-bit word with a mask and a
+    shift, the way this was done before) into one small scratch buffer per
+    thread, reused from call to call, so no pass leaves the cache and
+    nothing big is allocated (a fresh buffer per call cost a third of the
+    time in page faults); blocks from several parts (a carried block and
+    the blocks after it) share one einsum, which is most of the per-call cost.
     """
     scratch = _scratch()
-    rows = [part.view(np.uint32).reshape(-1, BLOCK // 2) for part in parts]
+    rows = [part.view(ml_dtypes.bfloat16).reshape(-1, BLOCK) for part in parts]
     out = np.empty(sum(len(r) for r in rows), dtype=np.float32)
     done = filled = 0
 
     def flush() -> None:  # sum the blocks widened into the scratch so far
         nonlocal done, filled
-        odd, even = _run_sums(scratch[:, :filled].view(np.float32))
-        np.add(odd, even, out=out[done : done + filled])
+        out[done : done + filled] = _run_sums(scratch[:filled])
         done, filled = done + filled, 0
 
     for r in rows:
         j = 0
         while j < len(r):
             m = min(_SUB - filled, len(r) - j)
-            np.bitwise_and(r[j : j + m], 0xFFFF0000, out=scratch[0, filled : filled + m])
-            np.left_shift(r[j : j + m], 16, out=scratch[1, filled : filled + m])
+            np.copyto(scratch[filled : filled + m], r[j : j + m], casting="unsafe")  # bf16 -> fp32 is exact
             filled, j = filled + m, j + m
             if filled == _SUB:
                 flush()
@@ -210,10 +206,9 @@ class Tally:
             return _torch_sum(raw, self.dtype)
         if self.dtype == "float32":
             return float(raw.view(np.float32).sum(dtype=np.float32))
-        values = (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+        values = raw.view(ml_dtypes.bfloat16).astype(np.float32)
         odd = float(values[-1]) if len(values) % 2 else 0.0  # an odd number of bf16 values: the last one on its own
-        even = len(values) - len(values) % 2
-        return odd + float(values[1:even:2].sum(dtype=np.float32) + values[0:even:2].sum(dtype=np.float32))
+        return odd + float(values[: len(values) - len(values) % 2].sum(dtype=np.float32))
 
 
 class ReadAhead:

@@ -111,21 +111,17 @@ def test_tally_sum_independent_of_chunking():
 def _reference_sum(values: torch.Tensor) -> float:
     """The manifest sum by its definition, slowly: fp32 sums of 65536-element blocks added up in fp64.
 
-    Mirrors the order the Tally uses, one run at a time: a whole block is the
-    sum of its odd-position values plus that of its even-position ones, each
-    summed in runs of 1024 (``np.einsum`` of one run) whose sums are added
-    pairwise; fp64 additions of 64 block sums at a time; a final partial block
-    added last, its odd last element first, then its odd- and even-position
-    values each summed pairwise.  So the comparison can be exact.
+    Mirrors the order the Tally uses, one run at a time: a whole block is
+    summed in runs of 1024 consecutive values (``np.einsum`` of one run) whose
+    sums are added pairwise; fp64 additions of 64 block sums at a time; a final
+    partial block added last, its odd last element first, then the rest summed
+    pairwise.  So the comparison can be exact.
     """
     x = values.float().numpy()
     full = len(x) - len(x) % 65536
 
-    def runs(v: np.ndarray) -> np.float32:
-        return np.array([np.einsum("i->", v[i : i + 1024].copy()) for i in range(0, len(v), 1024)], dtype=np.float32).sum()
-
     def block(b: np.ndarray) -> np.float32:
-        return np.float32(runs(b[1::2]) + runs(b[0::2]))
+        return np.array([np.einsum("i->", b[i : i + 1024].copy()) for i in range(0, len(b), 1024)], dtype=np.float32).sum()
 
     sums = [block(x[i : i + 65536]) for i in range(0, full, 65536)]
     total = 0.0
@@ -133,9 +129,8 @@ def _reference_sum(values: torch.Tensor) -> float:
         total += float(np.array(sums[i : i + 64], dtype=np.float32).sum(dtype=np.float64))
     tail = x[full:]
     if len(tail):
-        even = len(tail) - len(tail) % 2
         partial = float(tail[-1]) if len(tail) % 2 else 0.0
-        partial += float(np.float32(tail[1:even:2].sum(dtype=np.float32) + tail[0:even:2].sum(dtype=np.float32)))
+        partial += float(tail[: len(tail) - len(tail) % 2].sum(dtype=np.float32))
         total += partial
     return total
 
