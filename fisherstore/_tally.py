@@ -74,10 +74,11 @@ def _bf16_block_sums(parts: list[np.ndarray]) -> np.ndarray:
 
     ml_dtypes' cast widens bf16 to fp32 exactly in one pass (measured ~1.5x
     faster than masking and shifting the two halves of each 32-bit word)
-    into one small scratch buffer per thread, reused from call to call, so no pass leaves the cache and
-    nothing big is allocated (a fresh buffer per call cost a third of the
-    time in page faults); blocks from several parts (a carried block and
-    the blocks after it) share one einsum, which is most of the per-call cost.
+    into one small scratch buffer per thread, reused from call to call, so
+    no pass leaves the cache and nothing big is allocated (a fresh buffer
+    per call cost a third of the time in page faults); blocks from several
+    parts (a carried block and the blocks after it) share one einsum, which
+    is most of the per-call cost.
     """
     scratch = _scratch()
     rows = [part.view(ml_dtypes.bfloat16).reshape(-1, BLOCK) for part in parts]

@@ -8,9 +8,9 @@ Layout (what this module writes and the only layout its reader accepts):
 * Arrays are chunked by whole rows of dim 0, about ``chunk_mb`` MiB per inner
   chunk, and stored with the ``sharding_indexed`` codec: a shard file
   (``<name>/c.<s>.0...``: the default chunk key encoding with separator
-  ``.``, so an array is one directory) holds up to ``shard_mb`` MiB of consecutive row
-  chunks followed by the shard index (``(offset, nbytes)`` uint64
-  little-endian pairs, then a CRC-32C of them).  Edge chunks are padded to the
+  ``.``, so an array is one directory) holds up to ``shard_mb`` MiB of
+  consecutive row chunks followed by the shard index (``(offset, nbytes)``
+  uint64 little-endian pairs, then a CRC-32C of them).  Edge chunks are padded to the
   full chunk shape with the fill value (0), as zarr requires.
 * Inner chunks are ``bytes`` (little-endian) optionally followed by one
   compressor (``zstd`` or ``blosc``).  bf16 uses the zarr-extensions
