@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 import google_crc32c
 import numpy as np
 
-__all__ = ["atomic_dir", "Checksum", "FileSpan", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_into", "pread_tensor", "write_all", "preallocate", "TMP_PREFIX"]
+__all__ = ["atomic_dir", "Checksum", "FileSpan", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_into", "pread_tensor", "write_all", "preallocate", "c_function", "TMP_PREFIX"]
 
 #: Prefix of every temporary file or directory fisherstore creates inside a store.
 TMP_PREFIX = ".fstmp-"
@@ -51,7 +51,7 @@ def fsync(fd: int) -> None:
         os.fsync(fd)
 
 
-def _c_function(library: str | None, name: str, argtypes: list[Any], restype: Any, *, use_errno: bool = False) -> Any:
+def c_function(library: str | None, name: str, argtypes: list[Any], restype: Any, *, use_errno: bool = False) -> Any:
     """``name`` of the shared library ``library`` (None: the C library) as a ctypes function; None where missing."""
     try:
         fn = getattr(ctypes.CDLL(library, use_errno=use_errno), name)
@@ -74,7 +74,7 @@ def _crc32c_extend() -> Any:
         from google_crc32c import _crc32c  # the C extension; its library holds the public C API
     except ImportError:
         return None
-    return _c_function(_crc32c.__file__, "crc32c_extend", [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint32)
+    return c_function(_crc32c.__file__, "crc32c_extend", [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint32)
 
 
 class Checksum:
@@ -218,7 +218,7 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int, where:
 @functools.cache
 def _fallocate() -> Any:
     """The C library's ``fallocate`` (Linux), or None where there is none."""
-    return _c_function(None, "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int, use_errno=True)
+    return c_function(None, "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int, use_errno=True)
 
 
 def preallocate(fd: int, nbytes: int, where: str | Path, *, required: bool = True) -> None:

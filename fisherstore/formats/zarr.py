@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import google_crc32c
 import numpy as np
 
-from .._io import TMP_PREFIX, fsync, fsync_dir, preallocate, pread_into, write_all, write_json_atomic
+from .._io import TMP_PREFIX, c_function, fsync, fsync_dir, preallocate, pread_into, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import validate_name
@@ -356,10 +356,8 @@ def _retain_freed_buffers() -> None:
     = 32 MiB, ``MALLOC_TRIM_THRESHOLD_`` = 128 MiB in the environment).  A
     no-op where the C library is not glibc.
     """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = c_function(None, "mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_mmap_threshold, 32 << 20)
