@@ -10,8 +10,8 @@ Layout (what this module writes and the only layout its reader accepts):
   (``<name>/c.<s>.0...``: the default chunk key encoding with separator
   ``.``, so an array is one directory) holds up to ``shard_mb`` MiB of
   consecutive row chunks followed by the shard index (``(offset, nbytes)``
-  uint64 little-endian pairs, then a CRC-32C of them).  Edge chunks are padded to the
-  full chunk shape with the fill value (0), as zarr requires.
+  uint64 little-endian pairs, then a CRC-32C of them).  Edge chunks are
+  padded to the full chunk shape with the fill value (0), as zarr requires.
 * Inner chunks are ``bytes`` (little-endian) optionally followed by one
   compressor (``zstd`` or ``blosc``).  bf16 uses the zarr-extensions
   ``bfloat16`` data type, which tensorstore reads natively; zarr-python reads
@@ -390,10 +390,7 @@ class _ShardStream:
         """Append bytes to the current chunk."""
         if self.fd < 0:
             shard = self.chunk // self.layout.chunks_per_shard
-            key = self.layout.shard_key(shard)
-            path = self.array_dir / key
-            if "/" in key:
-                path.parent.mkdir(parents=True, exist_ok=True)
+            path = self.array_dir / self.layout.shard_key(shard)  # "." keys: the array's directory holds it
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self.path = path
             nbytes, self.exact = self.layout.shard_reserve(shard)
