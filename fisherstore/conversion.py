@@ -135,7 +135,7 @@ def _to_store(
 
 
 def _stream(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[Chunk]:
-    """A tensor's chunks for the writer: raw file spans where the source has them (copied in the kernel)."""
+    """A tensor's chunks for the writer: raw file spans where the source has them (read straight into the read-ahead ring)."""
     for chunk in store.iter_chunks(info.name, chunk_bytes):
         bar.update(len(chunk))
         yield chunk

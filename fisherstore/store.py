@@ -263,9 +263,10 @@ class FisherStore:
     def iter_chunks(self, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
         """Like :meth:`iter_bytes`, but raw contiguous bytes come as :class:`~fisherstore._io.FileSpan` s.
 
-        A sink that stores bytes unchanged copies a span in the kernel without
-        reading it (:attr:`~fisherstore.formats.base.GroupSink.takes_spans`),
-        which is how a conversion between raw formats runs at ``cp`` speed.
+        A conversion's read-ahead thread reads a span straight into its own
+        ring of buffers (:class:`~fisherstore._tally.ReadAhead`), so bytes that
+        lie raw in the source are copied out of the page cache once, with no
+        intermediate buffer.
         """
         info = self.info(name)
         if info.nbytes == 0:

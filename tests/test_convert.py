@@ -71,7 +71,7 @@ def test_small_buffers_still_exact(tmp_path, gemma_bf16, make_store):
     [("st", None), ("z.zarr", None), ("zc.zarr", {"compression": "blosc-lz4-bitshuffle"}), ("x.pt", None)],
 )
 def test_corrupt_source_bytes_are_caught_on_every_path(tmp_path, gemma_bf16, make_store, target, options):
-    """A flipped byte in a source shard fails the conversion (kernel copy or not) and leaves no target."""
+    """A flipped byte in a source shard fails the conversion (raw or compressed target) and leaves no target."""
     from fisherstore.errors import ChecksumMismatchError
 
     src = make_store(gemma_bf16)
@@ -92,8 +92,8 @@ def test_corrupt_source_bytes_are_caught_on_every_path(tmp_path, gemma_bf16, mak
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fstmp-")] == []
 
 
-def test_pt_from_kernel_copies_has_valid_zip_crcs(tmp_path, gemma_tensors, make_store):
-    """Records copied with copy_file_range still carry the CRC-32 of their bytes (zip tools check it)."""
+def test_pt_zip_records_carry_valid_crcs(tmp_path, gemma_tensors, make_store):
+    """Records streamed from raw spans and from buffers carry the CRC-32 of their bytes (zip tools check it)."""
     import zipfile
 
     pt = convert(make_store(gemma_tensors), tmp_path / "fisher.pt", chunk_bytes=1000)
