@@ -250,6 +250,17 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def fds_under(path: Path) -> list[str]:
+    """Targets of this process's open file descriptors that lie under ``path`` (deleted files included)."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the descriptor listdir itself used, closed by now
+            pass
+    return [t for t in targets if t.startswith(str(path))]
+
+
 def test_abort_leaves_no_trace(tmp_path, gemma_bf16):
     """An abort with chunks still compressing (a tensor's last chunks stay in flight when it returns) removes
     every file and closes every shard."""
@@ -264,6 +275,32 @@ def test_abort_leaves_no_trace(tmp_path, gemma_bf16):
     sink.abort()
     assert list(tmp_path.iterdir()) == []
     assert open_fds() <= before
+    backend.close()
+
+
+def test_a_failed_shard_write_is_closed_by_abort(tmp_path):
+    """A write that fails on the last chunk left in flight (past the file size limit) is raised by commit, and
+    abort still closes that shard, although no chunk in flight refers to it any more."""
+    import resource
+
+    raw = torch.from_numpy(np.random.default_rng(5).integers(0, 2**15, size=(40, 50), dtype=np.int16))
+    t = raw.view(torch.bfloat16)  # random bits: incompressible, so the shard's size is known before it is written
+    spec = TensorSpec.of("model.layers.0.mlp.up_proj.weight", t)
+    backend = ZarrBackend(tmp_path, {"compression": "zstd", **SMALL})  # 4 chunks of 1000 bytes, one shard
+    sink = backend.begin_group(GroupInfo(0, (0,), (spec,)), 1)
+    sink.write_tensor(spec, [bytes(tensor_bytes(t))])
+    assert len(sink._pending) == 4  # every chunk still in flight: commit writes them
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, hard))  # 3 chunks of 1010 bytes fit, the 4th does not
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            sink.commit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not sink._pending
+    sink.abort()
+    assert list(tmp_path.iterdir()) == []
+    assert fds_under(tmp_path) == []  # the failed shard's fd is closed
     backend.close()
 
 

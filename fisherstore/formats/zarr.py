@@ -526,8 +526,12 @@ class _ZarrGroupSink(GroupSink):
     def _write_oldest(self) -> None:
         """Write the oldest chunk in flight to its shard (waiting for its compression)."""
         future, stream, own = self._pending.popleft()
-        stream.write(future.result())
-        stream.end_chunk()
+        try:
+            stream.write(future.result())
+            stream.end_chunk()
+        except BaseException:
+            stream.close()  # abort() closes only the shards of chunks still in flight, and this one has left
+            raise
         if own is not None:
             self.backend._free.append(own.base)
 
