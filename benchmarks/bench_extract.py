@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import python, run_child, this_command, write_results  # noqa: E402
+from harness import python, run_child, this_command, write_results
 
 SETUP = r"""
 import json, sys, time, torch
@@ -44,7 +44,9 @@ prompts = load_prompts(limit=int(sys.argv[2]))
 group_size, out = int(sys.argv[3]), sys.argv[4]
 """
 
-BARE = SETUP + r"""
+BARE = (
+    SETUP
+    + r"""
 import torch.nn.functional as F
 from fisherstore.extraction import target_parameters
 from fisherstore.manifest import TensorSpec
@@ -69,14 +71,18 @@ for group in plan:
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "groups": len(plan), "tokens_per_pass": sum(i.shape[1] for i in inputs)}))
 """
+)
 
-EXTRACT = SETUP + r"""
+EXTRACT = (
+    SETUP
+    + r"""
 from fisherstore.extraction import extract
 start = time.perf_counter()
 summary = extract(smol.model, smol.tokenizer, prompts, out, group_size=group_size, dtype="bf16", provenance=smol.provenance)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, **summary.to_dict()}))
 """
+)
 
 
 def main() -> None:
@@ -84,9 +90,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32, help="prompts per pass (default 32)")
     parser.add_argument("--group-size", type=int, default=8, help="layers per group (default 8: 4 groups on SmolLM2)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each competitor, alternating (default 2)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads per child (default 1: stable on a shared 2-core machine, "
-                        "and the writer thread gets the other core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per child (default 1: stable on a shared 2-core machine, "
+        "and the writer thread gets the other core)",
+    )
     parser.add_argument("--name", default="extract", help="results file name (default extract)")
     args = parser.parse_args()
 
@@ -99,10 +109,21 @@ def main() -> None:
         for i in range(args.repeats):
             for label, code in order if i % 2 == 0 else order[::-1]:
                 out = work / f"store{i}"
-                child = run_child(label, python(code, str(args.threads), str(args.prompts), str(args.group_size), str(out)))
+                child = run_child(
+                    label, python(code, str(args.threads), str(args.prompts), str(args.group_size), str(out))
+                )
                 shutil.rmtree(out, ignore_errors=True)
-                runs[label].append({"child_wall_s": child.wall_s, "peak_rss_mb": child.peak_rss_mb, **json.loads(child.stdout.splitlines()[-1])})
-                print(f"{label}: {runs[label][-1]['seconds']:.1f} s (child {child.wall_s:.1f} s, peak RSS {child.peak_rss_mb:.0f} MiB)", flush=True)
+                runs[label].append(
+                    {
+                        "child_wall_s": child.wall_s,
+                        "peak_rss_mb": child.peak_rss_mb,
+                        **json.loads(child.stdout.splitlines()[-1]),
+                    }
+                )
+                print(
+                    f"{label}: {runs[label][-1]['seconds']:.1f} s (child {child.wall_s:.1f} s, peak RSS {child.peak_rss_mb:.0f} MiB)",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -116,8 +137,15 @@ def main() -> None:
         "writer_blocked_fraction": blocked,
         "writer_blocked_ok": blocked <= 0.05,
     }
-    settings = {"model": "smollm2", "prompts": args.prompts, "group_size": args.group_size, "groups": ext["groups_total"],
-                "tokens_per_pass": ext["tokens_per_pass"], "repeats": args.repeats, "threads": args.threads}
+    settings = {
+        "model": "smollm2",
+        "prompts": args.prompts,
+        "group_size": args.group_size,
+        "groups": ext["groups_total"],
+        "tokens_per_pass": ext["tokens_per_pass"],
+        "repeats": args.repeats,
+        "threads": args.threads,
+    }
     rows = [
         "| competitor | best work time (s) | all runs (s) | child wall (s) | peak RSS (MiB) |",
         "|---|---|---|---|---|",
@@ -125,7 +153,9 @@ def main() -> None:
     for label, best in (("bare loop (forward+backward only)", bare), ("fisherstore extract", ext)):
         key = "bare loop" if label.startswith("bare") else label
         all_runs = ", ".join(f"{r['seconds']:.1f}" for r in runs[key])
-        rows.append(f"| {label} | {best['seconds']:.1f} | {all_runs} | {best['child_wall_s']:.1f} | {best['peak_rss_mb']:.0f} |")
+        rows.append(
+            f"| {label} | {best['seconds']:.1f} | {all_runs} | {best['child_wall_s']:.1f} | {best['peak_rss_mb']:.0f} |"
+        )
     table = "\n".join(rows) + (
         f"\n\nSettings: {settings}.\n\n"
         f"- overhead extract / bare = **{overhead:.3f}x** (target <= 1.10x): {'PASS' if verdict['overhead_ok'] else 'FAIL'}\n"

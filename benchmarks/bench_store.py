@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import python, run_child, this_command, write_results  # noqa: E402
+from harness import python, run_child, this_command, write_results
 
 GEN = r"""
 import sys, math, torch
@@ -80,7 +80,9 @@ TORCH_MMAP = (
 # "Reading every byte": a CRC-32C over the tensor's bytes (~9 GB/s), the same for every competitor,
 # so that the figure is dominated by getting the bytes, not by arithmetic on them.  Every child
 # imports its libraries before the clock starts.
-TOUCH = "a = x.reshape(-1).view(torch.uint8).numpy(); a.flags.writeable = False; c = google_crc32c.Checksum(); c.update(a)"
+TOUCH = (
+    "a = x.reshape(-1).view(torch.uint8).numpy(); a.flags.writeable = False; c = google_crc32c.Checksum(); c.update(a)"
+)
 
 SINGLE = {
     "fisherstore lazy (fisher.pt)": (
@@ -102,7 +104,8 @@ SINGLE = {
         "root = Path(sys.argv[1]); t0 = time.perf_counter()\n"
         "shard = json.loads((root / 'fisher.safetensors.index.json').read_text())['weight_map'][sys.argv[2]]\n"
         "with safe_open(root / shard, 'pt') as f: x = f.get_tensor(sys.argv[2])\n"
-        + TOUCH + "\nprint(time.perf_counter() - t0)"
+        + TOUCH
+        + "\nprint(time.perf_counter() - t0)"
     ),
 }
 
@@ -119,7 +122,11 @@ def settle(seconds: float, warm_bytes: int) -> None:
     """Flush dirty pages, wait, then fault ``warm_bytes`` of memory back in from the host (module docstring)."""
     subprocess.run(["sync"], check=True)
     time.sleep(seconds)
-    free = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemFree:"))
+    free = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemFree:")
+    )
     n = max(0, min(warm_bytes, free - (1 << 30)))  # never evict the source from the page cache
     subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({n}, dtype=numpy.uint8)"], check=True)
 
@@ -134,7 +141,9 @@ def warm(path: Path) -> None:
 def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     src = work / "fisher.pt"
-    n, total, largest = run_child("generate", python(GEN, str(gb), str(src)), env={"FISHERSTORE_NO_FSYNC": "1"}).stdout.split()
+    n, total, largest = run_child(
+        "generate", python(GEN, str(gb), str(src)), env={"FISHERSTORE_NO_FSYNC": "1"}
+    ).stdout.split()
     nbytes = src.stat().st_size
     print(f"[{gb} GB] {n} tensors, {int(total) / 1e9:.2f} GB of tensor data, file {nbytes / 1e9:.2f} GB", flush=True)
     st, zr, back = work / "st", work / "z.zarr", work / "back.pt"
@@ -144,7 +153,12 @@ def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
     # operation unless the next one reads it, so that at 8 GB no stale copy crowds the source out of the
     # page cache (three copies of the data exceed RAM).
     ops: list[tuple[str, list[str], Path | None, Path | None]] = [
-        ("startup: convert of a one-tensor fisher.pt → zarr --no-fsync", fs("--no-fsync", "convert", str(tiny), str(work / "tiny.zarr"), "--to", "zarr"), work / "tiny.zarr", None),
+        (
+            "startup: convert of a one-tensor fisher.pt → zarr --no-fsync",
+            fs("--no-fsync", "convert", str(tiny), str(work / "tiny.zarr"), "--to", "zarr"),
+            work / "tiny.zarr",
+            None,
+        ),
         ("cp", ["cp", str(src), str(work / "copy.pt")], work / "copy.pt", None),
         ("cp + sync", ["sh", "-c", f"cp {src} {work / 'copy.pt'} && sync {work / 'copy.pt'}"], work / "copy.pt", None),
         ("torch.load", python(TORCH_LOAD, str(src)), None, None),
@@ -152,8 +166,15 @@ def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
         ("convert → safetensors --no-fsync", fs("--no-fsync", "convert", str(src), str(st)), st, None),
         ("convert → zarr (none) --no-fsync", fs("--no-fsync", "convert", str(src), str(zr)), zr, None),
         # compression is CPU-bound: durability changes little, and each run is long
-        *((f"convert → zarr ({c}) --no-fsync", fs("--no-fsync", "convert", str(src), str(zr), "--compression", c), zr, None)
-          for c in ("blosc-lz4-bitshuffle", "blosc-zstd-bitshuffle")),
+        *(
+            (
+                f"convert → zarr ({c}) --no-fsync",
+                fs("--no-fsync", "convert", str(src), str(zr), "--compression", c),
+                zr,
+                None,
+            )
+            for c in ("blosc-lz4-bitshuffle", "blosc-zstd-bitshuffle")
+        ),
         ("convert → zarr (none)", fs("convert", str(src), str(zr)), zr, None),
         ("convert → safetensors", fs("convert", str(src), str(st)), st, None),
         ("convert safetensors store → fisher.pt", fs("convert", str(st), str(back)), back, st),
@@ -185,7 +206,9 @@ def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
     for label, _, out, _ in ops:
         walls = [r.wall_s for r in runs[label]]
         row = {
-            "op": label, "wall_s": statistics.median(walls), "runs_s": walls,
+            "op": label,
+            "wall_s": statistics.median(walls),
+            "runs_s": walls,
             "peak_rss_mb": statistics.median(r.peak_rss_mb for r in runs[label]),
             "x_cp": statistics.median(c.wall_s / r.wall_s for c, r in zip(runs["cp"], runs[label])),
             "x_cp_sync": statistics.median(c.wall_s / r.wall_s for c, r in zip(runs["cp + sync"], runs[label])),
@@ -214,11 +237,23 @@ def bench_size(gb: float, work: Path, repeats: int, settle_s: float) -> dict:
             r = run_child(label, python(code, str(path), largest))
             times.append(float(r.stdout.splitlines()[-1]))
             rss.append(r.peak_rss_mb)
-        single.append({"op": label, "seconds": statistics.median(times), "peak_rss_mb": statistics.median(rss), "runs_s": times})
-        print(f"  single tensor: {label:<36} {statistics.median(times) * 1e3:9.1f} ms  {statistics.median(rss):8.0f} MiB", flush=True)
+        single.append(
+            {"op": label, "seconds": statistics.median(times), "peak_rss_mb": statistics.median(rss), "runs_s": times}
+        )
+        print(
+            f"  single tensor: {label:<36} {statistics.median(times) * 1e3:9.1f} ms  {statistics.median(rss):8.0f} MiB",
+            flush=True,
+        )
     shutil.rmtree(work)
-    return {"size_gb": gb, "file_bytes": nbytes, "tensors": int(n), "largest": largest, "largest_bytes": 5120 * 10240 * 2,
-            "ops": rows, "single_tensor": single}
+    return {
+        "size_gb": gb,
+        "file_bytes": nbytes,
+        "tensors": int(n),
+        "largest": largest,
+        "largest_bytes": 5120 * 10240 * 2,
+        "ops": rows,
+        "single_tensor": single,
+    }
 
 
 def table(results: list[dict]) -> str:
@@ -227,21 +262,35 @@ def table(results: list[dict]) -> str:
         cp = next(r for r in res["ops"] if r["op"] == "cp")["wall_s"]
         boot = res["ops"][0]["wall_s"]
         mb = res["file_bytes"] / 2**20
-        lines += [f"### {res['file_bytes'] / 1e9:.2f} GB fisher.pt, {res['tensors']} tensors, largest {res['largest_bytes'] / 1e6:.0f} MB",
-                  "", "| operation | wall s (median) | runs s | MB/s | × cp throughput | × (cp + sync) | × cp, startup excluded | peak RSS MiB | size ratio |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"### {res['file_bytes'] / 1e9:.2f} GB fisher.pt, {res['tensors']} tensors, largest {res['largest_bytes'] / 1e6:.0f} MB",
+            "",
+            "| operation | wall s (median) | runs s | MB/s | × cp throughput | × (cp + sync) | × cp, startup excluded | peak RSS MiB | size ratio |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in res["ops"]:
             ratio = f"{r['size_ratio']:.3f}" if "size_ratio" in r else ""
             steady = f"{cp / (r['wall_s'] - boot):.2f}" if r["op"].startswith("convert") else ""  # start-up: row 0
             every = " ".join(f"{w:.2f}" for w in r["runs_s"])
-            lines.append(f"| {r['op']} | {r['wall_s']:.2f} | {every} | {mb / r['wall_s']:.0f} | {r['x_cp']:.2f} | {r['x_cp_sync']:.2f} | {steady} | {r['peak_rss_mb']:.0f} | {ratio} |")
-        lines += ["", "× cp and × (cp + sync) are medians of ratios taken within a round (each round runs every operation "
-                  "once, in this order); × cp, startup excluded = median cp / (median wall - median start-up), start-up being "
-                  "the first row (interpreter, imports, opening the source, creating the store)."]
+            lines.append(
+                f"| {r['op']} | {r['wall_s']:.2f} | {every} | {mb / r['wall_s']:.0f} | {r['x_cp']:.2f} | {r['x_cp_sync']:.2f} | {steady} | {r['peak_rss_mb']:.0f} | {ratio} |"
+            )
+        lines += [
+            "",
+            "× cp and × (cp + sync) are medians of ratios taken within a round (each round runs every operation "
+            "once, in this order); × cp, startup excluded = median cp / (median wall - median start-up), start-up being "
+            "the first row (interpreter, imports, opening the source, creating the store).",
+        ]
         fs_lazy = next(r for r in res["single_tensor"] if r["op"] == "fisherstore lazy (fisher.pt)")["seconds"]
-        lines += ["", "| single largest tensor, every byte read | ms | × fisherstore lazy (fisher.pt) | peak RSS MiB |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| single largest tensor, every byte read | ms | × fisherstore lazy (fisher.pt) | peak RSS MiB |",
+            "|---|---:|---:|---:|",
+        ]
         for r in res["single_tensor"]:
-            lines.append(f"| {r['op']} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / fs_lazy:.2f} | {r['peak_rss_mb']:.0f} |")
+            lines.append(
+                f"| {r['op']} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / fs_lazy:.2f} | {r['peak_rss_mb']:.0f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -250,8 +299,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=float, nargs="+", default=[2, 8], help="fisher.pt sizes in GB")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/fisherstore-bench"))
-    ap.add_argument("--repeats", type=int, nargs="+", default=[3],
-                    help="rounds per size (one value per size, or one for all); each runs every operation once")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        nargs="+",
+        default=[3],
+        help="rounds per size (one value per size, or one for all); each runs every operation once",
+    )
     ap.add_argument("--settle", type=float, default=4.0, help="seconds to wait after sync before each operation")
     ap.add_argument("--name", default="store", help="results file stem")
     args = ap.parse_args()

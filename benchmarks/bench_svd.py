@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import python, run_child, this_command, write_results  # noqa: E402
+from harness import python, run_child, this_command, write_results
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "smollm2_fisher_layers_0_15.safetensors"
 
@@ -145,7 +145,15 @@ def main() -> None:
         run_child("make stores", python(MAKE_STORES, str(big), str(store)), env=env)
         per = run_child(
             "per tensor",
-            python(PER_TENSOR, str(args.threads), str(args.rank), str(args.power_iters), str(args.repeats), str(SAMPLE), str(big)),
+            python(
+                PER_TENSOR,
+                str(args.threads),
+                str(args.rank),
+                str(args.power_iters),
+                str(args.repeats),
+                str(SAMPLE),
+                str(big),
+            ),
             env=env,
         )
         rows = json.loads(per.stdout.splitlines()[-1])
@@ -155,13 +163,29 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             run = run_child(
                 f"workers {workers}",
-                python(SVD_COMMAND, "svd", str(store), "--rank", str(args.rank), "--power-iters", str(args.power_iters),
-                       "--out", str(out), "--workers", str(workers)),
+                python(
+                    SVD_COMMAND,
+                    "svd",
+                    str(store),
+                    "--rank",
+                    str(args.rank),
+                    "--power-iters",
+                    str(args.power_iters),
+                    "--out",
+                    str(out),
+                    "--workers",
+                    str(workers),
+                ),
                 env=env,
             )
             manifest = json.loads((out / "fisherstore.json").read_text())
             n = len(manifest["groups"][0]["tensors"]) // 3 * len(manifest["groups"])
-            throughput[workers] = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, "tensors": n, "tensors_per_s": n / run.wall_s}
+            throughput[workers] = {
+                "wall_s": run.wall_s,
+                "peak_rss_mb": run.peak_rss_mb,
+                "tensors": n,
+                "tensors_per_s": n / run.wall_s,
+            }
         load["after"] = os.getloadavg()
     finally:
         if args.workdir is None:
@@ -195,11 +219,19 @@ def main() -> None:
         "",
         "| workers | wall (s) | tensors/s | peak RSS (MiB, parent) |",
         "|---:|---:|---:|---:|",
-        *(f"| {w} | {t['wall_s']:.1f} | {t['tensors_per_s']:.2f} | {t['peak_rss_mb']:.0f} |" for w, t in throughput.items()),
+        *(
+            f"| {w} | {t['wall_s']:.1f} | {t['tensors_per_s']:.2f} | {t['peak_rss_mb']:.0f} |"
+            for w, t in throughput.items()
+        ),
         "",
         f"- load average before / after: {load['before']} / {load.get('after')}",
     ]
-    write_results("svd", this_command(), {"per_tensor": rows, "throughput": throughput, "load": load, "pass": passed}, "\n".join(lines))
+    write_results(
+        "svd",
+        this_command(),
+        {"per_tensor": rows, "throughput": throughput, "load": load, "pass": passed},
+        "\n".join(lines),
+    )
     print("\n".join(lines))
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import this_command, write_results  # noqa: E402
+from harness import this_command, write_results
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -134,24 +134,26 @@ def main() -> None:
         "load_average": list(__import__("os").getloadavg()),
     }
     mib = 1024 * 1024
-    table = "\n".join([
-        f"SmolLM2-135M, {payload['lora_modules']} LoRA modules (r={args.lora_rank}), masks k={args.rank}, "
-        f"batch {args.batch}x{args.seq} tokens, AdamW, {args.threads} threads, {args.rounds} timed steps each, alternating.",
-        "",
-        "| | median step (s) | ratio |",
-        "|---|---:|---:|",
-        f"| plain LoRA | {med['plain']:.3f} | 1.00 |",
-        f"| projector (param) + scaler | {med['fisher']:.3f} | {ratio:.3f} |",
-        "",
-        f"- target <= 1.10: {'PASS' if payload['pass'] else 'FAIL'}",
-        f"- one projection pass over all modules: {payload['projection_pass_s'] * 1e3:.1f} ms "
-        f"= {payload['projection_pass_s'] / med['plain']:.1%} of a plain step (the overhead that timing noise cannot hide; "
-        "it is O(Σ(m+n)·k·r) per step, independent of the tokens per step, so larger batches dilute it)",
-        f"- attach (read masks, QR, first projection): {attach_s:.2f} s",
-        f"- loaded masks: {payload['mask_bytes'] / mib:.1f} MiB measured; Σ(m+n)·k·4 bytes = {formula / mib:.1f} MiB",
-        f"- max leak after the run (‖UᵀΔW‖/‖ΔW‖, ‖ΔW V‖/‖ΔW‖): {leak:.2e}",
-        f"- load average during the run: {payload['load_average']}",
-    ])
+    table = "\n".join(
+        [
+            f"SmolLM2-135M, {payload['lora_modules']} LoRA modules (r={args.lora_rank}), masks k={args.rank}, "
+            f"batch {args.batch}x{args.seq} tokens, AdamW, {args.threads} threads, {args.rounds} timed steps each, alternating.",
+            "",
+            "| | median step (s) | ratio |",
+            "|---|---:|---:|",
+            f"| plain LoRA | {med['plain']:.3f} | 1.00 |",
+            f"| projector (param) + scaler | {med['fisher']:.3f} | {ratio:.3f} |",
+            "",
+            f"- target <= 1.10: {'PASS' if payload['pass'] else 'FAIL'}",
+            f"- one projection pass over all modules: {payload['projection_pass_s'] * 1e3:.1f} ms "
+            f"= {payload['projection_pass_s'] / med['plain']:.1%} of a plain step (the overhead that timing noise cannot hide; "
+            "it is O(Σ(m+n)·k·r) per step, independent of the tokens per step, so larger batches dilute it)",
+            f"- attach (read masks, QR, first projection): {attach_s:.2f} s",
+            f"- loaded masks: {payload['mask_bytes'] / mib:.1f} MiB measured; Σ(m+n)·k·4 bytes = {formula / mib:.1f} MiB",
+            f"- max leak after the run (‖UᵀΔW‖/‖ΔW‖, ‖ΔW V‖/‖ΔW‖): {leak:.2e}",
+            f"- load average during the run: {payload['load_average']}",
+        ]
+    )
     write_results("training", this_command(), payload, table)
     print(table)
 

@@ -61,9 +61,16 @@ def machine() -> dict[str, object]:
 def write_results(name: str, command: str, payload: dict, table: str) -> None:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (with the command that made them)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **payload}
+    payload = {
+        "command": command,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **payload,
+    }
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=lambda o: asdict(o)) + "\n")
-    (RESULTS / f"{name}.md").write_text(f"# {name}\n\nCommand: `{command}`\n\nMachine: {payload['machine']}, {payload['date']}\n\n{table}\n")
+    (RESULTS / f"{name}.md").write_text(
+        f"# {name}\n\nCommand: `{command}`\n\nMachine: {payload['machine']}, {payload['date']}\n\n{table}\n"
+    )
 
 
 def this_command() -> str:

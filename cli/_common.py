@@ -9,7 +9,7 @@ from typing import Any
 
 from fisherstore.errors import BadInputError
 
-__all__ = ["human_bytes", "print_json", "add_zarr_options", "zarr_options", "format_mask_table", "format_kind_summary"]
+__all__ = ["add_zarr_options", "format_kind_summary", "format_mask_table", "human_bytes", "print_json", "zarr_options"]
 
 
 def human_bytes(n: float) -> str:
@@ -57,7 +57,9 @@ def format_mask_table(rows: list[dict[str, Any]]) -> str:
         shape = "x".join(map(str, r["shape"]))
         energy = "-" if r["energy"] is None else f"{r['energy']:.6f}"
         residual = "-" if r["residual"] is None else f"{r['residual']:.4g}"
-        lines.append(f"  {r['name']:<{width}}  {shape:>12}  {r['rank']:>4}  {r['method']:<10}  {energy:>9}  {residual:>10}")
+        lines.append(
+            f"  {r['name']:<{width}}  {shape:>12}  {r['rank']:>4}  {r['method']:<10}  {energy:>9}  {residual:>10}"
+        )
     return "\n".join(lines)
 
 
@@ -68,5 +70,6 @@ def format_kind_summary(rows: list[dict[str, Any]]) -> str:
         if r["energy"] is not None:
             by_kind.setdefault(r["kind"], []).append(r["energy"])
     return "\n".join(
-        f"  {kind:<6} {len(v):>4} tensors  energy mean {sum(v) / len(v):.6f}  min {min(v):.6f}" for kind, v in sorted(by_kind.items())
+        f"  {kind:<6} {len(v):>4} tensors  energy mean {sum(v) / len(v):.6f}  min {min(v):.6f}"
+        for kind, v in sorted(by_kind.items())
     )

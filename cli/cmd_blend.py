@@ -44,17 +44,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="directory written by PEFT save_pretrained (adapter_config.json + weights)")
-    p.add_argument("--importance", required=True, metavar="PATH",
-                   help="a Fisher store, its layer_importance.json, or a JSON list / {layer: value} mapping")
-    p.add_argument("--out", required=True, metavar="DIR", help="output adapter directory (must be new or empty unless --overwrite)")
-    p.add_argument("--alpha", type=float, default=1.0, help="global blend strength multiplying every delta (default: %(default)s)")
+    p.add_argument(
+        "adapter_dir",
+        metavar="ADAPTER_DIR",
+        help="directory written by PEFT save_pretrained (adapter_config.json + weights)",
+    )
+    p.add_argument(
+        "--importance",
+        required=True,
+        metavar="PATH",
+        help="a Fisher store, its layer_importance.json, or a JSON list / {layer: value} mapping",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output adapter directory (must be new or empty unless --overwrite)"
+    )
+    p.add_argument(
+        "--alpha", type=float, default=1.0, help="global blend strength multiplying every delta (default: %(default)s)"
+    )
     default = ScaleRule()
-    p.add_argument("--power", type=float, default=default.power, help="exponent of the inverse power (default: %(default)s)")
-    p.add_argument("--reference", default=default.reference, choices=REFERENCES,
-                   help="what importances are divided by (default: %(default)s)")
-    p.add_argument("--min-factor", type=float, default=default.min_factor, help="lower clip of a layer factor (default: %(default)s)")
-    p.add_argument("--max-factor", type=float, default=default.max_factor, help="upper clip of a layer factor (default: %(default)s)")
+    p.add_argument(
+        "--power", type=float, default=default.power, help="exponent of the inverse power (default: %(default)s)"
+    )
+    p.add_argument(
+        "--reference",
+        default=default.reference,
+        choices=REFERENCES,
+        help="what importances are divided by (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-factor",
+        type=float,
+        default=default.min_factor,
+        help="lower clip of a layer factor (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-factor",
+        type=float,
+        default=default.max_factor,
+        help="upper clip of a layer factor (default: %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dry-run", action="store_true", help="print the factor table and write nothing")
     p.set_defaults(func=run)
@@ -71,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_factor_table(importance, rule, alpha=args.alpha))
     if args.dry_run:
         return 0
-    report = blend_adapter(args.adapter_dir, importance, args.out, alpha=args.alpha, rule=rule, overwrite=args.overwrite)
+    report = blend_adapter(
+        args.adapter_dir, importance, args.out, alpha=args.alpha, rule=rule, overwrite=args.overwrite
+    )
     print(f"wrote {report.out_dir}: {len(report.scaled)} LoRA B tensors scaled by their layer factor")
     for key, why in report.unscaled.items():
         print(f"  alpha only: {key} ({why})")

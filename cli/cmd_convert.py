@@ -36,13 +36,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_zarr_options(p)
     p.add_argument("--group-size", type=int, default=8, help="layers per shard when SRC is a single file (default 8)")
     p.add_argument("--buffer-mb", type=int, default=64, help="streaming buffer size in MiB (default 64)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only after the new one is complete)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace DST if it exists (only after the new one is complete)"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     to = args.to or infer_target(Path(args.dst))
-    convert(args.src, args.dst, to=to, backend_options=zarr_options(args, to), group_size=args.group_size,
-            overwrite=args.overwrite, chunk_bytes=args.buffer_mb << 20)
+    convert(
+        args.src,
+        args.dst,
+        to=to,
+        backend_options=zarr_options(args, to),
+        group_size=args.group_size,
+        overwrite=args.overwrite,
+        chunk_bytes=args.buffer_mb << 20,
+    )
     print(f"wrote {args.dst} ({to})")
     return 0

@@ -47,33 +47,71 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", nargs="?", default=SMOLLM2, help=f"model directory, .gguf file, '{SMOLLM2}' (default) or '{TINY_GEMMA4}'")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=SMOLLM2,
+        help=f"model directory, .gguf file, '{SMOLLM2}' (default) or '{TINY_GEMMA4}'",
+    )
     p.add_argument("-o", "--out", required=True, help="new store directory (or an interrupted one with --resume)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", help="prompt file or dataset folder (default: the 200 packaged IFEval-style prompts)")
     g.add_argument("--num-prompts", type=int, default=200, help="use the first N prompts (default 200)")
-    g.add_argument("--max-length", type=int, default=256, help="truncate each templated prompt to this many tokens (default 256)")
-    g.add_argument("--no-chat-template", dest="chat_template", action="store_false",
-                   help="tokenize prompts as raw text (required when the tokenizer has no chat template)")
+    g.add_argument(
+        "--max-length", type=int, default=256, help="truncate each templated prompt to this many tokens (default 256)"
+    )
+    g.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        help="tokenize prompts as raw text (required when the tokenizer has no chat template)",
+    )
     g = p.add_argument_group("estimation")
-    g.add_argument("--estimator", choices=ESTIMATORS, default="empirical",
-                   help="labels: the prompt's own next tokens (empirical, default) or samples from the model (sampled)")
-    g.add_argument("--targets", help="weights to estimate: a regex, or kinds like q,k,v (default: q/k/v/o/gate/up/down in decoder layers)")
-    g.add_argument("--group-size", default="auto",
-                   help=f"decoder layers per group, or auto (default): the largest group whose fp32 accumulators fit --max-memory, else {DEFAULT_GROUP_SIZE}")
-    g.add_argument("--max-memory", help="budget for one group's fp32 accumulators, e.g. 40GiB (used by --group-size auto); K/M/G and KiB/MiB/GiB are binary, KB/MB/GB decimal")
+    g.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="empirical",
+        help="labels: the prompt's own next tokens (empirical, default) or samples from the model (sampled)",
+    )
+    g.add_argument(
+        "--targets",
+        help="weights to estimate: a regex, or kinds like q,k,v (default: q/k/v/o/gate/up/down in decoder layers)",
+    )
+    g.add_argument(
+        "--group-size",
+        default="auto",
+        help=f"decoder layers per group, or auto (default): the largest group whose fp32 accumulators fit --max-memory, else {DEFAULT_GROUP_SIZE}",
+    )
+    g.add_argument(
+        "--max-memory",
+        help="budget for one group's fp32 accumulators, e.g. 40GiB (used by --group-size auto); K/M/G and KiB/MiB/GiB are binary, KB/MB/GB decimal",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the sampled estimator's labels (default 0)")
     g = p.add_argument_group("model placement")
     g.add_argument("--device", help="compute device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     g.add_argument("--device-map", help="place the model across devices while loading, e.g. auto (needs accelerate)")
-    g.add_argument("--model-dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="compute dtype of the weights (default auto: the checkpoint's; GGUF is dequantized to fp32)")
+    g.add_argument(
+        "--model-dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="compute dtype of the weights (default auto: the checkpoint's; GGUF is dequantized to fp32)",
+    )
     g = p.add_argument_group("store")
-    g.add_argument("--backend", choices=sorted(BACKENDS), default="safetensors", help="container format (default safetensors)")
-    g.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
-                   help="storage dtype (default bf16; fp16 is refused: Fisher values span ~20 decades)")
+    g.add_argument(
+        "--backend", choices=sorted(BACKENDS), default="safetensors", help="container format (default safetensors)"
+    )
+    g.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32", "fp16"),
+        default="bf16",
+        help="storage dtype (default bf16; fp16 is refused: Fisher values span ~20 decades)",
+    )
     add_zarr_options(g)
-    g.add_argument("--resume", action="store_true", help="continue an interrupted store: skip the groups its manifest marks complete")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted store: skip the groups its manifest marks complete",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     g.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=run)
@@ -95,16 +133,32 @@ def run(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     loaded = load_model(args.model, device=device, device_map=args.device_map, dtype=args.model_dtype)
     summary = extract(
-        loaded.model, loaded.tokenizer, prompts, args.out,
-        group_size=args.group_size, targets=args.targets, backend=args.backend, backend_options=options or None,
-        dtype=args.dtype, estimator=args.estimator, max_length=args.max_length, chat_template=args.chat_template,
-        max_memory=args.max_memory, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        args.out,
+        group_size=args.group_size,
+        targets=args.targets,
+        backend=args.backend,
+        backend_options=options or None,
+        dtype=args.dtype,
+        estimator=args.estimator,
+        max_length=args.max_length,
+        chat_template=args.chat_template,
+        max_memory=args.max_memory,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        seed=args.seed,
         provenance=loaded.provenance,
     )
     if args.json:
         print(json.dumps(summary.to_dict(), indent=1))
         return 0
-    peak = f", peak device memory {human_bytes(summary.peak_device_bytes)}" if summary.peak_device_bytes is not None else ""
+    peak = (
+        f", peak device memory {human_bytes(summary.peak_device_bytes)}"
+        if summary.peak_device_bytes is not None
+        else ""
+    )
     print(
         f"wrote {args.out}: {summary.groups_run} of {summary.groups_total} groups x {summary.num_prompts} prompts "
         f"({summary.tokens_per_pass} tokens per pass) in {summary.seconds:.1f} s, {summary.tokens_per_second:.0f} tokens/s, "

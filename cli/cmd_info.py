@@ -45,7 +45,11 @@ def summary(store: FisherStore) -> dict[str, Any]:
         "complete": store.complete,
         "groups": {"total": len(m.groups), "complete": sum(g.complete for g in m.groups)},
         "tensors": len(infos),
-        "layers": {"count": len(layers), "first": layers[0] if layers else None, "last": layers[-1] if layers else None},
+        "layers": {
+            "count": len(layers),
+            "first": layers[0] if layers else None,
+            "last": layers[-1] if layers else None,
+        },
         "bytes": store.nbytes,
         "dtypes": dict(Counter(i.dtype for i in infos)),
         "kinds": dict(Counter(i.kind for i in infos)),
@@ -65,14 +69,26 @@ def run(args: argparse.Namespace) -> int:
 
             masks = describe_masks(MaskStore(store))
         rows = [
-            {"name": n, "shape": list(i.shape), "dtype": i.dtype, "layer": i.layer, "kind": i.kind, "sum": i.sum, **i.attrs}
+            {
+                "name": n,
+                "shape": list(i.shape),
+                "dtype": i.dtype,
+                "layer": i.layer,
+                "kind": i.kind,
+                "sum": i.sum,
+                **i.attrs,
+            }
             for n, i in ((n, store.info(n)) for n in store.names)
         ]
     if args.json:
         extra = {"tensor_list": rows} if args.tensors else {}
         print_json({**info, **extra, **({"masks": masks} if masks is not None else {})})
         return 0
-    state = "complete" if info["complete"] else f"INCOMPLETE ({info['groups']['complete']} of {info['groups']['total']} groups written)"
+    state = (
+        "complete"
+        if info["complete"]
+        else f"INCOMPLETE ({info['groups']['complete']} of {info['groups']['total']} groups written)"
+    )
     layers = info["layers"]
     print(f"{info['path']}: {info['kind']} {info['format']}, {state}")
     print(f"  tensors  {info['tensors']}  ({', '.join(f'{k} {v}' for k, v in sorted(info['kinds'].items()))})")
@@ -92,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
     if args.tensors:
         width = max((len(r["name"]) for r in rows), default=10)
         for r in rows:
-            extra = "".join(f"  {k}={v:.4g}" if isinstance(v, float) else f"  {k}={v}" for k, v in r.items() if k not in ("name", "shape", "dtype", "layer", "kind", "sum"))
-            print(f"  {r['name']:<{width}}  {str(r['shape']):>14}  {r['dtype']:<8}  sum={r['sum']:.6g}{extra}")
+            extra = "".join(
+                f"  {k}={v:.4g}" if isinstance(v, float) else f"  {k}={v}"
+                for k, v in r.items()
+                if k not in ("name", "shape", "dtype", "layer", "kind", "sum")
+            )
+            print(f"  {r['name']:<{width}}  {r['shape']!s:>14}  {r['dtype']:<8}  sum={r['sum']:.6g}{extra}")
     return 0

@@ -32,7 +32,14 @@ examples:
   fisherstore info masks/                                      # per-tensor energy table
 """
 
-_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+_DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
 
 
 def parse_size(text: str) -> int:
@@ -53,24 +60,55 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("store", help="Fisher store directory, fisher.pt or .safetensors file")
-    p.add_argument("--rank", "-k", type=int, required=True, help="modes kept per tensor (min(k, m, n) for an m x n tensor)")
+    p.add_argument(
+        "--rank", "-k", type=int, required=True, help="modes kept per tensor (min(k, m, n) for an m x n tensor)"
+    )
     p.add_argument("--out", "-o", required=True, help="new mask store directory")
     p.add_argument("--oversample", type=int, help="extra random directions p (default max(10, k/4))")
-    p.add_argument("--power-iters", type=int, default=2, help="subspace iterations q; each costs two reads of a streamed tensor (default 2)")
+    p.add_argument(
+        "--power-iters",
+        type=int,
+        default=2,
+        help="subspace iterations q; each costs two reads of a streamed tensor (default 2)",
+    )
     p.add_argument("--tensors", metavar="REGEX", help="only tensors whose name matches REGEX (default: all matrices)")
-    p.add_argument("--transform", choices=sorted(TRANSFORMS), default="none", help="element-wise map applied before the SVD (default none)")
-    p.add_argument("--dtype", choices=_DTYPES, default="fp32", metavar="{fp32,bf16,fp16}", help="dtype U, S, V are stored in (default fp32)")
-    p.add_argument("--device", default="cpu", help="where to compute: cpu, cuda, cuda:1 (under torchrun 'cuda' means each rank's LOCAL_RANK)")
+    p.add_argument(
+        "--transform",
+        choices=sorted(TRANSFORMS),
+        default="none",
+        help="element-wise map applied before the SVD (default none)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=_DTYPES,
+        default="fp32",
+        metavar="{fp32,bf16,fp16}",
+        help="dtype U, S, V are stored in (default fp32)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where to compute: cpu, cuda, cuda:1 (under torchrun 'cuda' means each rank's LOCAL_RANK)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes decomposing tensors in parallel (default 1)")
     p.add_argument(
-        "--max-memory", type=parse_size, default=DEFAULT_MAX_MEMORY,
+        "--max-memory",
+        type=parse_size,
+        default=DEFAULT_MAX_MEMORY,
         help=f"bound on the decompositions' working set, shared by the workers (default {human_bytes(DEFAULT_MAX_MEMORY)}); "
         "tensors larger than this are streamed",
     )
     p.add_argument("--exact", action="store_true", help="exact SVD for every tensor (each must fit in --max-memory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random test matrices (default 0)")
-    p.add_argument("--backend", choices=("safetensors", "zarr"), default="safetensors", help="container of the mask store (default safetensors)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out with the same options")
+    p.add_argument(
+        "--backend",
+        choices=("safetensors", "zarr"),
+        default="safetensors",
+        help="container of the mask store (default safetensors)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run into the same --out with the same options"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the per-tensor table as JSON")
     p.set_defaults(func=run)
@@ -78,14 +116,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = SVDConfig(
-        rank=args.rank, oversample=args.oversample, power_iters=args.power_iters, transform=args.transform,
-        dtype=_DTYPES[args.dtype], device=args.device, max_memory=args.max_memory, exact=args.exact, seed=args.seed,
+        rank=args.rank,
+        oversample=args.oversample,
+        power_iters=args.power_iters,
+        transform=args.transform,
+        dtype=_DTYPES[args.dtype],
+        device=args.device,
+        max_memory=args.max_memory,
+        exact=args.exact,
+        seed=args.seed,
     )
     if args.resume and args.overwrite:
         raise BadInputError("--resume and --overwrite contradict each other; pick one")
     svd_store(
-        args.store, args.out, cfg, tensors=args.tensors, workers=args.workers, resume=args.resume,
-        overwrite=args.overwrite, backend=args.backend,
+        args.store,
+        args.out,
+        cfg,
+        tensors=args.tensors,
+        workers=args.workers,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        backend=args.backend,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0

@@ -21,7 +21,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from fisherstore import __version__
 from fisherstore.errors import FisherStoreError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 #: Sub-command modules, in the order ``--help`` lists them.
 COMMANDS = ("extract", "info", "convert", "verify", "importance", "svd", "plot", "blend")
@@ -100,10 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"fisherstore: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback on request
+    except Exception as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"fisherstore: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"fisherstore: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

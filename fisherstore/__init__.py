@@ -73,7 +73,7 @@ _EXPORTS: dict[str, str] = {
     "BlendReport": "blend",
 }
 
-__all__ = ["__version__", *_EXPORTS, *_ERRORS]
+__all__ = ["__version__", *_EXPORTS, *_ERRORS]  # noqa: PLE0604 - the keys of _EXPORTS are str
 
 
 def __getattr__(name: str) -> Any:

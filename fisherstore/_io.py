@@ -27,7 +27,22 @@ if TYPE_CHECKING:
 import google_crc32c
 import numpy as np
 
-__all__ = ["atomic_dir", "Checksum", "FileSpan", "atomic_file", "write_json_atomic", "fsync", "fsync_dir", "set_durable", "pread_into", "pread_tensor", "write_all", "preallocate", "c_function", "TMP_PREFIX"]
+__all__ = [
+    "TMP_PREFIX",
+    "Checksum",
+    "FileSpan",
+    "atomic_dir",
+    "atomic_file",
+    "c_function",
+    "fsync",
+    "fsync_dir",
+    "pread_into",
+    "pread_tensor",
+    "preallocate",
+    "set_durable",
+    "write_all",
+    "write_json_atomic",
+]
 
 #: Prefix of every temporary file or directory fisherstore creates inside a store.
 TMP_PREFIX = ".fstmp-"
@@ -74,7 +89,9 @@ def _crc32c_extend() -> Any:
         from google_crc32c import _crc32c  # the C extension; its library holds the public C API
     except ImportError:
         return None
-    return c_function(_crc32c.__file__, "crc32c_extend", [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint32)
+    return c_function(
+        _crc32c.__file__, "crc32c_extend", [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint32
+    )
 
 
 class Checksum:
@@ -218,7 +235,9 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int, where:
 @functools.cache
 def _fallocate() -> Any:
     """The C library's ``fallocate`` (Linux), or None where there is none."""
-    return c_function(None, "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int, use_errno=True)
+    return c_function(
+        None, "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int, use_errno=True
+    )
 
 
 def preallocate(fd: int, nbytes: int, where: str | Path, *, required: bool = True) -> None:

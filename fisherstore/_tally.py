@@ -28,7 +28,7 @@ from ._io import Checksum, FileSpan
 from .formats.base import Chunk
 from .manifest import ITEMSIZES
 
-__all__ = ["Tally", "ReadAhead", "Feed", "BLOCK", "PIECE_BYTES"]
+__all__ = ["BLOCK", "PIECE_BYTES", "Feed", "ReadAhead", "Tally"]
 
 #: Bytes per piece handed from the read-ahead thread to the writer.  Small enough that the tally and the
 #: write find the piece in the CPU's caches, and deliberately not a multiple of the page size: on the
@@ -236,7 +236,13 @@ class ReadAhead:
         self._active: Feed | None = None
 
     def feed(
-        self, chunks: Iterable[Chunk], tally: Tally | None, *, stable: bool = False, cut: int = PIECE_BYTES, held: int = 0
+        self,
+        chunks: Iterable[Chunk],
+        tally: Tally | None,
+        *,
+        stable: bool = False,
+        cut: int = PIECE_BYTES,
+        held: int = 0,
     ) -> Feed:
         """The pieces of ``chunks``, tallied into ``tally`` (if given) before they are handed out.
 
@@ -289,7 +295,9 @@ class Feed:
     in the consumer.
     """
 
-    def __init__(self, ahead: ReadAhead, chunks: Iterable[Chunk], tally: Tally | None, stable: bool, cut: int, held: int) -> None:
+    def __init__(
+        self, ahead: ReadAhead, chunks: Iterable[Chunk], tally: Tally | None, stable: bool, cut: int, held: int
+    ) -> None:
         self._ahead = ahead
         self._chunks = chunks
         self._tally = tally

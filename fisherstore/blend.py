@@ -30,7 +30,7 @@ from .importance import load_importance
 from .naming import parse_name
 from .training import ScaleRule
 
-__all__ = ["BlendReport", "blend_adapter", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BLEND_RECORD"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BLEND_RECORD", "BlendReport", "blend_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ def _load_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
         peft_type = config.get("peft_type") if isinstance(config, dict) else None
         raise BadInputError(f"{config_path}: peft_type is {peft_type!r}; only LoRA adapters can be blended")
     if config.get("use_dora"):
-        raise BadInputError(f"{config_path}: DoRA adapters rescale W+ΔW by learned magnitudes; their ΔW cannot be scaled per layer")
+        raise BadInputError(
+            f"{config_path}: DoRA adapters rescale W+ΔW by learned magnitudes; their ΔW cannot be scaled per layer"
+        )
     weights = adapter_dir / ADAPTER_WEIGHTS
     if weights.is_file():
         from safetensors import SafetensorError
@@ -138,8 +140,11 @@ def blend_adapter(
     if not report.scaled:
         raise BadInputError(f"{src}: no LoRA B tensor lies in a layer the importance covers; nothing to blend")
     if report.unscaled:
-        log.warning("blend: %d LoRA tensor(s) got alpha only: %s", len(report.unscaled),
-                    "; ".join(f"{k}: {why}" for k, why in list(report.unscaled.items())[:3]))
+        log.warning(
+            "blend: %d LoRA tensor(s) got alpha only: %s",
+            len(report.unscaled),
+            "; ".join(f"{k}: {why}" for k, why in list(report.unscaled.items())[:3]),
+        )
     record = {
         "source": str(src.resolve()),
         "alpha": alpha,

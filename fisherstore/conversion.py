@@ -26,7 +26,7 @@ from .progress import progress
 from .store import DEFAULT_CHUNK_BYTES, FisherStore, open_store
 from .writer import StoreWriter, plan_groups
 
-__all__ = ["convert", "infer_target", "TARGETS"]
+__all__ = ["TARGETS", "convert", "infer_target"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ def convert(
     with open_store(src) as store:
         if not store.complete:
             missing = [g.index for g in store.manifest.groups if not g.complete]
-            raise IncompleteStoreError(f"{src}: groups {missing} are not written; resume the store before converting it")
+            raise IncompleteStoreError(
+                f"{src}: groups {missing} are not written; resume the store before converting it"
+            )
         if backend_options and to == "pt":
             raise BadInputError("fisher.pt takes no backend options (compression, chunking)")
         with progress(total=store.nbytes, desc=f"convert → {to}", unit="B", unit_scale=True, unit_divisor=1024) as bar:
@@ -92,7 +94,9 @@ def _to_pt(store: FisherStore, dst: Path, chunk_bytes: int, bar: Any) -> None:
         write_pt(dst, [i.spec for i in infos], items)
 
 
-def _checked_pieces(ahead: ReadAhead, store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[Buffer]:
+def _checked_pieces(
+    ahead: ReadAhead, store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any
+) -> Iterator[Buffer]:
     """A tensor's bytes, read ahead; when the source recorded a checksum they are tallied and must match it."""
     tally = Tally(info.dtype) if info.checksum else None
     with ahead.feed(_stream(store, info, chunk_bytes, bar), tally) as feed:
@@ -119,15 +123,21 @@ def _to_store(
         options = {"prefix": "masks", **options}
     with atomic_dir(dst) as tmp:  # on overwrite, the old store goes only once the new one is complete
         writer = StoreWriter.create(
-            tmp, _plan(store, group_size), backend=backend, backend_options=options,
-            kind=store.manifest.kind, provenance=provenance, attrs=store.manifest.attrs,
+            tmp,
+            _plan(store, group_size),
+            backend=backend,
+            backend_options=options,
+            kind=store.manifest.kind,
+            provenance=provenance,
+            attrs=store.manifest.attrs,
         )
         with writer:
             for group in writer.manifest.groups:
                 infos = [store.info(s.name) for s in group.tensors]
                 items: Iterable = ((i.spec, _stream(store, i, chunk_bytes, bar)) for i in infos)
                 writer.stream_group(
-                    group.index, items,
+                    group.index,
+                    items,
                     attrs={i.name: i.attrs for i in infos},
                     expect={i.name: i.checksum for i in infos},
                 )

@@ -11,14 +11,14 @@ key or value and, where possible, say what to do next.
 from __future__ import annotations
 
 __all__ = [
-    "FisherStoreError",
     "BadInputError",
-    "CorruptDataError",
     "ChecksumMismatchError",
-    "UnsafePickleError",
+    "CorruptDataError",
+    "FisherStoreError",
+    "IncompleteStoreError",
     "StoreNotFoundError",
     "TensorNotFoundError",
-    "IncompleteStoreError",
+    "UnsafePickleError",
 ]
 
 

@@ -50,16 +50,16 @@ from .sizes import parse_bytes
 from .writer import StoreWriter, plan_groups
 
 __all__ = [
+    "DEFAULT_GROUP_SIZE",
     "ESTIMATORS",
     "STORAGE_DTYPES",
-    "DEFAULT_GROUP_SIZE",
     "ExtractSummary",
-    "extract",
-    "target_parameters",
     "auto_group_size",
+    "extract",
     "parse_bytes",
     "parse_group_size",
     "storage_dtype",
+    "target_parameters",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,16 +69,31 @@ ESTIMATORS = ("empirical", "sampled")
 
 #: Storage dtypes.  fp16 is refused: Fisher values span ~20 decades (2e-20 .. 3 on
 #: SmolLM2) and ~8% of them flush to zero in fp16, whose range ends at 6e-8.
-STORAGE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                                          "fp32": torch.float32, "float32": torch.float32}
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 #: Group size used by ``group_size="auto"`` when no memory budget is given.  It
 #: does not depend on the machine, so a resumed run plans the same groups.
 DEFAULT_GROUP_SIZE = 8
 
 # Provenance fields that must agree for a run to resume another one's store.
-_RESUME_KEYS = ("config_hash", "prompts_sha256", "num_prompts", "max_length", "chat_template",
-                "estimator", "seed", "targets", "tokenizer_vocab_size", "tokens")
+_RESUME_KEYS = (
+    "config_hash",
+    "prompts_sha256",
+    "num_prompts",
+    "max_length",
+    "chat_template",
+    "estimator",
+    "seed",
+    "targets",
+    "tokenizer_vocab_size",
+    "tokens",
+)
+
 
 @dataclass(frozen=True)
 class ExtractSummary:
@@ -202,8 +217,20 @@ def extract(
     was_training = model.training
     model.eval()  # dropout would make every pass a different model
 
-    with _restore_mode(model, was_training), StoreWriter.create(out, plan, backend=backend, backend_options=backend_options, kind="fisher",
-                            provenance=prov, attrs=attrs, resume=resume, overwrite=overwrite) as writer:
+    with (
+        _restore_mode(model, was_training),
+        StoreWriter.create(
+            out,
+            plan,
+            backend=backend,
+            backend_options=backend_options,
+            kind="fisher",
+            provenance=prov,
+            attrs=attrs,
+            resume=resume,
+            overwrite=overwrite,
+        ) as writer,
+    ):
         _check_resumable(writer.manifest.provenance, prov, out)
         todo = [g for g in plan if g.index not in writer.completed_groups]
         if len(todo) < len(plan):
@@ -239,7 +266,12 @@ def extract(
     )
     log.info(
         "extracted %d groups x %d prompts (%d tokens per pass) in %.1f s: %.0f tokens/s, writer blocked %.2f s, peak RSS %.0f MiB",
-        summary.groups_run, summary.num_prompts, tokens, seconds, summary.tokens_per_second, blocked,
+        summary.groups_run,
+        summary.num_prompts,
+        tokens,
+        seconds,
+        summary.tokens_per_second,
+        blocked,
         summary.peak_rss_bytes / 2**20,
     )
     return summary

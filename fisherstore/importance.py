@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any
 from .manifest import Manifest
 
 if TYPE_CHECKING:
-    from .store import FisherStore
+    pass
 
 __all__ = ["IMPORTANCE_NAME", "importance_document", "layer_sums", "load_importance"]
 
 IMPORTANCE_NAME = "layer_importance.json"
 
 
-def layer_sums(infos: dict, sums: dict[str, float] | None = None) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
+def layer_sums(
+    infos: dict, sums: dict[str, float] | None = None
+) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
     """Per-layer totals and per-layer-per-kind totals from tensor infos (and optional override sums)."""
     totals: dict[int, float] = {}
     by_kind: dict[int, dict[str, float]] = {}
@@ -50,7 +52,9 @@ def importance_document(manifest: Manifest, sums: dict[str, float] | None = None
         "layers": {str(l): v for l, v in totals.items()},
         "vector": list(totals.values()),
         "by_kind": {str(l): k for l, k in by_kind.items()},
-        "provenance": {k: manifest.provenance[k] for k in ("model", "estimator", "num_prompts") if k in manifest.provenance},
+        "provenance": {
+            k: manifest.provenance[k] for k in ("model", "estimator", "num_prompts") if k in manifest.provenance
+        },
     }
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,18 +23,18 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DTYPES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
-    "MANIFEST_NAME",
-    "DTYPES",
     "ITEMSIZES",
-    "TensorSpec",
-    "TensorInfo",
+    "MANIFEST_NAME",
     "GroupInfo",
     "Manifest",
+    "TensorInfo",
+    "TensorSpec",
     "dtype_name",
-    "torch_dtype",
     "now_iso",
+    "torch_dtype",
 ]
 
 FORMAT_NAME = "fisherstore"
@@ -324,7 +324,10 @@ class Manifest:
             raise _bad(where, f"format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
         version = d.get("version")
         if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
-            raise _bad(where, f"version {version!r} is not supported (this fisherstore reads 1..{FORMAT_VERSION}); upgrade fisherstore")
+            raise _bad(
+                where,
+                f"version {version!r} is not supported (this fisherstore reads 1..{FORMAT_VERSION}); upgrade fisherstore",
+            )
         backend = d.get("backend")
         if not isinstance(backend, str):
             raise _bad(where, f"backend must be a string, got {backend!r}")

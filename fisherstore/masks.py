@@ -45,16 +45,16 @@ from .writer import StoreWriter, plan_groups
 __all__ = [
     "MASK_KIND",
     "MaskStore",
-    "open_masks",
-    "write_masks",
     "describe_masks",
+    "energy_and_residual",
+    "mask_attrs",
+    "mask_backend_options",
     "mask_names",
     "mask_specs",
-    "mask_attrs",
-    "energy_and_residual",
-    "mask_backend_options",
+    "open_masks",
     "plan_mask_groups",
     "source_identity",
+    "write_masks",
 ]
 
 #: ``Manifest.kind`` of a mask store.
@@ -277,7 +277,9 @@ class MaskStore:
         try:
             return self._names[name]
         except KeyError:
-            raise TensorNotFoundError(f"{self.path}: no masks for tensor {name!r} (it holds {len(self._names)} tensors)") from None
+            raise TensorNotFoundError(
+                f"{self.path}: no masks for tensor {name!r} (it holds {len(self._names)} tensors)"
+            ) from None
 
     def close(self) -> None:
         self.store.close()
@@ -332,10 +334,16 @@ def write_masks(
     store = source if isinstance(source, FisherStore) or source is None else open_store(source)
     try:
         if store is None:
-            specs = [spec for name, (U, S, V) in masks.items() for spec in mask_specs(name, U.shape[0], V.shape[0], S.shape[0], dtype)]
+            specs = [
+                spec
+                for name, (U, S, V) in masks.items()
+                for spec in mask_specs(name, U.shape[0], V.shape[0], S.shape[0], dtype)
+            ]
             plan = plan_groups(specs, 1)
             attrs = {
-                name: mask_attrs(name, (U.shape[0], V.shape[0]), captured=_captured(S), total_energy=None, method="given")
+                name: mask_attrs(
+                    name, (U.shape[0], V.shape[0]), captured=_captured(S), total_energy=None, method="given"
+                )
                 for name, (U, S, V) in masks.items()
             }
             identity: dict[str, Any] = {}
@@ -346,21 +354,37 @@ def write_masks(
             for name, (U, S, V) in masks.items():
                 m, n = rows_of(store.info(name).shape)
                 if (U.shape[0], V.shape[0]) != (m, n):
-                    raise BadInputError(f"{name!r}: U and V give a {U.shape[0]}x{V.shape[0]} matrix, the source tensor is {m}x{n}")
+                    raise BadInputError(
+                        f"{name!r}: U and V give a {U.shape[0]}x{V.shape[0]} matrix, the source tensor is {m}x{n}"
+                    )
                 entries.append((name, m, n, S.shape[0], store.info(name).group))
             plan = plan_mask_groups(entries, dtype)
             transform = params.get("transform", "none")
             attrs = {
                 name: mask_attrs(
-                    name, (U.shape[0], V.shape[0]), captured=_captured(S), total_energy=frobenius_sq(store, name, transform),
-                    method="given", fisher_sum=store.info(name).sum,
+                    name,
+                    (U.shape[0], V.shape[0]),
+                    captured=_captured(S),
+                    total_energy=frobenius_sq(store, name, transform),
+                    method="given",
+                    fisher_sum=store.info(name).sum,
                 )
                 for name, (U, S, V) in masks.items()
             }
             identity = source_identity(store)
-        manifest_attrs = {"rank": max(S.shape[0] for _, S, _ in masks.values()), "method": "given", "params": params, "source": identity}
+        manifest_attrs = {
+            "rank": max(S.shape[0] for _, S, _ in masks.values()),
+            "method": "given",
+            "params": params,
+            "source": identity,
+        }
         writer = StoreWriter.create(
-            path, plan, backend=backend, backend_options=mask_backend_options(backend), kind=MASK_KIND, attrs=manifest_attrs
+            path,
+            plan,
+            backend=backend,
+            backend_options=mask_backend_options(backend),
+            kind=MASK_KIND,
+            attrs=manifest_attrs,
         )
         with writer:
             for group in plan:
@@ -370,7 +394,13 @@ def write_masks(
                     name = str(spec.name[: -len(_SUFFIXES[1])])
                     u, s, v = mask_names(name)
                     U, S, V = masks[name]
-                    tensors.update({u: U.detach().cpu().contiguous(), s: S.detach().cpu().contiguous(), v: V.detach().cpu().contiguous()})
+                    tensors.update(
+                        {
+                            u: U.detach().cpu().contiguous(),
+                            s: S.detach().cpu().contiguous(),
+                            v: V.detach().cpu().contiguous(),
+                        }
+                    )
                     group_attrs[s] = attrs[name]
                 writer.write_group(group.index, tensors, group_attrs)
             writer.finish()
@@ -388,7 +418,9 @@ def _check_masks(masks: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Ten
     """Validate the (U, S, V) triples; return their common dtype name."""
     dtypes = set()
     for name, triple in masks.items():
-        if not (isinstance(triple, (tuple, list)) and len(triple) == 3 and all(isinstance(t, torch.Tensor) for t in triple)):
+        if not (
+            isinstance(triple, (tuple, list)) and len(triple) == 3 and all(isinstance(t, torch.Tensor) for t in triple)
+        ):
             raise BadInputError(f"masks[{name!r}] must be a (U, S, V) tuple of tensors")
         U, S, V = triple
         if U.ndim != 2 or S.ndim != 1 or V.ndim != 2 or not (U.shape[1] == S.shape[0] == V.shape[1] >= 1):
@@ -396,7 +428,9 @@ def _check_masks(masks: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Ten
                 f"masks[{name!r}]: need U m×r, S r, V n×r with r >= 1; got U {list(U.shape)}, S {list(S.shape)}, V {list(V.shape)}"
             )
         if not (U.dtype == S.dtype == V.dtype and U.dtype.is_floating_point):
-            raise BadInputError(f"masks[{name!r}]: U, S, V must share one floating dtype; got {U.dtype}, {S.dtype}, {V.dtype}")
+            raise BadInputError(
+                f"masks[{name!r}]: U, S, V must share one floating dtype; got {U.dtype}, {S.dtype}, {V.dtype}"
+            )
         dtypes.add(U.dtype)
     if len(dtypes) != 1:
         raise BadInputError(f"all masks must share one dtype; got {sorted(map(str, dtypes))}")

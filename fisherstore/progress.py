@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-__all__ = ["progress", "set_quiet", "NullBar"]
+__all__ = ["NullBar", "progress", "set_quiet"]
 
 T = TypeVar("T")
 _quiet = False
@@ -47,8 +47,16 @@ class NullBar(Generic[T]):
 
     disable = True
 
-    def __init__(self, iterable: Iterable[T] | None = None, *, total: float | None = None, initial: float = 0,
-                 leave: bool | None = False, desc: str | None = None, **_: Any) -> None:
+    def __init__(
+        self,
+        iterable: Iterable[T] | None = None,
+        *,
+        total: float | None = None,
+        initial: float = 0,
+        leave: bool | None = False,
+        desc: str | None = None,
+        **_: Any,
+    ) -> None:
         if total is None and iterable is not None:
             try:
                 total = len(iterable)  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ import torch
 
 from .errors import BadInputError
 
-__all__ = ["Messages", "PromptSet", "load_prompts", "as_prompt_set", "encode_prompts", "DEFAULT_PROMPTS"]
+__all__ = ["DEFAULT_PROMPTS", "Messages", "PromptSet", "as_prompt_set", "encode_prompts", "load_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class PromptSet:
         if n < 1:
             raise BadInputError(f"number of prompts must be >= 1, got {n}")
         if n > len(self.prompts):
-            log.warning("%s holds %d prompts, fewer than the %d asked for; using all of them", self.source, len(self.prompts), n)
+            log.warning(
+                "%s holds %d prompts, fewer than the %d asked for; using all of them", self.source, len(self.prompts), n
+            )
         return PromptSet(self.prompts[:n], self.source, self.sha256)
 
     def provenance(self) -> dict[str, Any]:
@@ -98,14 +100,19 @@ def as_prompt_set(prompts: PromptSet | Sequence[str | Sequence[dict[str, str]]])
     """A :class:`PromptSet` from an existing one or a list of strings / message lists."""
     if isinstance(prompts, PromptSet):
         return prompts
-    items = tuple(_messages({"prompt": p} if isinstance(p, str) else {"messages": p}, f"prompt {i}") for i, p in enumerate(prompts))
+    items = tuple(
+        _messages({"prompt": p} if isinstance(p, str) else {"messages": p}, f"prompt {i}")
+        for i, p in enumerate(prompts)
+    )
     if not items:
         raise BadInputError("no prompts given")
     canonical = json.dumps(items, sort_keys=True).encode()
     return PromptSet(items, "in-memory", _sha256(canonical))
 
 
-def encode_prompts(tokenizer: Any, prompts: PromptSet, *, max_length: int, chat_template: bool = True) -> list[torch.Tensor]:
+def encode_prompts(
+    tokenizer: Any, prompts: PromptSet, *, max_length: int, chat_template: bool = True
+) -> list[torch.Tensor]:
     """Token ids ``(1, length)`` of each prompt, templated as a chat and truncated to ``max_length``.
 
     With ``chat_template`` the tokenizer's chat template renders the
@@ -135,7 +142,9 @@ def encode_prompts(tokenizer: Any, prompts: PromptSet, *, max_length: int, chat_
             ids = tokenizer(messages[0]["content"])["input_ids"]
         ids = ids[:max_length]
         if len(ids) < 2:
-            raise BadInputError(f"{prompts.source}: prompt {i} has {len(ids)} token(s); a next-token loss needs at least 2")
+            raise BadInputError(
+                f"{prompts.source}: prompt {i} has {len(ids)} token(s); a next-token loss needs at least 2"
+            )
         out.append(torch.tensor([ids], dtype=torch.long))
     return out
 
@@ -181,7 +190,9 @@ def _parse_jsonl(raw: bytes, where: str) -> Iterable[Messages]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise BadInputError(f"{loc}: not valid JSON ({exc.msg}); JSON lines files hold one object per line") from None
+            raise BadInputError(
+                f"{loc}: not valid JSON ({exc.msg}); JSON lines files hold one object per line"
+            ) from None
         out.append(_messages(obj, loc))
     return out
 
@@ -190,7 +201,9 @@ def _parse_dataset(path: Path) -> Iterable[Messages]:
     try:
         import datasets
     except ImportError:
-        raise BadInputError(f"{path}: reading parquet files and dataset folders needs the datasets package (pip install datasets)") from None
+        raise BadInputError(
+            f"{path}: reading parquet files and dataset folders needs the datasets package (pip install datasets)"
+        ) from None
     if not path.exists():
         raise BadInputError(f"{path}: no such prompt file or folder")
     try:
@@ -218,7 +231,12 @@ def _messages(obj: Any, loc: str) -> Messages:
         raise BadInputError(f"{loc}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
     out = []
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"] or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not m["role"]
+            or not isinstance(m.get("content"), str)
+        ):
             raise BadInputError(f"{loc}: message {j} must be an object with string 'role' and 'content', got {m!r:.60}")
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)

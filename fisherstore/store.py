@@ -25,7 +25,7 @@ from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["open_store", "FisherStore", "TensorSource", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "FisherStore", "TensorSource", "open_store"]
 
 #: Bounded buffer used when streaming a tensor's bytes (conversion, verify).
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -68,7 +68,7 @@ class _BackendSource:
 def _sniff(path: Path) -> str:
     with open(path, "rb") as fh:
         head = fh.read(16)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "legacy_pt"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors-file"
@@ -132,7 +132,9 @@ def _mapped_tensor(path: Path, offset: int, nbytes: int, info: TensorInfo, start
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if offset + nbytes > size:  # mapping past the end would SIGBUS on access instead of raising
-            raise CorruptDataError(f"{path}: tensor {info.name!r} needs bytes up to {offset + nbytes}, the file has {size} (truncated?)")
+            raise CorruptDataError(
+                f"{path}: tensor {info.name!r} needs bytes up to {offset + nbytes}, the file has {size} (truncated?)"
+            )
         base = offset - offset % mmap.ALLOCATIONGRANULARITY
         window = mmap.mmap(fh.fileno(), offset + nbytes - base, access=mmap.ACCESS_COPY, offset=base)
     flat = torch.frombuffer(window, dtype=torch.uint8, count=nbytes, offset=offset - base)  # keeps the map alive
@@ -239,7 +241,9 @@ class FisherStore:
             out = out.to(device=device, dtype=dtype)
         return out
 
-    def iter_rows(self, name: str, block_rows: int, *, dtype: torch.dtype | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def iter_rows(
+        self, name: str, block_rows: int, *, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, rows)`` blocks of ``block_rows`` rows, one block in memory at a time."""
         if block_rows < 1:
             raise BadInputError(f"block_rows must be >= 1, got {block_rows}")

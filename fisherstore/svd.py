@@ -70,16 +70,16 @@ from .store import FisherStore, open_store
 from .writer import StoreWriter
 
 __all__ = [
+    "DEFAULT_MAX_MEMORY",
+    "OUTPUT_DTYPES",
+    "TRANSFORMS",
+    "Plan",
     "SVDConfig",
     "SVDResult",
-    "Plan",
-    "TRANSFORMS",
-    "OUTPUT_DTYPES",
-    "DEFAULT_MAX_MEMORY",
-    "plan_decomposition",
     "decompose",
     "decompose_tensor",
     "frobenius_sq",
+    "plan_decomposition",
     "svd_store",
 ]
 
@@ -155,7 +155,9 @@ class SVDConfig:
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
-            raise BadInputError(f"--device {self.device!r} is not a torch device (try 'cpu', 'cuda', 'cuda:1')") from None
+            raise BadInputError(
+                f"--device {self.device!r} is not a torch device (try 'cpu', 'cuda', 'cuda:1')"
+            ) from None
 
     def modes(self, m: int, n: int) -> tuple[int, int]:
         """``(k, l)`` for an m×n tensor: modes kept and random directions sampled."""
@@ -266,7 +268,9 @@ Blocks = Callable[[], Iterable[tuple[int, torch.Tensor]]]
 """One pass over a matrix: ``(start row, fp32 block on the compute device)``."""
 
 
-def _widened(read: RowReader, block_rows: int, transform: str, out: torch.Tensor, in_place: bool) -> Iterator[tuple[int, torch.Tensor]]:
+def _widened(
+    read: RowReader, block_rows: int, transform: str, out: torch.Tensor, in_place: bool
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Row blocks of a stored tensor, widened to fp32 and transformed, written into ``out``.
 
     With ``in_place`` each block lands at its own rows of ``out`` (the whole
@@ -441,7 +445,9 @@ def _seed(seed: int, name: str) -> int:
 def _decompose(read: RowReader, shape: tuple[int, ...], itemsize: int, cfg: SVDConfig, name: str) -> SVDResult:
     m, n = rows_of(shape)
     if len(shape) < 2 or m == 0 or n == 0:
-        raise BadInputError(f"tensor {name!r}: shape {list(shape)} is not a non-empty matrix; only tensors with 2 or more dims decompose")
+        raise BadInputError(
+            f"tensor {name!r}: shape {list(shape)} is not a non-empty matrix; only tensors with 2 or more dims decompose"
+        )
     plan = plan_decomposition((m, n), itemsize, cfg, name)
     device = torch.device(cfg.device)
     start = time.perf_counter()
@@ -465,7 +471,9 @@ def _decompose(read: RowReader, shape: tuple[int, ...], itemsize: int, cfg: SVDC
             passes = 1 if plan.in_memory else 2 * cfg.power_iters + 2
     except _NonFinite:
         after = "" if cfg.transform == "none" else f" after --transform {cfg.transform}"
-        raise BadInputError(f"tensor {name!r} holds NaN or infinite values{after}; it cannot be decomposed (check the source with fisherstore verify)") from None
+        raise BadInputError(
+            f"tensor {name!r} holds NaN or infinite values{after}; it cannot be decomposed (check the source with fisherstore verify)"
+        ) from None
     u, v = _canonical_signs(u, v)
     out = DTYPES[cfg.dtype]
     return SVDResult(
@@ -597,7 +605,9 @@ def _check_resumable(out: Path, attrs: dict[str, Any]) -> None:
     if old.kind != MASK_KIND:
         raise BadInputError(f"{out} is a {old.kind!r} store, not a mask store; choose another --out")
     if old.attrs.get("source", {}).get("tensors_sha256") != attrs["source"]["tensors_sha256"]:
-        raise BadInputError(f"{out}: cannot resume: it was computed from another source ({old.attrs.get('source', {}).get('path')})")
+        raise BadInputError(
+            f"{out}: cannot resume: it was computed from another source ({old.attrs.get('source', {}).get('path')})"
+        )
     for key in ("rank", "params"):
         if _normalised(old.attrs.get(key)) != _normalised(attrs[key]):
             raise BadInputError(
@@ -689,7 +699,14 @@ def _run(
                 _check_resumable(out, attrs)
             options = mask_backend_options(backend, backend_options)
             writer = StoreWriter.create(
-                out, plan, backend=backend, backend_options=options, kind=MASK_KIND, attrs=attrs, resume=resume, overwrite=overwrite
+                out,
+                plan,
+                backend=backend,
+                backend_options=options,
+                kind=MASK_KIND,
+                attrs=attrs,
+                resume=resume,
+                overwrite=overwrite,
             )
         except Exception as exc:
             failure = exc
@@ -708,7 +725,15 @@ def _run(
     local_cfg = SVDConfig(**{**asdict(cfg), "device": device, "max_memory": cfg.max_memory // workers})
     log.info(
         "svd %s -> %s: %d tensors in %d groups, %d groups to do; rank %d of %d decomposes %d of them with %d worker(s)",
-        store.path, out, len(names), len(plan), len(pending), ranks.rank, ranks.world, len(mine), workers,
+        store.path,
+        out,
+        len(names),
+        len(plan),
+        len(pending),
+        ranks.rank,
+        ranks.world,
+        len(mine),
+        workers,
     )
     bar = progress(total=len(owner), desc="svd", unit="tensor") if ranks.rank == 0 else None
     try:
@@ -758,7 +783,9 @@ def _agree(ranks: _Ranks, failure: Exception | None, errors: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _decomposer(store: FisherStore, cfg: SVDConfig, names: list[str], workers: int) -> Iterator[Callable[[str], SVDResult]]:
+def _decomposer(
+    store: FisherStore, cfg: SVDConfig, names: list[str], workers: int
+) -> Iterator[Callable[[str], SVDResult]]:
     """``name → SVDResult``: computed in this process, or by ``workers`` processes started on all ``names`` at once.
 
     Workers are spawned (not forked: torch's thread pools and CUDA do not
@@ -769,8 +796,10 @@ def _decomposer(store: FisherStore, cfg: SVDConfig, names: list[str], workers: i
         return
     threads = max(1, torch.get_num_threads() // workers)
     pool = ProcessPoolExecutor(
-        workers, mp_context=torch.multiprocessing.get_context("spawn"),
-        initializer=_worker_init, initargs=(str(store.path), cfg, threads),
+        workers,
+        mp_context=torch.multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(str(store.path), cfg, threads),
     )
     try:
         futures = {name: pool.submit(_worker_decompose, name) for name in names}
@@ -794,12 +823,23 @@ def _write_group(
         u, s, v = mask_names(name)
         tensors.update({u: r.U, s: r.S, v: r.V})
         attrs[s] = mask_attrs(
-            name, shapes[name], captured=r.captured, total_energy=r.total_energy, method=r.method,
+            name,
+            shapes[name],
+            captured=r.captured,
+            total_energy=r.total_energy,
+            method=r.method,
             fisher_sum=store.info(name).sum,
         )
         log.info(
             "%s: %s rank %d of %dx%d, energy %.6f, residual %.4g, %.2fs (%s, %d passes)",
-            name, r.method, r.S.shape[0], *shapes[name], r.energy, r.residual, r.seconds,
-            "in memory" if r.in_memory else "streamed", r.passes,
+            name,
+            r.method,
+            r.S.shape[0],
+            *shapes[name],
+            r.energy,
+            r.residual,
+            r.seconds,
+            "in memory" if r.in_memory else "streamed",
+            r.passes,
         )
     writer.write_group(index, tensors, attrs)

@@ -14,7 +14,7 @@ import torch
 
 from .naming import DEFAULT_TARGETS, parse_name
 
-__all__ = ["tiny_gemma4_config", "tiny_gemma4_model", "fisher_like_tensors", "fisher_like"]
+__all__ = ["fisher_like", "fisher_like_tensors", "tiny_gemma4_config", "tiny_gemma4_model"]
 
 
 def tiny_gemma4_config(num_layers: int = 4, hidden: int = 64, vocab: int = 256):
@@ -49,7 +49,9 @@ def tiny_gemma4_model(seed: int = 0, **config_kwargs):
     return model.eval()
 
 
-def fisher_like(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def fisher_like(
+    shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """Positive, heavy-tailed, nearly rank-1 values like a real diagonal Fisher.
 
     ``r_i * c_j * n_ij`` with log-normal row scales ``r`` (ln-sigma 0.6, ln-mean

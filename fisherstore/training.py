@@ -78,19 +78,19 @@ if TYPE_CHECKING:
 __all__ = [
     "MODES",
     "REFERENCES",
-    "MaskSource",
     "Coverage",
-    "ProjectorConfig",
-    "SubspaceProjector",
-    "ScaleRule",
+    "FisherTrainerCallback",  # noqa: F822 - built on first access by __getattr__ (imports transformers)
     "LayerScaler",
+    "MaskSource",
+    "ProjectorConfig",
+    "ScaleRule",
+    "SubspaceProjector",
     "TrainingHooks",
     "attach_training",
-    "project_lora_",
-    "subspace_leak",
     "format_factor_table",
     "lora_modules",
-    "FisherTrainerCallback",
+    "project_lora_",
+    "subspace_leak",
 ]
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,9 @@ class ProjectorConfig:
                 raise BadInputError(f"projection layers must be non-negative integers, got {self.layers!r}")
             object.__setattr__(self, "layers", layers)
         if self.adapters is not None:
-            object.__setattr__(self, "adapters", (self.adapters,) if isinstance(self.adapters, str) else tuple(self.adapters))
+            object.__setattr__(
+                self, "adapters", (self.adapters,) if isinstance(self.adapters, str) else tuple(self.adapters)
+            )
 
     def selects(self, layer: int | None, kind: str) -> str | None:
         """Why a module of this layer and kind is not selected, or ``None`` when it is."""
@@ -373,8 +375,13 @@ class SubspaceProjector:
         self.project_()
         if self.config.mode == "grad":
             self._register_grad_hooks()
-        log.info("subspace projector (%s mode, rank %d, strength %g): %s",
-                 self.config.mode, self.rank, self.config.strength, self.coverage.summary())
+        log.info(
+            "subspace projector (%s mode, rank %d, strength %g): %s",
+            self.config.mode,
+            self.rank,
+            self.config.strength,
+            self.coverage.summary(),
+        )
 
     # -- attach
 
@@ -415,8 +422,10 @@ class SubspaceProjector:
         U, _, V = store.get(target.fisher, rank=self.config.rank, device=ref.device, dtype=torch.float32)
         expected = (module.out_features, module.in_features)
         if (U.shape[0], V.shape[0]) != expected or U.shape[1] != V.shape[1]:
-            why = (f"mask {target.fisher!r} has U {tuple(U.shape)}, V {tuple(V.shape)} but the layer's "
-                   f"weight is {expected[0]}x{expected[1]}")
+            why = (
+                f"mask {target.fisher!r} has U {tuple(U.shape)}, V {tuple(V.shape)} but the layer's "
+                f"weight is {expected[0]}x{expected[1]}"
+            )
             if not target.by_layer_kind:
                 raise BadInputError(f"{target.name}: {why}; the mask store was made for another model")
             self.coverage.missing[target.name] = why
@@ -496,7 +505,9 @@ class ScaleRule:
             raise BadInputError(f"scale reference {self.reference!r} is not one of {REFERENCES}")
         lo, hi = self.min_factor, self.max_factor
         if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(hi) and 0 <= lo <= hi):
-            raise BadInputError(f"scale clip range must satisfy 0 <= min_factor <= max_factor < inf, got [{lo!r}, {hi!r}]")
+            raise BadInputError(
+                f"scale clip range must satisfy 0 <= min_factor <= max_factor < inf, got [{lo!r}, {hi!r}]"
+            )
 
     def reference_value(self, importance: Mapping[int, float]) -> float:
         """The value importances are divided by: ``reference`` over the layers of positive importance."""
@@ -515,7 +526,7 @@ class ScaleRule:
         """``relative ** -power`` before clipping (``inf`` for a zero importance when ``power > 0``)."""
         if relative == 0:
             return math.inf if self.power > 0 else (0.0 if self.power < 0 else 1.0)
-        return relative ** -self.power
+        return relative**-self.power
 
     def factors(self, importance: Mapping[int, float]) -> dict[int, float]:
         """Layer → factor for every layer of ``importance``."""
@@ -668,7 +679,9 @@ def _callback_class() -> type:
         when the callback is built, before any training.
         """
 
-        def __init__(self, masks: Any = None, importance: Any = None, rule: ScaleRule | None = None, **projector_options: Any) -> None:
+        def __init__(
+            self, masks: Any = None, importance: Any = None, rule: ScaleRule | None = None, **projector_options: Any
+        ) -> None:
             if masks is None and importance is None:
                 raise BadInputError("FisherTrainerCallback needs masks and/or importance")
             if masks is None and projector_options:
@@ -677,12 +690,16 @@ def _callback_class() -> type:
             self.masks, self.importance, self.rule = masks, importance, rule
             self.hooks: TrainingHooks | None = None
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        def on_train_begin(
+            self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+        ) -> None:
             if self.hooks is None:
                 if model is None:
                     raise BadInputError("FisherTrainerCallback got no model from the Trainer")
                 options = {"config": self.config} if self.masks is not None else {}
-                self.hooks = attach_training(model, masks=self.masks, importance=self.importance, rule=self.rule, **options)
+                self.hooks = attach_training(
+                    model, masks=self.masks, importance=self.importance, rule=self.rule, **options
+                )
 
         def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if self.hooks is not None:

@@ -55,7 +55,10 @@ def verify(path: str | Path | FisherStore) -> list[Problem]:
                     problems.append(Problem(name, f"{nbytes} bytes read, {info.nbytes} expected"))
                 elif info.checksum and checksum.hexdigest() != info.checksum:
                     problems.append(
-                        Problem(name, f"checksum mismatch: bytes hash to {checksum.hexdigest()}, manifest says {info.checksum}")
+                        Problem(
+                            name,
+                            f"checksum mismatch: bytes hash to {checksum.hexdigest()}, manifest says {info.checksum}",
+                        )
                     )
     finally:
         if not isinstance(path, FisherStore):

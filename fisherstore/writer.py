@@ -118,7 +118,9 @@ class StoreWriter:
         manifest_path = root / MANIFEST_NAME
         if resume and manifest_path.exists():
             old = Manifest.load(manifest_path)
-            if old.backend != backend or [(g.layers, g.tensors) for g in old.groups] != [(g.layers, g.tensors) for g in plan]:
+            if old.backend != backend or [(g.layers, g.tensors) for g in old.groups] != [
+                (g.layers, g.tensors) for g in plan
+            ]:
                 raise BadInputError(
                     f"{root}: cannot resume: the existing store was planned with a different backend, "
                     "groups or tensors; write to a new path or pass --overwrite"
@@ -130,7 +132,9 @@ class StoreWriter:
             return writer
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             if not overwrite:
-                raise BadInputError(f"{root} already exists; choose a new path, pass --resume to continue it, or --overwrite")
+                raise BadInputError(
+                    f"{root} already exists; choose a new path, pass --resume to continue it, or --overwrite"
+                )
             if root.is_dir() and not manifest_path.exists():
                 raise BadInputError(f"{root} is not empty and not a fisherstore store; refusing to overwrite it")
             shutil.rmtree(root) if root.is_dir() else root.unlink()
@@ -226,8 +230,15 @@ class StoreWriter:
                 layer, kind = parse_name(spec.name)
                 infos.append(
                     TensorInfo(
-                        name=spec.name, shape=spec.shape, dtype=spec.dtype, group=index, location=location,
-                        checksum=checksum, sum=tally.sum, layer=layer, kind=kind,
+                        name=spec.name,
+                        shape=spec.shape,
+                        dtype=spec.dtype,
+                        group=index,
+                        location=location,
+                        checksum=checksum,
+                        sum=tally.sum,
+                        layer=layer,
+                        kind=kind,
                         attrs=dict((attrs or {}).get(spec.name, {})),
                     )
                 )
@@ -346,5 +357,3 @@ def _check(spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:
             f"the plan says {spec.dtype}{list(spec.shape)}"
         )
     return tensor
-
-

@@ -32,7 +32,9 @@ def gemma_bf16(gemma_config) -> dict[str, torch.Tensor]:
     return fisher_like_tensors(gemma_config, dtype=torch.bfloat16)
 
 
-def write_store(path: Path, tensors: dict[str, torch.Tensor], backend: str = "safetensors", group_size: int = 2, **options) -> Path:
+def write_store(
+    path: Path, tensors: dict[str, torch.Tensor], backend: str = "safetensors", group_size: int = 2, **options
+) -> Path:
     """Write ``tensors`` as a complete store at ``path``."""
     plan = plan_groups([TensorSpec.of(n, t) for n, t in tensors.items()], group_size)
     with StoreWriter.create(path, plan, backend=backend, backend_options=options or None) as w:
@@ -80,4 +82,6 @@ def assert_same_tensors(store, tensors: dict[str, torch.Tensor]) -> None:
     for name, expected in tensors.items():
         got = store[name]
         assert got.dtype == expected.dtype and got.shape == expected.shape, name
-        assert torch.equal(got.view(torch.uint8) if got.dim() else got, expected.view(torch.uint8) if expected.dim() else expected), name
+        assert torch.equal(
+            got.view(torch.uint8) if got.dim() else got, expected.view(torch.uint8) if expected.dim() else expected
+        ), name

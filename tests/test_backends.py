@@ -83,7 +83,7 @@ def test_abort_leaves_no_trace(tmp_path, gemma_bf16, backend):
     sink.write_tensor(first, [gemma_bf16[first.name].view(torch.uint8).numpy().tobytes()])
     sink.abort()
     be.close()
-    assert [p.name for p in root.iterdir() if not p.name == "zarr.json"] == []
+    assert [p.name for p in root.iterdir() if p.name != "zarr.json"] == []
 
 
 def test_missing_data_is_reported_as_corruption(tmp_path, gemma_bf16, backend):
@@ -92,8 +92,13 @@ def test_missing_data_is_reported_as_corruption(tmp_path, gemma_bf16, backend):
     manifest = Manifest.load(tmp_path / "s" / "fisherstore.json")
     victim = "model.layers.2.mlp.up_proj.weight"
     location = manifest.tensors[victim].location
-    data_files = [p for p in (tmp_path / "s").rglob("*") if p.is_file() and p.name not in ("zarr.json", "fisherstore.json")
-                  and (location.get("file") == p.name or location.get("array") in p.parts)]
+    data_files = [
+        p
+        for p in (tmp_path / "s").rglob("*")
+        if p.is_file()
+        and p.name not in ("zarr.json", "fisherstore.json")
+        and (location.get("file") == p.name or location.get("array") in p.parts)
+    ]
     assert data_files
     for p in data_files:
         p.unlink()

@@ -23,7 +23,9 @@ IMPORTANCE = {0: 1.0, 1: 4.0, 2: 0.25}  # layer 3 deliberately missing
 
 
 def deltas(model) -> dict[str, torch.Tensor]:
-    return {n: m.get_delta_weight("default").detach().clone() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return {
+        n: m.get_delta_weight("default").detach().clone() for n, m in model.named_modules() if isinstance(m, LoraLayer)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +122,22 @@ def test_cli_blend_and_dry_run(tmp_path, adapter, capsys):
     assert not (tmp_path / "dry").exists()
     table = capsys.readouterr().out
     assert "factor = clip((importance / geomean) ** -0.5, 0.1, 10)" in table
-    assert _cli(str(src), "--importance", str(imp), "--out", str(tmp_path / "o"), "--alpha", "2", "--power", "1",
-                "--max-factor", "3") == 0
+    assert (
+        _cli(
+            str(src),
+            "--importance",
+            str(imp),
+            "--out",
+            str(tmp_path / "o"),
+            "--alpha",
+            "2",
+            "--power",
+            "1",
+            "--max-factor",
+            "3",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "wrote" in out and "alpha only" in out and "layers.3." in out
     factors = ScaleRule(power=1.0, max_factor=3.0).factors(IMPORTANCE)

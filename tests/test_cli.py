@@ -12,7 +12,9 @@ from .conftest import SHARED_SAMPLE
 
 
 def test_console_script_runs_and_teaches():
-    out = subprocess.run([sys.executable, "-m", "fisherstore.cli.main", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fisherstore.cli.main", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for cmd in ("info", "convert", "verify", "importance"):
         assert cmd in out
     assert "typical session" in out
@@ -95,7 +97,10 @@ def test_info_on_a_mask_store_prints_the_energy_table(cli, tmp_path):
 
     g = torch.Generator().manual_seed(0)
     masks = {}
-    for name, (m, n) in {"model.layers.0.self_attn.q_proj.weight": (8, 6), "model.layers.1.mlp.up_proj.weight": (10, 4)}.items():
+    for name, (m, n) in {
+        "model.layers.0.self_attn.q_proj.weight": (8, 6),
+        "model.layers.1.mlp.up_proj.weight": (10, 4),
+    }.items():
         u, _ = torch.linalg.qr(torch.randn(m, 3, generator=g))
         v, _ = torch.linalg.qr(torch.randn(n, 3, generator=g))
         masks[name] = (u, torch.tensor([3.0, 2.0, 1.0]), v)
@@ -117,4 +122,6 @@ def test_public_functions_are_not_shadowed_by_submodules():
     for module in ("conversion", "verification", "extraction", "store", "svd", "masks", "training"):
         importlib.import_module(f"fisherstore.{module}")
     for name in ("convert", "verify", "extract", "open_store", "svd_store", "open_masks", "attach_training"):
-        assert callable(getattr(fisherstore, name)) and not isinstance(getattr(fisherstore, name), type(fisherstore)), name
+        assert callable(getattr(fisherstore, name)) and not isinstance(getattr(fisherstore, name), type(fisherstore)), (
+            name
+        )

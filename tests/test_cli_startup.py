@@ -77,7 +77,9 @@ def test_version_imports_nothing_heavy():
 
 
 def test_version_of_the_installed_command():
-    r = subprocess.run([sys.executable, "-m", "fisherstore.cli.main", "--version"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "fisherstore.cli.main", "--version"], capture_output=True, text=True, cwd=ROOT
+    )
     assert (r.returncode, r.stdout, r.stderr) == (0, f"fisherstore {fisherstore.__version__}\n", "")
 
 
@@ -121,8 +123,14 @@ def _run_on_tty(args: list[str]) -> tuple[int, str, str]:
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        p = subprocess.Popen([sys.executable, "-m", "fisherstore.cli.main", *args], stdout=subprocess.PIPE,
-                             stderr=slave, stdin=subprocess.DEVNULL, cwd=ROOT, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "fisherstore.cli.main", *args],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            text=True,
+        )
         os.close(slave)
         out, _ = p.communicate(timeout=300)
         reader.join(timeout=30)

@@ -104,7 +104,9 @@ def test_grouped_runs_match_torch_func_reference(tiny, prompts, reference, tmp_p
 def test_sampled_estimator(tiny, prompts, tmp_path):
     inputs = encode_prompts(tiny.tokenizer, prompts, max_length=MAX_LENGTH)
     with torch.no_grad():
-        labels = [_sampled_labels(tiny.model(input_ids=ids).logits[0, :-1].float(), 0, i) for i, ids in enumerate(inputs)]
+        labels = [
+            _sampled_labels(tiny.model(input_ids=ids).logits[0, :-1].float(), 0, i) for i, ids in enumerate(inputs)
+        ]
     assert not all(torch.equal(y, ids[0, 1:]) for y, ids in zip(labels, inputs, strict=True))
     names = set(target_parameters(tiny.model))
     _, one = run(tiny, prompts, tmp_path / "s1", estimator="sampled", group_size=1)
@@ -133,7 +135,12 @@ def test_provenance_summary_and_importance(tiny, prompts, tmp_path):
     assert prov["model"] == prov["tokenizer"] == TINY_GEMMA4 and prov["model_class"] == "Gemma4ForCausalLM"
     assert prov["config_hash"].startswith("sha256:") and prov["prompts_sha256"] == prompts.sha256
     assert prov["num_prompts"] == attrs["num_samples"] == 3 and prov["tokens"] == attrs["tokens"] == sum(lengths)
-    assert (prov["max_length"], prov["chat_template"], prov["estimator"], prov["group_size"]) == (MAX_LENGTH, True, "empirical", 2)
+    assert (prov["max_length"], prov["chat_template"], prov["estimator"], prov["group_size"]) == (
+        MAX_LENGTH,
+        True,
+        "empirical",
+        2,
+    )
     assert prov["chat_template_sha256"].startswith("sha256:") and prov["compute_dtype"] == "float32"
     assert set(prov["versions"]) == {"fisherstore", "torch", "transformers"}
     assert (summary.groups_total, summary.groups_run, summary.num_prompts) == (2, 2, 3)
@@ -186,13 +193,17 @@ def test_resume_skips_complete_groups_and_refuses_other_inputs(tiny, prompts, tm
 
 def test_targets_select_weights(tiny, prompts, tmp_path):
     _, tensors = run(tiny, prompts, tmp_path / "t", group_size=4, targets="q,down")
-    assert sorted(tensors) == sorted(f"model.layers.{i}.{k}.weight" for i in range(4) for k in ("self_attn.q_proj", "mlp.down_proj"))
+    assert sorted(tensors) == sorted(
+        f"model.layers.{i}.{k}.weight" for i in range(4) for k in ("self_attn.q_proj", "mlp.down_proj")
+    )
     with pytest.raises(BadInputError, match="matches no parameter"):
         run(tiny, prompts, tmp_path / "none", targets=r"lora_A")
 
 
 def test_bad_options(tiny, prompts, tmp_path):
-    with pytest.raises(BadInputError, match="fp16 is refused: Fisher values span ~20 decades and ~8% of them flush to zero"):
+    with pytest.raises(
+        BadInputError, match="fp16 is refused: Fisher values span ~20 decades and ~8% of them flush to zero"
+    ):
         run(tiny, prompts, tmp_path / "a", dtype="fp16")
     with pytest.raises(BadInputError, match="estimator 'fisher'"):
         run(tiny, prompts, tmp_path / "b", estimator="fisher")
@@ -214,7 +225,14 @@ def test_auto_group_size_and_memory_sizes(tiny):
     with pytest.raises(BadInputError, match="one layer's fp32 accumulators need"):
         auto_group_size(specs, 1000)
     # one meaning everywhere (svd --max-memory too): bare K/M/G and KiB/MiB/GiB binary, KB/MB/GB decimal
-    assert [parse_bytes(v) for v in ("8GiB", "500MB", "1.5G", "1024", 7, "64k")] == [8 << 30, 500 * 10**6, int(1.5 * (1 << 30)), 1024, 7, 65536]
+    assert [parse_bytes(v) for v in ("8GiB", "500MB", "1.5G", "1024", 7, "64k")] == [
+        8 << 30,
+        500 * 10**6,
+        int(1.5 * (1 << 30)),
+        1024,
+        7,
+        65536,
+    ]
     for bad in ("lots", "-1G", "0", "5 parsecs", "1.5GiB2", True):
         with pytest.raises(BadInputError, match="size"):
             parse_bytes(bad)
@@ -224,8 +242,16 @@ def test_device_map_loaded_model_gives_the_same_fisher(tiny, prompts, reference,
     tiny.model.save_pretrained(tmp_path / "m")
     tiny.tokenizer.save_pretrained(tmp_path / "m")
     mapped = load_model(tmp_path / "m", device_map="auto")
-    summary = extract(mapped.model, mapped.tokenizer, prompts, tmp_path / "s", group_size=2, dtype="fp32",
-                      max_length=MAX_LENGTH, provenance=mapped.provenance)
+    summary = extract(
+        mapped.model,
+        mapped.tokenizer,
+        prompts,
+        tmp_path / "s",
+        group_size=2,
+        dtype="fp32",
+        max_length=MAX_LENGTH,
+        provenance=mapped.provenance,
+    )
     on_gpu = next(mapped.model.parameters()).device.type == "cuda"  # "auto" maps onto a GPU where there is one
     with open_store(tmp_path / "s") as store:
         # fp32 on a GPU sums in another order: elementwise differences of ~3e-4 were measured on an H200
@@ -235,8 +261,20 @@ def test_device_map_loaded_model_gives_the_same_fisher(tiny, prompts, reference,
 
 
 def test_cli_extract(cli, tmp_path):
-    code, out, _ = cli("--quiet", "extract", TINY_GEMMA4, "--out", tmp_path / "c", "--num-prompts", "2",
-                       "--max-length", "24", "--group-size", "2", "--json")
+    code, out, _ = cli(
+        "--quiet",
+        "extract",
+        TINY_GEMMA4,
+        "--out",
+        tmp_path / "c",
+        "--num-prompts",
+        "2",
+        "--max-length",
+        "24",
+        "--group-size",
+        "2",
+        "--json",
+    )
     assert code == 0
     summary = json.loads(out)
     assert (summary["groups_total"], summary["num_prompts"], summary["estimator"]) == (2, 2, "empirical")
@@ -244,13 +282,32 @@ def test_cli_extract(cli, tmp_path):
         assert len(store) == 26 and store.manifest.complete and store.info(store.names[0]).dtype == "bfloat16"
     code, _, err = cli("extract", TINY_GEMMA4, "--out", tmp_path / "d", "--dtype", "fp16")
     assert code == 2 and "fp16 is refused" in err and not (tmp_path / "d").exists()
-    code, _, err = cli("extract", TINY_GEMMA4, "--out", tmp_path / "e", "--backend", "safetensors", "--compression", "zstd")
+    code, _, err = cli(
+        "extract", TINY_GEMMA4, "--out", tmp_path / "e", "--backend", "safetensors", "--compression", "zstd"
+    )
     assert code == 2 and "--compression applies to zarr targets only" in err
 
 
 def _cli_extract(out, *extra):
-    return [sys.executable, "-m", "fisherstore.cli.main", "--quiet", "extract", TINY_GEMMA4, "--out", str(out),
-            "--group-size", "1", "--num-prompts", "120", "--max-length", "64", "--dtype", "fp32", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "fisherstore.cli.main",
+        "--quiet",
+        "extract",
+        TINY_GEMMA4,
+        "--out",
+        str(out),
+        "--group-size",
+        "1",
+        "--num-prompts",
+        "120",
+        "--max-length",
+        "64",
+        "--dtype",
+        "fp32",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -295,8 +352,16 @@ def test_sigkill_mid_group_then_resume_is_bit_identical(tmp_path, cli):
 def test_smollm2_matches_torch_func_reference(tmp_path):
     smol = load_model()
     prompts = load_prompts(limit=2)
-    summary = extract(smol.model, smol.tokenizer, prompts, tmp_path / "s", group_size=8, dtype="fp32", max_length=24,
-                      provenance=smol.provenance)
+    summary = extract(
+        smol.model,
+        smol.tokenizer,
+        prompts,
+        tmp_path / "s",
+        group_size=8,
+        dtype="fp32",
+        max_length=24,
+        provenance=smol.provenance,
+    )
     assert (summary.groups_total, summary.group_size) == (4, 8)
     inputs = encode_prompts(smol.tokenizer, prompts, max_length=24)
     reference = reference_fisher(smol.model, inputs, set(target_parameters(smol.model)))

@@ -44,7 +44,9 @@ BOUND = 1e-5  # the fp32 subspace invariant ‖UᵀΔW‖/‖ΔW‖ of param-mod
 
 
 def _report(what: str, **values: object) -> None:
-    print(f"[gpu] {what}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    print(
+        f"[gpu] {what}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    )
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,8 +78,21 @@ def _cli(*args) -> tuple[int, str]:
 
 def _extract_cli(out, device: torch.device, *extra) -> dict:
     code, stdout = _cli(
-        "--quiet", "extract", "tiny-gemma4", "--out", out, "--device", str(device), "--num-prompts", NUM_PROMPTS,
-        "--max-length", MAX_LENGTH, "--group-size", 2, "--json", *extra,
+        "--quiet",
+        "extract",
+        "tiny-gemma4",
+        "--out",
+        out,
+        "--device",
+        str(device),
+        "--num-prompts",
+        NUM_PROMPTS,
+        "--max-length",
+        MAX_LENGTH,
+        "--group-size",
+        2,
+        "--json",
+        *extra,
     )
     assert code == 0, stdout
     return json.loads(stdout)
@@ -96,12 +111,18 @@ def extracted(tmp_path_factory):
 
 def test_cuda_extraction_matches_cpu(extracted):
     (cpu_path, cpu_summary), (gpu_path, gpu_summary) = extracted["cpu"], extracted["gpu"]
-    print(f"[gpu] torch {torch.__version__}, allow_tf32 matmul={torch.backends.cuda.matmul.allow_tf32}, "
-          f"float32_matmul_precision={torch.get_float32_matmul_precision()}")
+    print(
+        f"[gpu] torch {torch.__version__}, allow_tf32 matmul={torch.backends.cuda.matmul.allow_tf32}, "
+        f"float32_matmul_precision={torch.get_float32_matmul_precision()}"
+    )
     if DEVICE.type == "cuda":
         assert gpu_summary["peak_device_bytes"] and gpu_summary["peak_device_bytes"] > 0
-        _report("extract on cuda", seconds=gpu_summary["seconds"], peak_device_mib=gpu_summary["peak_device_bytes"] / 2**20,
-                cpu_seconds=cpu_summary["seconds"])
+        _report(
+            "extract on cuda",
+            seconds=gpu_summary["seconds"],
+            peak_device_mib=gpu_summary["peak_device_bytes"] / 2**20,
+            cpu_seconds=cpu_summary["seconds"],
+        )
     assert cpu_summary["peak_device_bytes"] is None
     for key in ("groups_total", "groups_run", "num_prompts", "tokens_per_pass", "tokens_processed", "group_size"):
         assert gpu_summary[key] == cpu_summary[key], key
@@ -145,8 +166,9 @@ def test_cuda_bf16_store_is_the_rounded_fp32_mean(extracted, tmp_path):
     assert summary["groups_total"] == 2
     exact, total = 0, 0
     with open_store(gpu_fp32_path) as fp32, open_store(tmp_path / "bf16") as bf16:
-        assert [(n, i.shape, i.group) for n, i in bf16.manifest.tensors.items()] == \
-               [(n, i.shape, i.group) for n, i in fp32.manifest.tensors.items()]
+        assert [(n, i.shape, i.group) for n, i in bf16.manifest.tensors.items()] == [
+            (n, i.shape, i.group) for n, i in fp32.manifest.tensors.items()
+        ]
         for name in fp32.names:
             f, b = fp32[name], bf16[name]
             assert b.dtype == torch.bfloat16
@@ -195,8 +217,11 @@ def test_cuda_interrupted_extraction_resumes_to_the_uninterrupted_store(extracte
         for name in whole.names:
             if resumed.info(name).checksum != whole.info(name).checksum or not torch.equal(resumed[name], whole[name]):
                 differ[name] = _rel(resumed[name], whole[name])
-    _report("resume on the device vs an uninterrupted run", tensors_differing=len(differ),
-            worst_rel=max(differ.values(), default=0.0))
+    _report(
+        "resume on the device vs an uninterrupted run",
+        tensors_differing=len(differ),
+        worst_rel=max(differ.values(), default=0.0),
+    )
     assert not differ, f"{len(differ)} tensors differ from the uninterrupted run (relative differences {differ})"
 
 
@@ -209,10 +234,21 @@ def test_cuda_extraction_python_api_sampled_estimator(tmp_path):
     assert next(loaded.model.parameters()).device.type == DEVICE.type
     prompts = load_prompts(limit=NUM_PROMPTS)
     stores = {}
-    for label, kwargs in (("s1", dict(estimator="sampled", group_size=1)), ("s4", dict(estimator="sampled", group_size=4)),
-                          ("emp", dict(estimator="empirical", group_size=4))):
-        extract(loaded.model, loaded.tokenizer, prompts, tmp_path / label, max_length=MAX_LENGTH, dtype="fp32",
-                provenance=loaded.provenance, **kwargs)
+    for label, kwargs in (
+        ("s1", dict(estimator="sampled", group_size=1)),
+        ("s4", dict(estimator="sampled", group_size=4)),
+        ("emp", dict(estimator="empirical", group_size=4)),
+    ):
+        extract(
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            tmp_path / label,
+            max_length=MAX_LENGTH,
+            dtype="fp32",
+            provenance=loaded.provenance,
+            **kwargs,
+        )
         with open_store(tmp_path / label) as s:
             stores[label] = {n: s[n] for n in s.names}
     assert next(loaded.model.parameters()).device.type == DEVICE.type  # the model stays where it was
@@ -268,11 +304,18 @@ def test_cuda_lazy_reads_match_cpu_reads(read_sources, source):
             cpu = store[name]
             assert cpu.device.type == "cpu"
             on_dev = store.read(name, device=DEVICE)
-            assert on_dev.device.type == DEVICE.type and on_dev.dtype == expected.dtype and on_dev.shape == expected.shape
+            assert (
+                on_dev.device.type == DEVICE.type and on_dev.dtype == expected.dtype and on_dev.shape == expected.shape
+            )
             assert torch.equal(on_dev.cpu(), cpu) and torch.equal(cpu, expected), name
             assert torch.equal(store.read(name, device=str(DEVICE)).cpu(), expected), name
             rows = expected.shape[0]
-            for start, stop in ((0, rows), (3, min(rows, 17)), (rows // 2, rows), (1, rows)):  # (1, rows): mapped for lm_head
+            for start, stop in (
+                (0, rows),
+                (3, min(rows, 17)),
+                (rows // 2, rows),
+                (1, rows),
+            ):  # (1, rows): mapped for lm_head
                 part = store.read(name, rows=(start, stop), dtype=torch.float32, device=DEVICE)
                 assert part.device.type == DEVICE.type and part.dtype == torch.float32
                 assert torch.equal(part.cpu(), expected[start:stop].float()), (name, start, stop)
@@ -285,14 +328,17 @@ def test_cuda_mask_reads_match_cpu(tmp_path):
     triples = {}
     for name, t in fisher_like_tensors(tiny_gemma4_config(), dtype=torch.float32).items():
         m, n = t.shape
-        triples[name] = (torch.linalg.qr(torch.randn(m, 6, generator=g)).Q, torch.linspace(3, 1, 6),
-                         torch.linalg.qr(torch.randn(n, 6, generator=g)).Q)
+        triples[name] = (
+            torch.linalg.qr(torch.randn(m, 6, generator=g)).Q,
+            torch.linspace(3, 1, 6),
+            torch.linalg.qr(torch.randn(n, 6, generator=g)).Q,
+        )
     write_masks(tmp_path / "m", triples)
     with open_masks(tmp_path / "m") as masks:
         for name in masks.names:
             cpu = masks.get(name, rank=4)
             dev = masks.get(name, rank=4, device=DEVICE, dtype=torch.float32)
-            for c, d, full in zip(cpu, dev, triples[name]):
+            for c, d in zip(cpu, dev):
                 assert d.device.type == DEVICE.type and d.is_contiguous()
                 assert torch.equal(d.cpu(), c), name
             assert torch.equal(cpu[0], triples[name][0][:, :4]) and torch.equal(cpu[2], triples[name][2][:, :4])
@@ -340,7 +386,11 @@ def _leaks(model, triples) -> dict[str, tuple[float, float, float]]:
             dW = module.get_delta_weight("default")
             assert dW.device.type == DEVICE.type and dW.dtype == torch.float32
             norm = torch.linalg.norm(dW)
-            out[name] = (float(torch.linalg.norm(U.T @ dW) / norm), float(torch.linalg.norm(dW @ V) / norm), float(norm))
+            out[name] = (
+                float(torch.linalg.norm(U.T @ dW) / norm),
+                float(torch.linalg.norm(dW @ V) / norm),
+                float(norm),
+            )
     return out
 
 
@@ -441,17 +491,27 @@ def _compare_masks(dev_path, cpu_path, label: str) -> None:
             rd, rc = (Ud.double() * Sd.double()) @ Vd.double().T, (Uc.double() * Sc.double()) @ Vc.double().T
             worst_rec = max(worst_rec, _rel(rd, rc))
             eye = torch.eye(Ud.shape[1], dtype=torch.float64)
-            worst_orth = max(worst_orth, float((Ud.double().T @ Ud.double() - eye).abs().max()),
-                             float((Vd.double().T @ Vd.double() - eye).abs().max()))
+            worst_orth = max(
+                worst_orth,
+                float((Ud.double().T @ Ud.double() - eye).abs().max()),
+                float((Vd.double().T @ Vd.double() - eye).abs().max()),
+            )
             # the leading mode is well separated in a nearly rank-1 Fisher: same vector, same sign (canonical signs)
             assert float(Ud[:, 0] @ Uc[:, 0]) > 1 - 1e-4 and float(Vd[:, 0] @ Vc[:, 0]) > 1 - 1e-4, name
             ed, ec = d.energy(name), c.energy(name)
             assert ed == pytest.approx(ec, abs=ENERGY_ATOL), name
             worst_energy = max(worst_energy, abs(ed - ec))
-    _report(f"svd {label} device vs cpu", worst_S_rel=worst_s, worst_reconstruction_rel=worst_rec,
-            worst_energy_abs=worst_energy, worst_orthogonality=worst_orth)
+    _report(
+        f"svd {label} device vs cpu",
+        worst_S_rel=worst_s,
+        worst_reconstruction_rel=worst_rec,
+        worst_energy_abs=worst_energy,
+        worst_orthogonality=worst_orth,
+    )
     assert worst_rec < 1e-3
-    assert worst_orth <= 1e-5, f"U or V columns orthonormal only to {worst_orth:.3g} (FORMAT.md: orthonormal; test_svd's bar: 1e-5)"
+    assert worst_orth <= 1e-5, (
+        f"U or V columns orthonormal only to {worst_orth:.3g} (FORMAT.md: orthonormal; test_svd's bar: 1e-5)"
+    )
     assert verify(dev_path) == [] and verify(cpu_path) == []
 
 
@@ -464,8 +524,9 @@ def test_cuda_svd_store_matches_cpu(svd_source, tmp_path, label, options):
 
     if label == "streamed":  # the 512×384 tensor is re-read in row blocks into a device buffer
         with open_store(svd_source) as store:
-            assert not decompose_tensor(store, "model.layers.3.extra.weight",
-                                        SVDConfig(rank=4, device=str(DEVICE), **options)).in_memory
+            assert not decompose_tensor(
+                store, "model.layers.3.extra.weight", SVDConfig(rank=4, device=str(DEVICE), **options)
+            ).in_memory
     manifests = {}
     for side, device in (("cpu", "cpu"), ("dev", str(DEVICE))):
         manifests[side] = svd_store(svd_source, tmp_path / side, SVDConfig(rank=4, device=device, **options))

@@ -1,6 +1,5 @@
 """Hostile and broken inputs: one clear line, exit 2, source unchanged, nothing left behind."""
 
-import io
 import json
 import os
 import pickle
@@ -69,8 +68,13 @@ def test_pickle_calling_an_arbitrary_global_is_not_executed(cli, tmp_path, good_
 
 
 def _lying_safetensors(path: Path, lie) -> None:
-    save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(4, 8, dtype=torch.bfloat16),
-               "model.layers.0.mlp.down_proj.weight": torch.ones(8, 4, dtype=torch.bfloat16)}, str(path))
+    save_file(
+        {
+            "model.layers.0.mlp.up_proj.weight": torch.ones(4, 8, dtype=torch.bfloat16),
+            "model.layers.0.mlp.down_proj.weight": torch.ones(8, 4, dtype=torch.bfloat16),
+        },
+        str(path),
+    )
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + n])
@@ -140,7 +144,11 @@ def test_manifest_location_escaping_the_store(cli, tmp_path, make_store, gemma_b
 
 @pytest.mark.parametrize(
     "to, reserved",
-    [(["--to", "safetensors"], "cannot reserve"), (["--to", "zarr"], "cannot reserve"), (["--to", "zarr", "--compression", "zstd"], "")],
+    [
+        (["--to", "safetensors"], "cannot reserve"),
+        (["--to", "zarr"], "cannot reserve"),
+        (["--to", "zarr", "--compression", "zstd"], ""),
+    ],
 )
 def test_a_disk_too_small_fails_with_one_line_naming_the_file(tmp_path, good_pt, to, reserved):
     """A file-size limit below a shard's size stands in for a full disk: exit 2, one line naming the file, nothing
@@ -157,7 +165,11 @@ def test_a_disk_too_small_fails_with_one_line_naming_the_file(tmp_path, good_pt,
         "sys.exit(main(sys.argv[1:]))\n"
     )
     digest, listing = tree_digest(good_pt), _listing(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", script, "convert", str(good_pt), str(tmp_path / "out"), *to], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "convert", str(good_pt), str(tmp_path / "out"), *to],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("fisherstore: error:") and proc.stderr.count("\n") == 1, proc.stderr
     assert reserved in proc.stderr and "File too large" in proc.stderr, proc.stderr

@@ -91,10 +91,13 @@ def test_read_ahead_copies_transient_buffers_and_slices_stable_ones(big_source):
 def test_read_ahead_raises_a_truncated_source_in_the_consumer(big_source):
     path, data = big_source
     span = FileSpan(path, 4, len(data) + 1000)
-    with ReadAhead() as ahead, ahead.feed([span], Tally("bfloat16")) as feed:
-        with pytest.raises(CorruptDataError, match="1000 bytes early"):
-            for _ in feed:
-                pass
+    with (
+        ReadAhead() as ahead,
+        ahead.feed([span], Tally("bfloat16")) as feed,
+        pytest.raises(CorruptDataError, match="1000 bytes early"),
+    ):
+        for _ in feed:
+            pass
 
 
 def test_read_ahead_stops_when_the_consumer_stops_early_and_runs_the_next_feed(big_source):

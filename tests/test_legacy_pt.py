@@ -389,7 +389,9 @@ def test_global_hidden_in_a_storage_reference_is_refused(tmp_path: Path) -> None
     ],
     ids=["forged-memo-index", "newobj", "extension-code", "truncated"],
 )
-def test_pickle_opcodes_are_checked_before_unpickling(tmp_path: Path, payload: bytes, error: type, message: str) -> None:
+def test_pickle_opcodes_are_checked_before_unpickling(
+    tmp_path: Path, payload: bytes, error: type, message: str
+) -> None:
     """A forged memo index would make the C unpickler allocate gigabytes; odd opcodes are refused up front."""
     path = tmp_path / "forged.pt"
     _zip_with_pickle(path, payload)
@@ -411,7 +413,18 @@ def test_pickle_opcodes_are_checked_before_unpickling(tmp_path: Path, payload: b
         ({"../../x": torch.ones(2)}, "unsafe tensor name '../../x'"),
         ({"c": torch.zeros(2, dtype=torch.complex64)}, "cannot store"),
     ],
-    ids=["list", "tensor", "int-value", "nested-dict", "list-value", "int-key", "storage", "expanded", "path-name", "complex"],
+    ids=[
+        "list",
+        "tensor",
+        "int-value",
+        "nested-dict",
+        "list-value",
+        "int-key",
+        "storage",
+        "expanded",
+        "path-name",
+        "complex",
+    ],
 )
 def test_wrong_contents_are_bad_input(tmp_path: Path, obj: object, message: str) -> None:
     path = tmp_path / "fisher.pt"
@@ -568,7 +581,10 @@ def test_reading_one_tensor_keeps_memory_bounded(tmp_path: Path) -> None:
     write_pt(
         path,
         specs,
-        [(specs[0], [memoryview(torch.ones(16).numpy())]), (specs[1], [memoryview(block.numpy())] * (big_rows // 2_000))],
+        [
+            (specs[0], [memoryview(torch.ones(16).numpy())]),
+            (specs[1], [memoryview(block.numpy())] * (big_rows // 2_000)),
+        ],
     )
     assert path.stat().st_size > 200e6
     child = textwrap.dedent(
@@ -591,7 +607,9 @@ def test_reading_one_tensor_keeps_memory_bounded(tmp_path: Path) -> None:
         """
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, env=env, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", child, str(path)], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["small"] == 16.0
     assert res["rows"] == block[10:20, :3].tolist()
@@ -627,7 +645,9 @@ def test_zip64_offsets_and_sizes(tmp_path: Path) -> None:
         del loaded
         with LegacyPtSource(path) as src:
             assert_bit_identical(src.read_rows(src.infos["tail"], 1, 3), tail[1:3])
-            assert_bit_identical(src.read_rows(src.infos["huge"], (1 << 20) - 2, 1 << 20), block.reshape(-1, 1 << 12)[-2:])
+            assert_bit_identical(
+                src.read_rows(src.infos["huge"], (1 << 20) - 2, 1 << 20), block.reshape(-1, 1 << 12)[-2:]
+            )
             assert_bit_identical(src.read_rows(src.infos["head"], 0, 10), head)
     finally:
         path.unlink(missing_ok=True)

@@ -8,14 +8,27 @@ from fisherstore.manifest import Manifest, TensorSpec
 
 def _manifest_dict(**tensor_overrides):
     tensor = {
-        "shape": [4, 8], "dtype": "bfloat16", "group": 0, "location": {"file": "fisher-00001-of-00001.safetensors", "offsets": [0, 64]},
-        "checksum": "crc32c:00000000", "sum": 1.5,
+        "shape": [4, 8],
+        "dtype": "bfloat16",
+        "group": 0,
+        "location": {"file": "fisher-00001-of-00001.safetensors", "offsets": [0, 64]},
+        "checksum": "crc32c:00000000",
+        "sum": 1.5,
     }
     tensor.update(tensor_overrides)
     name = tensor.pop("_name", "model.layers.0.self_attn.q_proj.weight")
     return {
-        "format": "fisherstore", "version": 1, "backend": "safetensors",
-        "groups": [{"index": 0, "layers": [0], "complete": True, "tensors": [{"name": name, "shape": [4, 8], "dtype": "bfloat16"}]}],
+        "format": "fisherstore",
+        "version": 1,
+        "backend": "safetensors",
+        "groups": [
+            {
+                "index": 0,
+                "layers": [0],
+                "complete": True,
+                "tensors": [{"name": name, "shape": [4, 8], "dtype": "bfloat16"}],
+            }
+        ],
         "tensors": {name: tensor},
     }
 

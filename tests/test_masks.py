@@ -64,7 +64,11 @@ def test_rank_prefix_device_and_dtype(tmp_path, modes):
         U4, S4, V4 = modes[DOWN]
         assert U.dtype == torch.float64 and U.is_contiguous() and V.is_contiguous()
         assert U.shape == (64, 2) and S.shape == (2,) and V.shape == (128, 2)
-        assert torch.equal(U, U4[:, :2].double()) and torch.equal(S, S4[:2].double()) and torch.equal(V, V4[:, :2].double())
+        assert (
+            torch.equal(U, U4[:, :2].double())
+            and torch.equal(S, S4[:2].double())
+            and torch.equal(V, V4[:, :2].double())
+        )
         with pytest.raises(BadInputError, match=r"rank 5 .* must be an integer in 1\.\.4"):
             m.get(DOWN, rank=5)
         with pytest.raises(BadInputError, match="rank 0"):
@@ -131,7 +135,10 @@ def test_describe_masks_rows(tmp_path, source, modes):
     [
         ({Q: (torch.zeros(64, 2), torch.zeros(3), torch.zeros(64, 2))}, "need U m×r, S r, V n×r"),
         ({Q: (torch.zeros(64, 2), torch.zeros(2))}, r"must be a \(U, S, V\) tuple"),
-        ({Q: (torch.zeros(64, 2), torch.zeros(2, dtype=torch.float64), torch.zeros(64, 2))}, "share one floating dtype"),
+        (
+            {Q: (torch.zeros(64, 2), torch.zeros(2, dtype=torch.float64), torch.zeros(64, 2))},
+            "share one floating dtype",
+        ),
         ({Q: (torch.zeros(64, 2, dtype=torch.int32),) * 2 + (torch.zeros(2, dtype=torch.int32),)}, "need U m×r"),
         ({}, "no masks given"),
     ],
@@ -146,7 +153,11 @@ def test_write_masks_checks_shapes_against_source(tmp_path, source):
     with pytest.raises(BadInputError, match="give a 64x32 matrix, the source tensor is 64x64"):
         write_masks(tmp_path / "m", {Q: (torch.zeros(64, 2), torch.zeros(2), torch.zeros(32, 2))}, source=source)
     with pytest.raises(TensorNotFoundError):
-        write_masks(tmp_path / "m", {"model.layers.0.nope.weight": (torch.zeros(4, 1), torch.zeros(1), torch.zeros(4, 1))}, source=source)
+        write_masks(
+            tmp_path / "m",
+            {"model.layers.0.nope.weight": (torch.zeros(4, 1), torch.zeros(1), torch.zeros(4, 1))},
+            source=source,
+        )
 
 
 def test_open_masks_refuses_a_fisher_store(source):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,9 @@ def test_tiny_tokenizer_is_deterministic_and_fits_the_vocab(tiny):
     ids = tok("Hi!")["input_ids"]
     assert ids == [2, 6 + ord("H") - 32, 6 + ord("i") - 32, 6 + ord("!") - 32]
     assert len(tok) == 103 <= tiny.model.config.vocab_size
-    text = tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tokenize=False
+    )
     assert text == "<bos><start_of_turn>user\na<end_of_turn>\n<start_of_turn>model\nb<end_of_turn>\n"
     assert tok.convert_ids_to_tokens(tok("é")["input_ids"]) == ["<bos>", "<unk>"]
 
@@ -42,7 +45,11 @@ def test_hf_directory_round_trip(tiny, tmp_path):
     tiny.model.save_pretrained(tmp_path / "m")
     tiny.tokenizer.save_pretrained(tmp_path / "m")
     loaded = load_model(tmp_path / "m")
-    assert loaded.provenance == {"model": str(tmp_path / "m"), "model_format": "hf", "model_path": str((tmp_path / "m").resolve())}
+    assert loaded.provenance == {
+        "model": str(tmp_path / "m"),
+        "model_format": "hf",
+        "model_path": str((tmp_path / "m").resolve()),
+    }
     ref = tiny.model.state_dict()
     got = loaded.model.state_dict()
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
@@ -106,9 +113,9 @@ def test_smollm2_gguf_is_converted_once(tmp_path):
     converted = first.provenance["converted_path"]
     assert os.path.dirname(converted) == str(cache) and first.provenance["model_format"] == "gguf"
     assert [p.name for p in cache.iterdir()] == [os.path.basename(converted)]  # no temporary leftovers
-    source = json.loads(open(os.path.join(converted, "fisherstore-source.json")).read())
+    source = json.loads(Path(converted, "fisherstore-source.json").read_text())
     assert source["sha256"] == first.provenance["model_sha256"] and source["size"] == smollm2_gguf_path().stat().st_size
-    assert "quantization_config" not in json.loads(open(os.path.join(converted, "config.json")).read())
+    assert "quantization_config" not in json.loads(Path(converted, "config.json").read_text())
     stamp = os.stat(os.path.join(converted, "model.safetensors")).st_mtime_ns
     second = load_model("smollm2", cache_dir=cache)
     assert second.provenance == first.provenance

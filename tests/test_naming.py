@@ -19,7 +19,9 @@ def test_parse_name(name, expected):
     assert parse_name(name) == expected
 
 
-@pytest.mark.parametrize("bad", ["../../x", "/etc/passwd", "a/b", "", ".hidden", "a..b", "x\x00y", "a b", "a.", "é", 3, None, "x" * 600])
+@pytest.mark.parametrize(
+    "bad", ["../../x", "/etc/passwd", "a/b", "", ".hidden", "a..b", "x\x00y", "a b", "a.", "é", 3, None, "x" * 600]
+)
 def test_validate_name_rejects_unsafe(bad):
     with pytest.raises(BadInputError, match="tensor name"):
         validate_name(bad)

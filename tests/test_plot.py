@@ -62,7 +62,9 @@ def test_short_tensors_pad_with_their_last_value(tmp_path, source, gemma_bf16):
     u, s, vh = torch.linalg.svd(gemma_bf16[name].float(), full_matrices=False)
     other = "model.layers.2.self_attn.k_proj.weight"
     u2, s2, vh2 = torch.linalg.svd(gemma_bf16[other].float(), full_matrices=False)
-    write_masks(tmp_path / "m", {name: (u[:, :2], s[:2], vh[:2].T), other: (u2[:, :4], s2[:4], vh2[:4].T)}, source=source)
+    write_masks(
+        tmp_path / "m", {name: (u[:, :2], s[:2], vh[:2].T), other: (u2[:, :4], s2[:4], vh2[:4].T)}, source=source
+    )
     with open_masks(tmp_path / "m") as m:
         curve = energy_curves(m)["k"]
         assert curve.shape == (4,)
@@ -80,7 +82,9 @@ def test_plot_writes_an_image(tmp_path, source, masks, which):
 
 
 def test_plot_refuses_masks_with_nothing_to_show(tmp_path):
-    write_masks(tmp_path / "m", {"model.layers.0.mlp.up_proj.weight": (torch.eye(4)[:, :1], torch.ones(1), torch.eye(4)[:, :1])})
+    write_masks(
+        tmp_path / "m", {"model.layers.0.mlp.up_proj.weight": (torch.eye(4)[:, :1], torch.ones(1), torch.eye(4)[:, :1])}
+    )
     with pytest.raises(BadInputError, match="nothing to plot"):
         plot_store(tmp_path / "m", tmp_path / "p.png")
     assert not (tmp_path / "p.png").exists()

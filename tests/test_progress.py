@@ -133,4 +133,3 @@ def test_quiet_silences_even_a_terminal(tty, monkeypatch, quiet_reset):
     assert not isinstance(bar, NullBar) and list(bar) == [0, 1, 2]
     monkeypatch.undo()
     assert "svd" in written()
-

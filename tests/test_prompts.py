@@ -15,13 +15,24 @@ from fisherstore.prompts import DEFAULT_PROMPTS, as_prompt_set, encode_prompts, 
 
 # Three lines exactly as IFEval's input_data.jsonl lays them out (nulls in kwargs included).
 IFEVAL_LINES = [
-    {"key": 1000, "prompt": "Write a 300+ word summary of the wikipedia page. Do not use any commas.",
-     "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words"],
-     "kwargs": [{}, {"relation": "at least", "num_words": 300}]},
-    {"key": 1001, "prompt": "I am planning a trip to Japan, and I would like thee to write an itinerary.",
-     "instruction_id_list": ["detectable_format:title"], "kwargs": [{"num_highlights": None}]},
-    {"key": 1005, "prompt": "Write a resume for a fresh high school graduate who is seeking their first job.",
-     "instruction_id_list": ["detectable_content:number_placeholders"], "kwargs": [{"num_placeholders": 12}]},
+    {
+        "key": 1000,
+        "prompt": "Write a 300+ word summary of the wikipedia page. Do not use any commas.",
+        "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words"],
+        "kwargs": [{}, {"relation": "at least", "num_words": 300}],
+    },
+    {
+        "key": 1001,
+        "prompt": "I am planning a trip to Japan, and I would like thee to write an itinerary.",
+        "instruction_id_list": ["detectable_format:title"],
+        "kwargs": [{"num_highlights": None}],
+    },
+    {
+        "key": 1005,
+        "prompt": "Write a resume for a fresh high school graduate who is seeking their first job.",
+        "instruction_id_list": ["detectable_content:number_placeholders"],
+        "kwargs": [{"num_placeholders": 12}],
+    },
 ]
 
 
@@ -47,10 +58,21 @@ def test_default_set_is_200_distinct_ifeval_style_prompts():
     # The file keeps IFEval's layout, with instruction ids and kwargs that describe each prompt's constraints.
     from importlib import resources
 
-    lines = [json.loads(x) for x in resources.files("fisherstore").joinpath("data/prompts.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x) for x in resources.files("fisherstore").joinpath("data/prompts.jsonl").read_text().splitlines()
+    ]
     kinds = Counter(i.split(":")[0] for line in lines for i in line["instruction_id_list"])
-    assert set(kinds) >= {"punctuation", "length_constraints", "change_case", "detectable_format", "keywords",
-                          "detectable_content", "startend", "combination", "language"}
+    assert set(kinds) >= {
+        "punctuation",
+        "length_constraints",
+        "change_case",
+        "detectable_format",
+        "keywords",
+        "detectable_content",
+        "startend",
+        "combination",
+        "language",
+    }
     assert all(len(line["instruction_id_list"]) == len(line["kwargs"]) >= 1 for line in lines)
     assert len({i for line in lines for i in line["instruction_id_list"]}) >= 20
     assert load_prompts(limit=5).prompts == prompts.prompts[:5]

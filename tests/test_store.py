@@ -81,7 +81,9 @@ def test_plain_safetensors_reads_shards_through_the_index(store, gemma_bf16):
 def test_layer_importance_matches_fp64(store, gemma_bf16):
     imp = store.layer_importance()
     for layer, value in imp.items():
-        assert value == pytest.approx(sum(t.double().sum().item() for n, t in gemma_bf16.items() if f"layers.{layer}." in n), rel=1e-6)
+        assert value == pytest.approx(
+            sum(t.double().sum().item() for n, t in gemma_bf16.items() if f"layers.{layer}." in n), rel=1e-6
+        )
 
 
 def test_open_bare_safetensors_file_and_streamed_importance():
@@ -121,7 +123,9 @@ def _reference_sum(values: torch.Tensor) -> float:
     full = len(x) - len(x) % 65536
 
     def block(b: np.ndarray) -> np.float32:
-        return np.array([np.einsum("i->", b[i : i + 1024].copy()) for i in range(0, len(b), 1024)], dtype=np.float32).sum()
+        return np.array(
+            [np.einsum("i->", b[i : i + 1024].copy()) for i in range(0, len(b), 1024)], dtype=np.float32
+        ).sum()
 
     sums = [block(x[i : i + 65536]) for i in range(0, full, 65536)]
     total = 0.0

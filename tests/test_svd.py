@@ -62,7 +62,9 @@ def _svd_cli(*args) -> int:
 
 
 def _child(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", DRIVER, *map(str, args)], capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, *map(str, args)], capture_output=True, text=True, timeout=600, **kwargs
+    )
 
 
 def _same_masks(a, b, exact=True) -> None:
@@ -74,7 +76,9 @@ def _same_masks(a, b, exact=True) -> None:
                     assert torch.equal(s, t), name
                 else:
                     assert torch.allclose(s, t, rtol=1e-4, atol=1e-4 * s.abs().max().item()), name
-            assert x.attrs(name) == y.attrs(name) if exact else x.energy(name) == pytest.approx(y.energy(name), rel=1e-6)
+            assert (
+                x.attrs(name) == y.attrs(name) if exact else x.energy(name) == pytest.approx(y.energy(name), rel=1e-6)
+            )
 
 
 # -- accuracy ---------------------------------------------------------------------------------
@@ -99,7 +103,9 @@ def test_accuracy_on_the_real_fisher_sample(sample, k):
             assert _residual(a, r) <= 1.02 * _optimal(svals[name], k), name
             assert _max_orthogonality_error(r.U) <= 1e-5 and _max_orthogonality_error(r.V) <= 1e-5, name
             assert r.U.shape == (a.shape[0], k) and r.S.shape == (k,) and r.V.shape == (a.shape[1], k)
-            assert r.energy == pytest.approx(svals[name][:k].square().sum().item() / svals[name].square().sum().item(), rel=1e-3)
+            assert r.energy == pytest.approx(
+                svals[name][:k].square().sum().item() / svals[name].square().sum().item(), rel=1e-3
+            )
     assert ("randomized", False) in methods  # some tensors really were streamed
 
 
@@ -208,7 +214,10 @@ def test_plan(shape, itemsize, kwargs, expect):
 
 
 def test_plan_refuses_budgets_it_cannot_keep():
-    with pytest.raises(BadInputError, match=r"tensor 'w': a rank-64 decomposition \(\+16 oversampling\) of a 5376x21504 tensor needs at least .* over --max-memory 1,048,576"):
+    with pytest.raises(
+        BadInputError,
+        match=r"tensor 'w': a rank-64 decomposition \(\+16 oversampling\) of a 5376x21504 tensor needs at least .* over --max-memory 1,048,576",
+    ):
         plan_decomposition((5376, 21504), 2, SVDConfig(rank=64, max_memory=1 << 20), "w")
     with pytest.raises(BadInputError, match="exact SVD of a 5376x21504 tensor needs about .* drop --exact"):
         plan_decomposition((5376, 21504), 2, SVDConfig(rank=64, exact=True), "w")
@@ -247,7 +256,15 @@ def test_svd_store_writes_a_mask_store(tmp_path, gemma_store, gemma_bf16, caplog
         assert m.names == list(gemma_bf16) and m.rank == 6
         assert [g.layers for g in m.manifest.groups] == [(0, 1), (2, 3)]
         assert m.source == source_identity(src)
-        assert m.params == {"oversample": None, "power_iters": 2, "transform": "none", "dtype": "float32", "exact": False, "seed": 0, "tensors": None}
+        assert m.params == {
+            "oversample": None,
+            "power_iters": 2,
+            "transform": "none",
+            "dtype": "float32",
+            "exact": False,
+            "seed": 0,
+            "tensors": None,
+        }
         for name, f in gemma_bf16.items():
             direct = decompose(f, SVDConfig(rank=6), name=name)
             U, S, V = m.get(name)
@@ -302,7 +319,14 @@ def test_resume_refuses_another_source(tmp_path, gemma_store, make_store, gemma_
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5G", int(1.5 * (1 << 30))), ("1GB", 10**9), ("4096", 4096), ("64k", 65536)],
+    [
+        ("2GiB", 2 << 30),
+        ("512MiB", 512 << 20),
+        ("1.5G", int(1.5 * (1 << 30))),
+        ("1GB", 10**9),
+        ("4096", 4096),
+        ("64k", 65536),
+    ],
 )
 def test_parse_size(text, value):
     assert cmd_svd.parse_size(text) == value
@@ -314,11 +338,30 @@ def test_parse_size_rejects_garbage():
 
 
 def test_command_prints_a_summary_and_json(tmp_path, gemma_store, capsys):
-    assert _svd_cli("svd", gemma_store, "--rank", 4, "--out", tmp_path / "m", "--dtype", "bf16", "--tensors", "self_attn") == 0
+    assert (
+        _svd_cli("svd", gemma_store, "--rank", 4, "--out", tmp_path / "m", "--dtype", "bf16", "--tensors", "self_attn")
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'm'}: masks of 14 tensors, rank 4" in out
     assert "  q         4 tensors  energy mean" in out
-    assert _svd_cli("svd", gemma_store, "-k", 4, "-o", tmp_path / "m", "--resume", "--dtype", "bf16", "--tensors", "self_attn", "--json") == 0
+    assert (
+        _svd_cli(
+            "svd",
+            gemma_store,
+            "-k",
+            4,
+            "-o",
+            tmp_path / "m",
+            "--resume",
+            "--dtype",
+            "bf16",
+            "--tensors",
+            "self_attn",
+            "--json",
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 14 and {r["kind"] for r in rows} == {"q", "k", "v", "o"}
     with open_masks(tmp_path / "m") as m:
@@ -334,7 +377,12 @@ def test_mask_table_formatting(tmp_path, gemma_store):
     with open_masks(tmp_path / "m") as m:
         table = format_mask_table(describe_masks(m)).splitlines()
     assert table[0].split() == ["tensor", "shape", "rank", "method", "energy", "residual"]
-    assert len(table) == 8 and table[1].split()[:4] == ["model.layers.0.self_attn.q_proj.weight", "64x64", "2", "randomized"]
+    assert len(table) == 8 and table[1].split()[:4] == [
+        "model.layers.0.self_attn.q_proj.weight",
+        "64x64",
+        "2",
+        "randomized",
+    ]
 
 
 # -- processes, ranks, kills, memory (slow) -----------------------------------------------------
@@ -360,8 +408,11 @@ def multi_group_store(tmp_path):
 def test_resume_after_sigkill_is_bit_identical(tmp_path, multi_group_store):
     args = ("svd", multi_group_store, "--rank", 16, "--exact")
     assert _child(*args, "--out", tmp_path / "ref").returncode == 0
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, args), "--out", str(tmp_path / "m")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *map(str, args), "--out", str(tmp_path / "m")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     manifest = tmp_path / "m" / "fisherstore.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -395,7 +446,9 @@ def test_out_of_core_peak_rss(tmp_path):
     a = (u * s.float()) @ v.T
     src = _store_of(tmp_path / "src", {"model.layers.0.mlp.down_proj.weight": a})
     del u, v
-    baseline_kib = int(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout)
+    baseline_kib = int(
+        subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout
+    )
     run = _child("svd", src, "--rank", 32, "--out", tmp_path / "m", "--max-memory", "16MiB")
     assert run.returncode == 0, run.stderr
     peak_kib = int(run.stderr.rsplit("maxrss_kib", 1)[1])
@@ -421,13 +474,32 @@ def test_torchrun_two_ranks_split_the_tensors(tmp_path, multi_group_store):
     with open_store(multi_group_store) as s:
         _store_of(src, {n: s[n] for n in s.names}, group_size=4)  # 2 groups of 4: each rank takes 2 per group
     svd_store(src, tmp_path / "one", SVDConfig(rank=8))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-           sys.executable, "-c", DRIVER, "svd", str(src), "--rank", "8", "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        sys.executable,
+        "-c",
+        DRIVER,
+        "svd",
+        str(src),
+        "--rank",
+        "8",
+        "--out",
+        str(tmp_path / "two"),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rank 0 of 2 decomposes 4 of them" in run.stderr and "rank 1 of 2 decomposes 4 of them" in run.stderr
     _same_masks(tmp_path / "one", tmp_path / "two", exact=False)
-    assert Manifest.load(tmp_path / "two" / "fisherstore.json").attrs == Manifest.load(tmp_path / "one" / "fisherstore.json").attrs
+    assert (
+        Manifest.load(tmp_path / "two" / "fisherstore.json").attrs
+        == Manifest.load(tmp_path / "one" / "fisherstore.json").attrs
+    )
 
 
 @pytest.fixture
@@ -441,15 +513,35 @@ def store_with_a_nan(tmp_path):
 
 @pytest.mark.slow
 def test_a_worker_error_reaches_the_caller(tmp_path, store_with_a_nan):
-    with pytest.raises(BadInputError, match="tensor 'model.layers.2.mlp.up_proj.weight' holds NaN .* after --transform sqrt"):
+    with pytest.raises(
+        BadInputError, match="tensor 'model.layers.2.mlp.up_proj.weight' holds NaN .* after --transform sqrt"
+    ):
         svd_store(store_with_a_nan, tmp_path / "m", SVDConfig(rank=4, transform="sqrt"), workers=2)
     assert [g.complete for g in Manifest.load(tmp_path / "m" / "fisherstore.json").groups] == [True, False]
 
 
 @pytest.mark.slow
 def test_an_error_on_one_rank_stops_every_rank(tmp_path, store_with_a_nan):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-           sys.executable, "-c", DRIVER, "svd", str(store_with_a_nan), "--rank", "4", "--transform", "sqrt", "--out", str(tmp_path / "m")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        sys.executable,
+        "-c",
+        DRIVER,
+        "svd",
+        str(store_with_a_nan),
+        "--rank",
+        "4",
+        "--transform",
+        "sqrt",
+        "--out",
+        str(tmp_path / "m"),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # a hang would time out
     assert run.returncode != 0
     assert "tensor 'model.layers.2.mlp.up_proj.weight' holds NaN" in run.stderr

@@ -64,7 +64,9 @@ def _properties(tensors: dict[str, torch.Tensor], store: Path) -> dict[str, floa
         return sum(f(t) * t.numel() for t in tensors.values()) / n
 
     write_store(store, tensors, backend="zarr", group_size=4, compression=CODEC)  # default chunking
-    stored = sum(p.stat().st_size for p in store.rglob("*") if p.is_file() and p.name != "zarr.json" and p.parent != store)
+    stored = sum(
+        p.stat().st_size for p in store.rglob("*") if p.is_file() and p.name != "zarr.json" and p.parent != store
+    )
     return {
         "log2_mean": weighted(lambda t: torch.log2(t.double()).mean().item()),
         "log2_std": weighted(lambda t: torch.log2(t.double()).std().item()),
@@ -99,7 +101,7 @@ def test_values_are_positive_and_finite_in_bf16(synthetic_tensors):
         x = t.float()
         assert torch.isfinite(x).all() and (x > 0).all(), name
         # far inside bf16's normal range (2^-126..2^128), so ~1e9 values (a few more sigmas) stay so too
-        assert -60 < torch.log2(x).min().item() and torch.log2(x).max().item() < 0, name
+        assert torch.log2(x).min().item() > -60 and torch.log2(x).max().item() < 0, name
 
 
 def test_spread_and_exponent_entropy_match_the_real_sample(real, synthetic):

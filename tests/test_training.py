@@ -20,10 +20,10 @@ from fisherstore.masks import write_masks
 from fisherstore.naming import canonical_name, parse_name
 from fisherstore.testing import tiny_gemma4_model
 from fisherstore.training import (
+    LayerScaler,
     ProjectorConfig,
     ScaleRule,
     SubspaceProjector,
-    LayerScaler,
     attach_training,
     format_factor_table,
     project_lora_,
@@ -37,12 +37,16 @@ IMPORTANCE = {0: 1.0, 1: 4.0, 2: 0.25, 3: 100.0}
 
 def lora_model(seed: int = 0, random_b: bool = False, **config):
     """Tiny Gemma-4 with LoRA r=4 on all seven linears (26 modules: layers 1, 3 have no v_proj)."""
-    model = get_peft_model(tiny_gemma4_model(seed), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, **config))
+    model = get_peft_model(
+        tiny_gemma4_model(seed), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, **config)
+    )
     if random_b:  # a non-zero B, as after training or a non-default init
         g = torch.Generator().manual_seed(seed + 100)
         with torch.no_grad():
             for _, module in adapted(model):
-                module.lora_B["default"].weight.copy_(torch.randn(module.lora_B["default"].weight.shape, generator=g) * 0.1)
+                module.lora_B["default"].weight.copy_(
+                    torch.randn(module.lora_B["default"].weight.shape, generator=g) * 0.1
+                )
     return model
 
 
@@ -79,7 +83,11 @@ def leaks(model, triples) -> dict[str, tuple[float, float, float]]:
             U, _, V = triples[canonical_name(name)]
             dW = module.get_delta_weight("default")
             norm = torch.linalg.norm(dW)
-            out[name] = (float(torch.linalg.norm(U.T @ dW) / norm), float(torch.linalg.norm(dW @ V) / norm), float(norm))
+            out[name] = (
+                float(torch.linalg.norm(U.T @ dW) / norm),
+                float(torch.linalg.norm(dW @ V) / norm),
+                float(norm),
+            )
     return out
 
 
@@ -144,7 +152,12 @@ def test_adamw_in_grad_mode_leaks_and_plain_lora_leaks_more(masks):
     grad_leak = results["grad"]
     logging.getLogger(__name__).info(
         "AdamW 20 steps, leak max(‖UᵀΔW‖, ‖ΔW V‖)/‖ΔW‖ over 26 modules: grad mode min %.3g median %.3g max %.3g; "
-        "no projection median %.3g", min(grad_leak), sorted(grad_leak)[13], max(grad_leak), sorted(results[None])[13])
+        "no projection median %.3g",
+        min(grad_leak),
+        sorted(grad_leak)[13],
+        max(grad_leak),
+        sorted(results[None])[13],
+    )
     assert min(grad_leak) > BOUND  # every module leaks past the param-mode bound
     assert sorted(grad_leak)[13] > 1e-2  # and not by a rounding error: the median module leaks > 1 %
     assert sorted(results[None])[13] > sorted(grad_leak)[13]  # unprojected LoRA is further in the subspace
@@ -169,7 +182,10 @@ def test_manual_after_step_without_optimizer_hook(masks):
 
 
 def _snapshot(model):
-    return {n: (m.lora_B["default"].weight.detach().clone(), m.lora_A["default"].weight.detach().clone()) for n, m in adapted(model)}
+    return {
+        n: (m.lora_B["default"].weight.detach().clone(), m.lora_A["default"].weight.detach().clone())
+        for n, m in adapted(model)
+    }
 
 
 def test_attach_projects_a_nonzero_b_and_random_a(masks):
@@ -268,7 +284,9 @@ def test_multimodal_names_match_by_layer_and_kind(tmp_path):
     write_masks(path, triples)
     projector = SubspaceProjector(model, path)
     assert len(projector.coverage.covered) == 26
-    assert all(v.endswith("(matched by layer and kind)") and "language_model" in v for v in projector.coverage.covered.values())
+    assert all(
+        v.endswith("(matched by layer and kind)") and "language_model" in v for v in projector.coverage.covered.values()
+    )
     renamed = {n.replace("model.language_model.", "model."): t for n, t in triples.items()}
     assert max(max(l[:2]) for l in leaks(model, renamed).values()) < BOUND
 
@@ -352,7 +370,12 @@ def test_scale_rule_is_scale_free_and_validates():
     a = rule.factors(IMPORTANCE)
     b = rule.factors({k: v * 1e9 for k, v in IMPORTANCE.items()})
     assert all(a[k] == pytest.approx(b[k], rel=1e-12) for k in a)
-    for bad in ({"power": float("nan")}, {"reference": "mode"}, {"min_factor": 2.0, "max_factor": 1.0}, {"max_factor": math.inf}):
+    for bad in (
+        {"power": float("nan")},
+        {"reference": "mode"},
+        {"min_factor": 2.0, "max_factor": 1.0},
+        {"max_factor": math.inf},
+    ):
         with pytest.raises(BadInputError):
             ScaleRule(**bad)
     with pytest.raises(BadInputError, match="no positive"):
@@ -366,7 +389,7 @@ def test_factor_table():
     assert lines[0].split() == ["layer", "importance", "relative", "factor"]
     rows = {int(l.split()[0]): l for l in lines[1:5]}
     assert rows[2].rstrip().endswith("3*")  # (0.25 / 3.162) ** -0.5 = 3.56 → clipped to 3
-    assert float(rows[3].split()[3]) == pytest.approx((100 / 100 ** 0.25) ** -0.5, rel=1e-3)
+    assert float(rows[3].split()[3]) == pytest.approx((100 / 100**0.25) ** -0.5, rel=1e-3)
     assert "geomean = 3.1623" in lines[-1] and "clip" in lines[-1]
 
 
@@ -441,8 +464,16 @@ def test_trainer_callback_keeps_invariants(tmp_path, masks):
     data = [{"input_ids": ids[0], "labels": ids[0]} for ids in batches(16)]
     callback = FisherTrainerCallback(masks=path, importance=IMPORTANCE, mode="param")
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
     measured = leaks(model, triples)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -33,6 +34,7 @@ from .conftest import SHARED_SAMPLE
 
 #: Tiny chunks and shards, so the tiny Gemma's tensors span many chunks and a few shards.
 SMALL = {"chunk_mb": 1000 / 2**20, "shard_mb": 6000 / 2**20}
+
 
 def odd_pieces(tensor: torch.Tensor, sizes: tuple[int, ...] = (7, 1, 1013, 64, 3)) -> Iterator[bytes]:
     """The tensor's bytes cut at sizes that split elements and rows."""
@@ -121,7 +123,9 @@ def test_tensorstore_reads_bfloat16_natively(tmp_path, two_layers, compression):
     tensors = two_layers(torch.bfloat16)
     write(tmp_path, tensors, compression=compression, **SMALL)
     for name, t in tensors.items():
-        array = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / name)}}).result()
+        array = tensorstore.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / name)}}
+        ).result()
         assert array.dtype == tensorstore.bfloat16 and array.shape == tuple(t.shape)
         assert same_bits(array.read().result(), t), name
 
@@ -148,7 +152,9 @@ def test_odd_shapes_and_dtypes(tmp_path, tensor, compression):
     got = backend.read_rows(infos["t"], 0, rows)
     assert got.dtype == tensor.dtype and same_bits(got, tensor)
     assert same_bits(zarr.open_array(tmp_path / "t", mode="r")[...], tensor)
-    ts_array = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "t")}}).result()
+    ts_array = tensorstore.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "t")}}
+    ).result()
     assert ts_array.shape == tuple(tensor.shape) and same_bits(ts_array.read().result(), tensor)
     if rows > 2:
         assert same_bits(backend.read_rows(infos["t"], 1, rows - 1), tensor[1:-1])
@@ -165,11 +171,19 @@ def test_files_are_byte_identical_to_zarr_pythons(tmp_path, compression):
     compressors = {
         "none": None,
         "zstd": ZstdCodec(level=1),
-        "blosc-zstd-bitshuffle": BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=2, blocksize=256 << 10),
+        "blosc-zstd-bitshuffle": BloscCodec(
+            cname="zstd", clevel=1, shuffle="bitshuffle", typesize=2, blocksize=256 << 10
+        ),
     }[compression]
     theirs = zarr.open_group(tmp_path / "theirs", mode="w").create_array(
-        "x", shape=(37, 11), dtype=ml_dtypes.bfloat16, chunks=(5, 11), shards=(15, 11), compressors=compressors,
-        fill_value=0, chunk_key_encoding={"name": "default", "separator": "."},
+        "x",
+        shape=(37, 11),
+        dtype=ml_dtypes.bfloat16,
+        chunks=(5, 11),
+        shards=(15, 11),
+        compressors=compressors,
+        fill_value=0,
+        chunk_key_encoding={"name": "default", "separator": "."},
     )
     theirs[...] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     assert json.loads((tmp_path / "theirs" / "x" / "zarr.json").read_text()) == meta
@@ -185,10 +199,19 @@ def test_arrays_with_slash_chunk_keys_are_read(tmp_path, compression):
     bit-exact, and an uncompressed one-shard array is still offered as a raw byte span."""
     t = (torch.rand(40, 12, generator=torch.Generator().manual_seed(4)) + 0.1).to(torch.bfloat16)
     shards = (40, 12) if compression == "none" else (24, 12)
-    compressors = None if compression == "none" else BloscCodec(cname="lz4", clevel=9, shuffle="bitshuffle", typesize=2, blocksize=128 << 10)
+    compressors = (
+        None
+        if compression == "none"
+        else BloscCodec(cname="lz4", clevel=9, shuffle="bitshuffle", typesize=2, blocksize=128 << 10)
+    )
     theirs = zarr.open_group(tmp_path, mode="w").create_array(
-        "model.layers.0.mlp.up_proj.weight", shape=(40, 12), dtype=ml_dtypes.bfloat16, chunks=(8, 12), shards=shards,
-        compressors=compressors, fill_value=0,
+        "model.layers.0.mlp.up_proj.weight",
+        shape=(40, 12),
+        dtype=ml_dtypes.bfloat16,
+        chunks=(8, 12),
+        shards=shards,
+        compressors=compressors,
+        fill_value=0,
     )
     theirs[...] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     assert (tmp_path / theirs.basename / "c" / "0" / "0").is_file()
@@ -219,7 +242,9 @@ def test_reused_input_buffer_is_copied_before_compression(tmp_path, gemma_bf16):
     sink = backend.begin_group(GroupInfo(0, (0,), (spec,)), 1)
     location = sink.write_tensor(spec, refilled())
     sink.commit()
-    assert same_bits(backend.read_rows(TensorInfo(name, spec.shape, spec.dtype, 0, location, "", 0.0), 0, t.shape[0]), t)
+    assert same_bits(
+        backend.read_rows(TensorInfo(name, spec.shape, spec.dtype, 0, location, "", 0.0), 0, t.shape[0]), t
+    )
 
 
 def test_default_layout_is_4mib_chunks_in_one_shard(tmp_path):
@@ -254,10 +279,8 @@ def fds_under(path: Path) -> list[str]:
     """Targets of this process's open file descriptors that lie under ``path`` (deleted files included)."""
     targets = []
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):  # the descriptor listdir itself used, closed by now
             targets.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:  # the descriptor listdir itself used, closed by now
-            pass
     return [t for t in targets if t.startswith(str(path))]
 
 
@@ -377,7 +400,7 @@ def test_deleted_shard_is_corrupt(victim, gemma_bf16):
 def test_truncated_shard_is_corrupt(victim, keep):
     backend, info, shards = victim
     raw = shards[0].read_bytes()
-    shards[0].write_bytes(raw[:keep] if keep >= 0 else raw[:keep])
+    shards[0].write_bytes(raw[:keep])
     with pytest.raises(CorruptDataError, match=rf"tensor '{NAME}': shard file \S*/{NAME}/c\.0\.0:"):
         read_all(backend, info)
 
@@ -513,7 +536,10 @@ def test_bfloat16_registration_is_idempotent_and_lets_zarr_python_write_it(tmp_p
     array = zarr.create_array(tmp_path / "a", shape=values.shape, dtype=ml_dtypes.bfloat16, chunks=(1, 3), fill_value=0)
     array[...] = values
     meta = json.loads((tmp_path / "a" / "zarr.json").read_text())
-    assert meta["data_type"] == "bfloat16" and meta["codecs"][0] == {"name": "bytes", "configuration": {"endian": "little"}}
+    assert meta["data_type"] == "bfloat16" and meta["codecs"][0] == {
+        "name": "bytes",
+        "configuration": {"endian": "little"},
+    }
     back = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "a")}}).result()
     assert back.dtype == tensorstore.bfloat16
     assert np.array_equal(np.asarray(back.read().result()).view(np.uint16), values.view(np.uint16))
@@ -542,7 +568,9 @@ def test_uncompressed_shard_with_chunks_out_of_order_is_read_chunk_by_chunk(tmp_
     backend, infos = write(tmp_path, {NAME: t}, chunk_mb=1000 / 2**20)
     (shard,) = shard_files(tmp_path, NAME)
     meta = json.loads((tmp_path / NAME / "zarr.json").read_text())
-    nchunks = meta["chunk_grid"]["configuration"]["chunk_shape"][0] // meta["codecs"][0]["configuration"]["chunk_shape"][0]
+    nchunks = (
+        meta["chunk_grid"]["configuration"]["chunk_shape"][0] // meta["codecs"][0]["configuration"]["chunk_shape"][0]
+    )
     size = 16 * nchunks + 4  # after the data: (offset, nbytes) per chunk, then a crc32c
     raw = bytearray(shard.read_bytes())
     index = np.frombuffer(bytes(raw[-size:-4]), dtype="<u8").reshape(-1, 2).copy()
@@ -562,7 +590,9 @@ def test_writer_compresses_whole_chunks_where_they_lie(tmp_path, source):
     """Through the writer, whole chunks are compressed in the read-ahead's own pieces: no chunk buffer is
     ever taken (every tensor here is whole chunks), and every tensor still reads back bit-exact."""
     g = torch.Generator().manual_seed(3)
-    tensors = {f"model.layers.{i}.mlp.up_proj.weight": fisher_like((rows, 256), g) for i, rows in enumerate((64, 128, 96))}
+    tensors = {
+        f"model.layers.{i}.mlp.up_proj.weight": fisher_like((rows, 256), g) for i, rows in enumerate((64, 128, 96))
+    }
     specs = tuple(TensorSpec.of(n, t) for n, t in tensors.items())
     options = {"compression": "blosc-lz4-bitshuffle", "chunk_mb": 16 * 512 / 2**20}  # 16 rows of 512 bytes
     raw = tmp_path / "raw.bin"

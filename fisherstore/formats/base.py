@@ -21,7 +21,7 @@ from ..manifest import GroupInfo, TensorInfo, TensorSpec
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Backend", "GroupSink", "Buffer", "Chunk", "FileSpan", "rows_of"]
+__all__ = ["Backend", "Buffer", "Chunk", "FileSpan", "GroupSink", "rows_of"]
 
 Buffer = bytes | bytearray | memoryview
 #: What a source hands out: bytes, or raw bytes left in a file (read by whoever consumes them).
@@ -114,8 +114,8 @@ class Backend(abc.ABC):
         """``(file, offset)`` of a tensor's raw contiguous bytes, for zero-copy streaming; ``None`` if encoded."""
         return None
 
-    def finalize(self, tensors: dict[str, TensorInfo], groups: tuple[GroupInfo, ...]) -> None:
+    def finalize(self, tensors: dict[str, TensorInfo], groups: tuple[GroupInfo, ...]) -> None:  # noqa: B027 - optional
         """Write any whole-store side files (e.g. an HF index) after a group commits."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files."""

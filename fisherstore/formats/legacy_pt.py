@@ -36,7 +36,7 @@ import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, NamedTuple
 
 from .._io import atomic_file
 from ..errors import (
@@ -63,7 +63,9 @@ _LOCAL = struct.Struct("<IHHHHHIIIHH")  # sig, need, flags, method, time, date, 
 # central: sig, made, need, flags, method, time, date, crc, csize, usize, nlen, elen, clen, disk, iattr, eattr, lho
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _EOCD = struct.Struct("<IHHHHIIH")  # sig, disk, cd disk, entries here, entries, cd size, cd offset, comment len
-_EOCD64 = struct.Struct("<IQHHIIQQQQ")  # sig, record size, made, need, disk, cd disk, entries here, entries, cd size, cd offset
+_EOCD64 = struct.Struct(
+    "<IQHHIIQQQQ"
+)  # sig, record size, made, need, disk, cd disk, entries here, entries, cd size, cd offset
 _LOCATOR = struct.Struct("<IIQI")  # sig, disk of EOCD64, EOCD64 offset, disks
 _SIG_LOCAL, _SIG_CENTRAL, _SIG_EOCD = 0x04034B50, 0x02014B50, 0x06054B50
 _SIG_EOCD64, _SIG_LOCATOR, _SIG_DESCRIPTOR = 0x06064B50, 0x07064B50, 0x08074B50
@@ -155,7 +157,9 @@ def _describe(value: Any) -> str:
 
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+    if not isinstance(value, (tuple, list)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
         raise CorruptDataError(f"{what} must be a tuple of non-negative integers, got {value!r}")
     return tuple(value)
 
@@ -183,10 +187,7 @@ def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 #: Pickle opcodes torch.save's protocol-2 pickles of a dict of tensors use, plus harmless plain-data ones.
 #: Everything else (object construction, extension codes, out-of-band buffers, text opcodes) is refused.
 _OPCODES = frozenset(
-    "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE BININT BININT1 BININT2 LONG1 BINFLOAT "
-    "BINUNICODE SHORT_BINUNICODE BINUNICODE8 SHORT_BINSTRING BINSTRING SHORT_BINBYTES BINBYTES "
-    "EMPTY_DICT DICT SETITEM SETITEMS EMPTY_LIST LIST APPEND APPENDS EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 "
-    "BINPUT LONG_BINPUT MEMOIZE BINGET LONG_BINGET GLOBAL STACK_GLOBAL REDUCE BUILD BINPERSID".split()
+    ["PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING", "SHORT_BINBYTES", "BINBYTES", "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "EMPTY_LIST", "LIST", "APPEND", "APPENDS", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "BINPUT", "LONG_BINPUT", "MEMOIZE", "BINGET", "LONG_BINGET", "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "BINPERSID"]
 )
 
 
@@ -267,7 +268,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if isinstance(key, bytes):
             key = key.decode("ascii", "replace")
         if not isinstance(storage_type, _StorageType):
-            raise CorruptDataError(f"{self._path}: storage {key!r} has type {storage_type!r:.100}, expected a torch storage class")
+            raise CorruptDataError(
+                f"{self._path}: storage {key!r} has type {storage_type!r:.100}, expected a torch storage class"
+            )
         if not isinstance(key, str) or not isinstance(location, (str, bytes)):
             raise CorruptDataError(f"{self._path}: malformed storage reference {pid!r:.200}")
         if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
@@ -289,7 +292,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def _rebuild_tensor(self, storage: Any, storage_offset: Any, size: Any, stride: Any) -> _TensorRef:
         if not isinstance(storage, _StorageRef):
-            raise CorruptDataError(f"{self._path}: a tensor is rebuilt from {_describe(storage)}, expected a storage reference")
+            raise CorruptDataError(
+                f"{self._path}: a tensor is rebuilt from {_describe(storage)}, expected a storage reference"
+            )
         (offset,) = _ints((storage_offset,), f"{self._path}: storage offset")
         shape = _ints(size, f"{self._path}: tensor size")
         strides = _ints(stride, f"{self._path}: tensor stride")
@@ -297,7 +302,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise CorruptDataError(f"{self._path}: tensor size {shape} and stride {strides} differ in length")
         return _TensorRef(storage, offset, shape, strides)
 
-    def _rebuild_parameter(self, data: Any, requires_grad: Any = False, backward_hooks: Any = None, state: Any = None) -> Any:
+    def _rebuild_parameter(
+        self, data: Any, requires_grad: Any = False, backward_hooks: Any = None, state: Any = None
+    ) -> Any:
         return data  # a Parameter is its tensor; the wrapper carries nothing fisherstore keeps
 
     def _size(self, values: Any = ()) -> tuple[int, ...]:
@@ -369,10 +376,14 @@ class LegacyPtSource:
         tail_start = size - tail_len
         tail = self._pread(tail_start, tail_len, "the end of central directory")
         pos = tail.rfind(b"PK\x05\x06")
-        while pos >= 0 and not (pos + _EOCD.size <= tail_len and pos + _EOCD.size + _EOCD.unpack_from(tail, pos)[7] == tail_len):
+        while pos >= 0 and not (
+            pos + _EOCD.size <= tail_len and pos + _EOCD.size + _EOCD.unpack_from(tail, pos)[7] == tail_len
+        ):
             pos = tail.rfind(b"PK\x05\x06", 0, pos)
         if pos < 0:
-            raise CorruptDataError(f"{path}: no ZIP end-of-central-directory record; the file is truncated or not a zip")
+            raise CorruptDataError(
+                f"{path}: no ZIP end-of-central-directory record; the file is truncated or not a zip"
+            )
         eocd = tail_start + pos
         _, disk, cd_disk, _, entries, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, pos)
         end = eocd  # the central directory must end before this
@@ -380,14 +391,18 @@ class LegacyPtSource:
             sig, _, eocd64, _ = _LOCATOR.unpack(self._pread(eocd - _LOCATOR.size, _LOCATOR.size, "the ZIP64 locator"))
             if sig == _SIG_LOCATOR:
                 if eocd64 + _EOCD64.size > eocd - _LOCATOR.size:
-                    raise CorruptDataError(f"{path}: ZIP64 end of central directory offset {eocd64} is outside the file")
+                    raise CorruptDataError(
+                        f"{path}: ZIP64 end of central directory offset {eocd64} is outside the file"
+                    )
                 rec = _EOCD64.unpack(self._pread(eocd64, _EOCD64.size, "the ZIP64 end of central directory"))
                 if rec[0] != _SIG_EOCD64:
                     raise CorruptDataError(f"{path}: bad ZIP64 end-of-central-directory signature at byte {eocd64}")
                 disk, cd_disk, entries, cd_size, cd_offset = rec[4], rec[5], rec[7], rec[8], rec[9]
                 end = eocd64
-            elif _U16 == entries or _U32 in (cd_size, cd_offset):
-                raise CorruptDataError(f"{path}: the end of central directory needs ZIP64 fields but has no ZIP64 locator")
+            elif entries == _U16 or _U32 in (cd_size, cd_offset):
+                raise CorruptDataError(
+                    f"{path}: the end of central directory needs ZIP64 fields but has no ZIP64 locator"
+                )
         if disk or cd_disk:
             raise BadInputError(f"{path}: multi-disk zip archives are not supported")
         if cd_size > _MAX_CENTRAL_DIR or cd_offset + cd_size > end or entries > cd_size // _CENTRAL.size:
@@ -449,7 +464,9 @@ class LegacyPtSource:
         if entry.flags & 1:
             raise BadInputError(f"{path}: record {entry.name!r} is encrypted")
         if entry.header + _LOCAL.size > limit:
-            raise CorruptDataError(f"{path}: record {entry.name!r} has its header at byte {entry.header}, outside the file")
+            raise CorruptDataError(
+                f"{path}: record {entry.name!r} has its header at byte {entry.header}, outside the file"
+            )
         local = _LOCAL.unpack(self._pread(entry.header, _LOCAL.size, f"the header of {entry.name!r}"))
         if local[0] != _SIG_LOCAL:
             raise CorruptDataError(f"{path}: no ZIP local header at byte {entry.header} for record {entry.name!r}")
@@ -462,7 +479,9 @@ class LegacyPtSource:
 
     def _record(self, entry: _Entry, limit: int, cap: int) -> bytes:
         if entry.size > cap:
-            raise BadInputError(f"{self.path}: record {entry.name!r} is {entry.size} bytes, over the {cap >> 20} MiB a fisher.pt needs")
+            raise BadInputError(
+                f"{self.path}: record {entry.name!r} is {entry.size} bytes, over the {cap >> 20} MiB a fisher.pt needs"
+            )
         return self._pread(self._data_offset(entry, limit), entry.size, f"record {entry.name!r}")
 
     # -- the pickle ------------------------------------------------------------------------
@@ -479,7 +498,9 @@ class LegacyPtSource:
         path = self.path
         pickles = [n for n in entries if n == "data.pkl" or n.endswith("/data.pkl")]
         if len(pickles) != 1:
-            raise BadInputError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}; not a torch.save file")
+            raise BadInputError(
+                f"{path}: expected one data.pkl in the archive, found {len(pickles)}; not a torch.save file"
+            )
         self.prefix = pickles[0][: -len("data.pkl")]
         if self.prefix + "constants.pkl" in entries:
             raise BadInputError(f"{path} is a TorchScript archive (torch.jit.save), not a dict of tensors")
@@ -493,15 +514,24 @@ class LegacyPtSource:
         except FisherStoreError:
             raise
         except Exception as exc:  # any failure to parse untrusted bytes means the pickle is damaged
-            raise CorruptDataError(f"{path}: {pickles[0]} is not a valid tensor pickle ({type(exc).__name__}: {exc})") from None
+            raise CorruptDataError(
+                f"{path}: {pickles[0]} is not a valid tensor pickle ({type(exc).__name__}: {exc})"
+            ) from None
 
     def _info(
-        self, name: Any, value: Any, storages: dict[str, tuple[_StorageRef, int]], entries: dict[str, _Entry], limit: int
+        self,
+        name: Any,
+        value: Any,
+        storages: dict[str, tuple[_StorageRef, int]],
+        entries: dict[str, _Entry],
+        limit: int,
     ) -> TensorInfo:
         """Check one dict item of the pickle and describe where its bytes are."""
         path = self.path
         if not isinstance(name, str):
-            raise BadInputError(f"{path} holds a dict with key {name!r} ({type(name).__name__}), expected tensor names (strings)")
+            raise BadInputError(
+                f"{path} holds a dict with key {name!r} ({type(name).__name__}), expected tensor names (strings)"
+            )
         if not isinstance(value, _TensorRef):
             raise BadInputError(f"{path} holds a dict whose value for {name!r} is {_describe(value)}, expected tensors")
         try:
@@ -662,11 +692,11 @@ class _TensorStub:
 
 
 class _StubPickler(pickle._Pickler):  # the Python pickler: its dispatch table can name a _Global
-    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch: ClassVar[dict[type, Any]] = dict(pickle._Pickler.dispatch)
 
     def save_named_global(self, obj: _Global) -> None:
         """Write ``obj`` as a protocol-2 GLOBAL (and memoize it), as ``save_global`` would for the real object."""
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
         self.memoize(obj)
 
     dispatch[_Global] = save_named_global
@@ -762,7 +792,9 @@ class _ZipStream:
     def _take(self, n: int) -> None:
         """Count ``n`` more bytes of the open record, refusing more than it declared."""
         if n > self._left:
-            raise BadInputError(f"write_pt: {self._label} got more bytes than the {self._left + self._done} its spec declares")
+            raise BadInputError(
+                f"write_pt: {self._label} got more bytes than the {self._left + self._done} its spec declares"
+            )
         self._left -= n
         self._done += n
 
@@ -778,7 +810,25 @@ class _ZipStream:
         flags = _FLAG_UTF8 | (_FLAG_DESCRIPTOR if size else 0)
         extra = _zip64_extra(size, header)
         small = min(size, _U32)
-        fields = (_SIG_CENTRAL, 0, 0, flags, 0, 0, 0, self._crc, small, small, len(full), len(extra), 0, 0, 0, 0, min(header, _U32))
+        fields = (
+            _SIG_CENTRAL,
+            0,
+            0,
+            flags,
+            0,
+            0,
+            0,
+            self._crc,
+            small,
+            small,
+            len(full),
+            len(extra),
+            0,
+            0,
+            0,
+            0,
+            min(header, _U32),
+        )
         self._central.append(_CENTRAL.pack(*fields) + full + extra)
         self._crcs.append(self._crc)
         self._open = None
@@ -833,7 +883,10 @@ def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[Te
     prefix = (path.stem or "archive") + "/"  # torch.save names the folder after the file, without extension
     t0 = time.perf_counter()
     total = 0
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fisherstore-crc") as pool, atomic_file(path) as fh:
+    with (
+        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fisherstore-crc") as pool,
+        atomic_file(path) as fh,
+    ):
         zs = _ZipStream(fh, prefix, pool)
         zs.record("data.pkl", _pickle_specs(specs))
         zs.record(".format_version", b"1")
@@ -843,7 +896,9 @@ def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[Te
         for spec, chunks in items:
             if count >= len(specs) or spec != specs[count]:
                 expected = repr(specs[count]) if count < len(specs) else "nothing more"
-                raise BadInputError(f"write_pt: item {count} is {spec!r}, expected {expected} (items must follow specs)")
+                raise BadInputError(
+                    f"write_pt: item {count} is {spec!r}, expected {expected} (items must follow specs)"
+                )
             zs.begin(f"data/{count}", spec.nbytes, f"tensor {spec.name!r}")
             for chunk in chunks:
                 zs.data(chunk)
@@ -851,8 +906,17 @@ def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[Te
             total += spec.nbytes
             count += 1
         if count != len(specs):
-            raise BadInputError(f"write_pt: items stopped after {count} of {len(specs)} tensors; next was {specs[count].name!r}")
+            raise BadInputError(
+                f"write_pt: items stopped after {count} of {len(specs)} tensors; next was {specs[count].name!r}"
+            )
         zs.record("version", b"3\n")
         zs.finish()
     dt = time.perf_counter() - t0
-    log.info("wrote %s: %d tensors, %.1f MB in %.2f s (%.0f MB/s)", path, len(specs), total / 1e6, dt, total / 1e6 / max(dt, 1e-9))
+    log.info(
+        "wrote %s: %d tensors, %.1f MB in %.2f s (%.0f MB/s)",
+        path,
+        len(specs),
+        total / 1e6,
+        dt,
+        total / 1e6 / max(dt, 1e-9),
+    )

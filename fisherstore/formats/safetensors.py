@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import TMP_PREFIX, fsync, fsync_dir, preallocate, pread_tensor, write_all, write_json_atomic
+from .._io import TMP_PREFIX, fsync, fsync_dir, pread_tensor, preallocate, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import parse_name, validate_name
@@ -33,7 +33,7 @@ from .base import Backend, Buffer, GroupSink, rows_of
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SafetensorsBackend", "SafetensorsFileSource", "read_header", "ST_DTYPES"]
+__all__ = ["ST_DTYPES", "SafetensorsBackend", "SafetensorsFileSource", "read_header"]
 
 #: safetensors dtype codes ↔ manifest dtype names.
 ST_DTYPES: dict[str, str] = {
@@ -65,7 +65,9 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
         raise CorruptDataError(f"{where}: {size} bytes is too short for a safetensors file")
     n = int.from_bytes(os.pread(fd, 8, 0), "little", signed=True)
     if n <= 0 or n > _HEADER_CAP or 8 + n > size:
-        raise CorruptDataError(f"{where}: header length {n} is invalid for a {size}-byte file (truncated or not safetensors)")
+        raise CorruptDataError(
+            f"{where}: header length {n} is invalid for a {size}-byte file (truncated or not safetensors)"
+        )
     try:
         header = json.loads(os.pread(fd, n, 8))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -73,7 +75,9 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
     if not isinstance(header, dict):
         raise CorruptDataError(f"{where}: header must be a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise CorruptDataError(f"{where}: __metadata__ must map strings to strings")
     start = 8 + n
     entries = {}
@@ -84,11 +88,18 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
         except BadInputError as exc:
             raise CorruptDataError(f"{where}: {exc}") from None
         if not isinstance(e, dict) or e.get("dtype") not in ST_DTYPES:
-            raise CorruptDataError(f"{where}: tensor {name!r} has an unknown dtype {e.get('dtype') if isinstance(e, dict) else e!r}")
+            raise CorruptDataError(
+                f"{where}: tensor {name!r} has an unknown dtype {e.get('dtype') if isinstance(e, dict) else e!r}"
+            )
         shape, offs = e.get("shape"), e.get("data_offsets")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise CorruptDataError(f"{where}: tensor {name!r} has a bad shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs) and 0 <= offs[0] <= offs[1]):
+        if not (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(isinstance(o, int) for o in offs)
+            and 0 <= offs[0] <= offs[1]
+        ):
             raise CorruptDataError(f"{where}: tensor {name!r} has bad data_offsets {offs!r}")
         dtype = ST_DTYPES[e["dtype"]]
         expected = math.prod(shape) * ITEMSIZES[dtype]
@@ -120,7 +131,11 @@ class _ShardSink(GroupSink):
         header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "fisherstore"}}
         pos = 0
         for spec in group.tensors:
-            header[spec.name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [pos, pos + spec.nbytes]}
+            header[spec.name] = {
+                "dtype": _CODES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [pos, pos + spec.nbytes],
+            }
             pos += spec.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as safetensors itself does
@@ -183,7 +198,9 @@ class _ShardReader:
         fd, entries = self.entries(path)
         entry = entries.get(name)
         if entry is None or entry[0] != dtype or entry[1] != shape:
-            raise CorruptDataError(f"{path}: header entry for {name!r} is {entry and entry[:2]}, manifest says {(dtype, shape)}")
+            raise CorruptDataError(
+                f"{path}: header entry for {name!r} is {entry and entry[:2]}, manifest says {(dtype, shape)}"
+            )
         return fd, entry[2]
 
     def read(self, path: Path, name: str, dtype: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
@@ -192,7 +209,9 @@ class _ShardReader:
         if not 0 <= start <= stop <= nrows:
             raise BadInputError(f"rows [{start}, {stop}) out of range for {name!r} with {nrows} rows")
         itemsize = ITEMSIZES[dtype]
-        raw = pread_tensor(fd, (stop - start) * per_row * itemsize, offset + start * per_row * itemsize, f"{path} tensor {name!r}")
+        raw = pread_tensor(
+            fd, (stop - start) * per_row * itemsize, offset + start * per_row * itemsize, f"{path} tensor {name!r}"
+        )
         out = raw.view(DTYPES[dtype])
         return out.reshape(shape) if len(shape) == 0 else out.reshape((stop - start, *shape[1:]))
 
@@ -234,7 +253,13 @@ class SafetensorsBackend(Backend):
 
     def _file(self, info: TensorInfo) -> Path:
         name = info.location.get("file")
-        if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".safetensors") or name.startswith("."):
+        if (
+            not isinstance(name, str)
+            or "/" in name
+            or "\\" in name
+            or not name.endswith(".safetensors")
+            or name.startswith(".")
+        ):
             raise CorruptDataError(f"tensor {info.name!r}: manifest location file {name!r} is not a shard name")
         return self.root / name
 
@@ -267,8 +292,15 @@ class SafetensorsFileSource:
         for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
             layer, kind = parse_name(name)
             self.infos[name] = TensorInfo(
-                name=name, shape=shape, dtype=dtype, group=0, layer=layer, kind=kind,
-                location={"file": self.path.name, "offsets": [begin, end]}, checksum="", sum=float("nan"),
+                name=name,
+                shape=shape,
+                dtype=dtype,
+                group=0,
+                layer=layer,
+                kind=kind,
+                location={"file": self.path.name, "offsets": [begin, end]},
+                checksum="",
+                sum=float("nan"),
             )
 
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:

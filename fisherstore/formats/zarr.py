@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import google_crc32c
 import numpy as np
 
-from .._io import TMP_PREFIX, c_function, fsync, fsync_dir, preallocate, pread_into, write_all, write_json_atomic
+from .._io import TMP_PREFIX, c_function, fsync, fsync_dir, pread_into, preallocate, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import validate_name
@@ -68,7 +68,7 @@ from .base import Backend, Buffer, GroupSink, rows_of
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ZarrBackend", "COMPRESSIONS"]
+__all__ = ["COMPRESSIONS", "ZarrBackend"]
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,9 @@ class _Layout:
                 compression = next(
                     name
                     for name, c in COMPRESSIONS.items()
-                    if c is not None and c.codec == codec["name"] and c.cname == config.get("cname", "")
+                    if c is not None
+                    and c.codec == codec["name"]
+                    and c.cname == config.get("cname", "")
                     and c.shuffle == config.get("shuffle", "")
                 )
             separator = meta["chunk_key_encoding"]["configuration"]["separator"]
@@ -305,11 +307,15 @@ class _Layout:
             layout = cls(shape, dtype, chunk_rows[0], shard_rows[0], compression, level, separator)
             expected = layout.metadata()
             if compressors and codec["name"] == "blosc":  # the block size only tunes compression: any value decodes
-                expected["codecs"][0]["configuration"]["codecs"][1]["configuration"]["blocksize"] = config.get("blocksize")
+                expected["codecs"][0]["configuration"]["codecs"][1]["configuration"]["blocksize"] = config.get(
+                    "blocksize"
+                )
             ok = (
                 all(isinstance(r, int) and r >= 1 for r in (layout.chunk_rows, layout.shard_rows))
                 and layout.shard_rows % layout.chunk_rows == 0
-                and all(meta.get(k) == v for k, v in expected.items() if k not in ("attributes", "storage_transformers"))
+                and all(
+                    meta.get(k) == v for k, v in expected.items() if k not in ("attributes", "storage_transformers")
+                )
             )
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration, ZeroDivisionError):
             ok = False
@@ -620,11 +626,15 @@ class ZarrBackend(Backend):
         if codec is not None:
             level = codec.default_level if level is None else level
             if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= codec.max_level:
-                raise BadInputError(f"zarr level={level!r} for {compression!r} must be an integer in 1..{codec.max_level}")
+                raise BadInputError(
+                    f"zarr level={level!r} for {compression!r} must be an integer in 1..{codec.max_level}"
+                )
         chunk_mb = _number(opts, "chunk_mb", 0, 1024)
         shard_mb = _number(opts, "shard_mb", 0, 64 * 1024)
         if shard_mb < chunk_mb:
-            raise BadInputError(f"zarr shard_mb={shard_mb!r} must be >= chunk_mb={chunk_mb!r} (a shard holds whole chunks)")
+            raise BadInputError(
+                f"zarr shard_mb={shard_mb!r} must be >= chunk_mb={chunk_mb!r} (a shard holds whole chunks)"
+            )
         return {"compression": compression, "level": level, "chunk_mb": chunk_mb, "shard_mb": shard_mb}
 
     def begin_group(self, group: GroupInfo, num_groups: int) -> GroupSink:
@@ -635,7 +645,9 @@ class ZarrBackend(Backend):
             except (OSError, ValueError, AttributeError):
                 node = None
             if node != "group":
-                raise BadInputError(f"{meta_path} exists but is not a zarr v3 group; write the store to a new directory")
+                raise BadInputError(
+                    f"{meta_path} exists but is not a zarr v3 group; write the store to a new directory"
+                )
         self.root.mkdir(parents=True, exist_ok=True)
         return _ZarrGroupSink(self, group)
 
@@ -644,7 +656,9 @@ class ZarrBackend(Backend):
         try:
             validate_name(array)
         except BadInputError:
-            raise CorruptDataError(f"tensor {info.name!r}: manifest location array {array!r} is not a safe name") from None
+            raise CorruptDataError(
+                f"tensor {info.name!r}: manifest location array {array!r} is not a safe name"
+            ) from None
         array_dir = self.root / array
         layout = self._layouts.get(array)
         if layout is None:
@@ -679,7 +693,9 @@ class ZarrBackend(Backend):
             with _open_shard(path, where) as fd:
                 index, data_end = _read_index(fd, layout, where)
             n = layout.num_chunks
-            expected = np.stack([np.arange(n, dtype="<u8") * layout.chunk_bytes, np.full(n, layout.chunk_bytes, dtype="<u8")], axis=1)
+            expected = np.stack(
+                [np.arange(n, dtype="<u8") * layout.chunk_bytes, np.full(n, layout.chunk_bytes, dtype="<u8")], axis=1
+            )
             contiguous = np.array_equal(index[:n], expected) and n * layout.chunk_bytes <= data_end
             self._spans[info.name] = (path, 0) if contiguous else None
         return self._spans[info.name]
@@ -704,7 +720,9 @@ class ZarrBackend(Backend):
             first, last = start // cr, (stop - 1) // cr
             for shard in range(first // cps, last // cps + 1):
                 chunks = range(max(first, shard * cps), min(last, shard * cps + cps - 1) + 1)
-                self._read_shard(info.name, array_dir / layout.shard_key(shard), layout, shard, chunks, start, stop, out)
+                self._read_shard(
+                    info.name, array_dir / layout.shard_key(shard), layout, shard, chunks, start, stop, out
+                )
 
     @staticmethod
     def _read_shard(
@@ -724,7 +742,9 @@ class ZarrBackend(Backend):
                 if offset == nbytes == _EMPTY:
                     dst[:] = bytes(len(dst))  # never-written chunk: the fill value
                 elif offset + nbytes > data_end or (codec is None and nbytes != layout.chunk_bytes):
-                    raise CorruptDataError(f"{where}: chunk {chunk} at ({offset}, {nbytes}) lies outside the shard's data")
+                    raise CorruptDataError(
+                        f"{where}: chunk {chunk} at ({offset}, {nbytes}) lies outside the shard's data"
+                    )
                 elif codec is None:
                     pread_into(fd, dst, offset + skip, where)
                 else:
