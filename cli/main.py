@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -55,20 +56,60 @@ def build_parser(command: str | None = None, argv: Sequence[str] = ()) -> argpar
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fisherstore {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done (INFO level)")
-    parser.add_argument("--debug", action="store_true", help="debug logging and full tracebacks on errors")
-    parser.add_argument(
-        "--no-fsync",
-        action="store_true",
-        help="skip flushing writes to disk (still atomic against a crashed process, not against power loss; "
-        "also FISHERSTORE_NO_FSYNC=1)",
-    )
+    _add_global_options(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     names = (command,) if command in COMMANDS else () if command is None and "--version" in argv else COMMANDS
     for name in names:
         importlib.import_module(f"fisherstore.cli.cmd_{name}").register(sub)
+    for subparser in sub.choices.values():  # global options may follow the command too
+        _add_global_options(subparser.add_argument_group("global options"), argparse.SUPPRESS)
     return parser
+
+
+def _add_global_options(group: argparse._ActionsContainer, default: object) -> None:
+    """The options every command takes; after the command their default is SUPPRESS, so one given
+    before the command is not reset by the sub-parser."""
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress bars, warnings and errors only"
+    )
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="log what is being done (INFO level)"
+    )
+    group.add_argument(
+        "--debug", action="store_true", default=default, help="debug logging and full tracebacks on errors"
+    )
+    group.add_argument(
+        "--no-fsync",
+        action="store_true",
+        default=default,
+        help="skip flushing writes to disk (still atomic against a crashed process, not against power loss; "
+        "also FISHERSTORE_NO_FSYNC=1)",
+    )
+
+
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The sub-parser of ``command`` in a parser from :func:`build_parser`."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def in_cli_words(message: str, param: str | None, parser: argparse.ArgumentParser) -> str:
+    """A library message with parameter names rewritten as the command's flags.
+
+    ``overwrite=True`` becomes ``--overwrite`` for any boolean flag of the
+    command; the error's own parameter (``rank must be >= 1``) becomes its
+    flag wherever it stands as a word (``--rank must be >= 1``), and
+    ``param=value`` becomes ``--flag value``.  Parameters the command has no
+    flag for are left as they are.
+    """
+    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+    for dest, flag in flags.items():
+        message = re.sub(rf"(?<![\w.-]){re.escape(dest)}=True\b", flag, message)
+    flag = flags.get(param) if param else None
+    if flag is not None and param is not None:
+        message = re.sub(rf"(?<![\w.-]){re.escape(param)}=", flag + " ", message)
+        message = re.sub(rf"(?<![\w.-]){re.escape(param)}\b(?![\w-])", flag, message)
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Global options take no values, so the first bare word is the command.
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command, argv).parse_args(argv)  # exits here for --version and --help
+    parser = build_parser(command, argv)
+    args = parser.parse_args(argv)  # exits here for --version and --help
     # Imported only once a command runs: logging (~15 ms), typing (~5 ms), fisherstore._io (numpy) for --no-fsync.
     import logging
     import traceback
@@ -98,13 +140,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FisherStoreError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"fisherstore: error: {_one_line(exc)}", file=sys.stderr)
+        text = _one_line(exc)
+        if isinstance(exc, FisherStoreError):
+            text = in_cli_words(text, exc.param, command_parser(parser, args.command))
+        print(f"fisherstore: error: {text}", file=sys.stderr)
         return 2
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
         print(
-            f"fisherstore: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+            f"fisherstore: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(rerun with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -6,6 +6,11 @@ and also from the builtin it resembles, so callers may catch either
 :class:`BadInputError` (and its children) to exit code 2 and prints
 ``str(error)`` as the one-line message, so messages name the offending path,
 key or value and, where possible, say what to do next.
+
+Messages speak the API's language: parameter names (``rank must be an integer
+>= 1, got 0``, ``pass overwrite=True to replace it``).  An error about one
+parameter carries its name in :attr:`FisherStoreError.param`, and the CLI
+rewrites that name into the command's flag (``--rank``, ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,16 @@ __all__ = [
 
 
 class FisherStoreError(Exception):
-    """Base class of every error raised by fisherstore."""
+    """Base class of every error raised by fisherstore.
+
+    Args:
+        *args: the message (one line), as for any exception.
+        param: the API parameter the error is about, if one; the CLI names its flag instead.
+    """
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
 
 
 class BadInputError(FisherStoreError, ValueError):
