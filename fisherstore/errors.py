@@ -51,6 +51,14 @@ class CorruptDataError(BadInputError):
 class ChecksumMismatchError(CorruptDataError):
     """A tensor's bytes do not match the checksum recorded in the manifest."""
 
+    @classmethod
+    def for_tensor(cls, name: str, got: str, recorded: str, where: str = "the manifest") -> ChecksumMismatchError:
+        """The one wording of a mismatch: what the bytes hash to, what ``where`` recorded, what to do."""
+        return cls(
+            f"tensor {name!r}: bytes hash to {got}, {where} says {recorded}; the source is corrupt "
+            "(run fisherstore verify on it)"
+        )
+
 
 class UnsafePickleError(BadInputError):
     """A pickle asks for a global or opcode that a safe tensor reader refuses."""

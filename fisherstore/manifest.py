@@ -293,6 +293,11 @@ class Manifest:
     def complete(self) -> bool:
         return bool(self.groups) and all(g.complete for g in self.groups)
 
+    @property
+    def missing_groups(self) -> list[int]:
+        """Indices of the planned groups not written yet (empty for a complete store)."""
+        return [g.index for g in self.groups if not g.complete]
+
     def with_group(self, group: GroupInfo, infos: list[TensorInfo]) -> Manifest:
         """A copy with ``group`` replaced and ``infos`` recorded."""
         groups = tuple(group if g.index == group.index else g for g in self.groups)

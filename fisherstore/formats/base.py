@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._io import FileSpan
+from ..errors import BadInputError
 from ..manifest import GroupInfo, TensorInfo, TensorSpec
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Backend", "Buffer", "Chunk", "FileSpan", "GroupSink", "rows_of"]
+__all__ = ["Backend", "Buffer", "Chunk", "FileSpan", "GroupSink", "check_rows", "rows_of"]
 
 Buffer = bytes | bytearray | memoryview
 #: What a source hands out: bytes, or raw bytes left in a file (read by whoever consumes them).
@@ -36,6 +37,12 @@ def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
     for d in shape[1:]:
         per_row *= d
     return shape[0], per_row
+
+
+def check_rows(name: str, start: int, stop: int, nrows: int) -> None:
+    """Refuse a row range ``[start, stop)`` outside ``0 <= start <= stop <= nrows``: every reader's one check."""
+    if not 0 <= start <= stop <= nrows:
+        raise BadInputError(f"rows [{start}, {stop}) out of range for {name!r} with {nrows} rows", param="rows")
 
 
 class GroupSink(abc.ABC):
