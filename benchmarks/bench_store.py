@@ -71,7 +71,10 @@ write_pt(path, specs, items())
 print(len(specs), total, max(specs, key=lambda s: s.nbytes).name)
 """
 
-TINY = "import sys, torch; torch.save({'model.layers.0.mlp.up_proj.weight': torch.ones(8, 8, dtype=torch.bfloat16)}, sys.argv[1])"
+TINY = (
+    "import sys, torch; "
+    "torch.save({'model.layers.0.mlp.up_proj.weight': torch.ones(8, 8, dtype=torch.bfloat16)}, sys.argv[1])"
+)
 TORCH_LOAD = "import sys, torch; d = torch.load(sys.argv[1], weights_only=True); print(len(d))"
 TORCH_MMAP = (
     "import sys, torch; d = torch.load(sys.argv[1], mmap=True, weights_only=True)\n"
@@ -263,9 +266,11 @@ def table(results: list[dict]) -> str:
         boot = res["ops"][0]["wall_s"]
         mb = res["file_bytes"] / 2**20
         lines += [
-            f"### {res['file_bytes'] / 1e9:.2f} GB fisher.pt, {res['tensors']} tensors, largest {res['largest_bytes'] / 1e6:.0f} MB",
+            f"### {res['file_bytes'] / 1e9:.2f} GB fisher.pt, {res['tensors']} tensors, "
+            f"largest {res['largest_bytes'] / 1e6:.0f} MB",
             "",
-            "| operation | wall s (median) | runs s | MB/s | × cp throughput | × (cp + sync) | × cp, startup excluded | peak RSS MiB | size ratio |",
+            "| operation | wall s (median) | runs s | MB/s | × cp throughput | × (cp + sync) | × cp, startup excluded "
+            "| peak RSS MiB | size ratio |",
             "|---|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in res["ops"]:
@@ -273,13 +278,14 @@ def table(results: list[dict]) -> str:
             steady = f"{cp / (r['wall_s'] - boot):.2f}" if r["op"].startswith("convert") else ""  # start-up: row 0
             every = " ".join(f"{w:.2f}" for w in r["runs_s"])
             lines.append(
-                f"| {r['op']} | {r['wall_s']:.2f} | {every} | {mb / r['wall_s']:.0f} | {r['x_cp']:.2f} | {r['x_cp_sync']:.2f} | {steady} | {r['peak_rss_mb']:.0f} | {ratio} |"
+                f"| {r['op']} | {r['wall_s']:.2f} | {every} | {mb / r['wall_s']:.0f} | {r['x_cp']:.2f} "
+                f"| {r['x_cp_sync']:.2f} | {steady} | {r['peak_rss_mb']:.0f} | {ratio} |"
             )
         lines += [
             "",
             "× cp and × (cp + sync) are medians of ratios taken within a round (each round runs every operation "
-            "once, in this order); × cp, startup excluded = median cp / (median wall - median start-up), start-up being "
-            "the first row (interpreter, imports, opening the source, creating the store).",
+            "once, in this order); × cp, startup excluded = median cp / (median wall - median start-up), "
+            "start-up being the first row (interpreter, imports, opening the source, creating the store).",
         ]
         fs_lazy = next(r for r in res["single_tensor"] if r["op"] == "fisherstore lazy (fisher.pt)")["seconds"]
         lines += [

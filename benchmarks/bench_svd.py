@@ -44,6 +44,7 @@ import sys, torch
 from fisherstore import StoreWriter, TensorSpec, plan_groups
 from fisherstore.testing import fisher_like
 g = torch.Generator().manual_seed(0)
+
 def write(path, tensors, group_size):
     plan = plan_groups([TensorSpec.of(n, t) for n, t in tensors.items()], group_size)
     with StoreWriter.create(path, plan) as w:
@@ -68,6 +69,14 @@ write(sys.argv[2], tensors, 2)
 
 PER_TENSOR = r"""
 import json, sys, time, torch
+
+def timed(times, fn, *args, **kwargs):
+    # fn(*args, **kwargs), its wall time appended to times
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    times.append(time.perf_counter() - start)
+    return out
+
 torch.set_num_threads(int(sys.argv[1]))
 from fisherstore.store import open_store
 from fisherstore.svd import SVDConfig, decompose_tensor, plan_decomposition
@@ -91,16 +100,20 @@ for path in sys.argv[5:]:
             a = store.read(name, dtype=torch.float32)
             times = {"fisherstore": [], "streamed": [], "svd_lowrank": []}
             for _ in range(repeats if m * n >= 1 << 22 else 10 * repeats):  # small tensors: more tries against noise
-                start = time.perf_counter(); fs = decompose_tensor(store, name, cfg); times["fisherstore"].append(time.perf_counter() - start)
+                fs = timed(times["fisherstore"], decompose_tensor, store, name, cfg)
                 torch.manual_seed(0)
-                start = time.perf_counter(); lr = torch.svd_lowrank(a, q=plan.samples, niter=q); times["svd_lowrank"].append(time.perf_counter() - start)
+                lr = timed(times["svd_lowrank"], torch.svd_lowrank, a, q=plan.samples, niter=q)
                 if streams:
-                    start = time.perf_counter(); st = decompose_tensor(store, name, streamed_cfg); times["streamed"].append(time.perf_counter() - start)
-            start = time.perf_counter(); u, s, vh = torch.linalg.svd(a, full_matrices=False); exact_s = time.perf_counter() - start
+                    st = timed(times["streamed"], decompose_tensor, store, name, streamed_cfg)
+            exact_times: list[float] = []
+            u, s, vh = timed(exact_times, torch.linalg.svd, a, full_matrices=False)
+            exact_s = exact_times[0]
             optimal = s[k:].double().square().sum().sqrt().item()
             row = {
                 "tensor": name, "shape": [m, n], "method": fs.method, "samples": plan.samples,
-                "fisherstore_s": min(times["fisherstore"]), "svd_lowrank_s": min(times["svd_lowrank"]), "exact_s": exact_s,
+                "fisherstore_s": min(times["fisherstore"]),
+                "svd_lowrank_s": min(times["svd_lowrank"]),
+                "exact_s": exact_s,
                 "streamed_s": min(times["streamed"]) if streams else None,
                 "streamed_passes": st.passes if streams else None,
                 "residual_ratio": {
@@ -193,16 +206,19 @@ def main() -> None:
     fp32_mb = sum(4 * r["shape"][0] * r["shape"][1] for r in rows) / 2**20
     passed = all(r["ratio_vs_lowrank"] <= 1.3 for r in rows)
     lines = [
-        f"k = {args.rank}, power iterations = {args.power_iters}, q = k + p (p = max(10, k/4)), {args.threads} thread(s), "
-        f"fastest of {args.repeats} ({10 * args.repeats} below 4M elements); residual = ‖F − U_k S_k V_kᵀ‖_F / optimum (exact truncated SVD).",
+        f"k = {args.rank}, power iterations = {args.power_iters}, q = k + p (p = max(10, k/4)), "
+        f"{args.threads} thread(s), fastest of {args.repeats} ({10 * args.repeats} below 4M elements); "
+        "residual = ‖F − U_k S_k V_kᵀ‖_F / optimum (exact truncated SVD).",
         "",
-        "| tensor | shape | method | fisherstore (s) | streamed (s) | svd_lowrank (s) | exact (s) | fs / lowrank | residual fs | residual lowrank |",
+        "| tensor | shape | method | fisherstore (s) | streamed (s) | svd_lowrank (s) | exact (s) | fs / lowrank "
+        "| residual fs | residual lowrank |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         streamed = "-" if r["streamed_s"] is None else f"{r['streamed_s']:.3f} ({r['streamed_passes']} reads)"
         lines.append(
-            f"| {r['tensor']} | {r['shape'][0]}x{r['shape'][1]} | {r['method']} | {r['fisherstore_s']:.3f} | {streamed} | "
+            f"| {r['tensor']} | {r['shape'][0]}x{r['shape'][1]} | {r['method']} | {r['fisherstore_s']:.3f} "
+            f"| {streamed} | "
             f"{r['svd_lowrank_s']:.3f} | {r['exact_s']:.3f} | {r['ratio_vs_lowrank']:.2f} | "
             f"{r['residual_ratio']['fisherstore']:.4f} | {r['residual_ratio']['svd_lowrank']:.4f} |"
         )
@@ -214,8 +230,8 @@ def main() -> None:
         f"- target fisherstore / svd_lowrank <= 1.3 on every tensor: {'PASS' if passed else 'FAIL'} "
         f"(max {max(r['ratio_vs_lowrank'] for r in rows):.2f})",
         "",
-        "Whole store (16 layers x 7 projections, hidden 1024, intermediate 4096, bf16; `fisherstore svd` as a child process, "
-        "wall time including interpreter and worker start-up):",
+        "Whole store (16 layers x 7 projections, hidden 1024, intermediate 4096, bf16; `fisherstore svd` as a child "
+        "process, wall time including interpreter and worker start-up):",
         "",
         "| workers | wall (s) | tensors/s | peak RSS (MiB, parent) |",
         "|---:|---:|---:|---:|",

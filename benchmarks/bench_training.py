@@ -17,7 +17,8 @@ the time of one projection pass alone, the memory held by the loaded masks
 
 Pass criterion: projector+scaler / plain <= 1.10.
 
-Usage: python benchmarks/bench_training.py [--rank 64] [--lora-rank 16] [--seq 64] [--batch 1] [--rounds 8] [--threads 2]
+Usage: python benchmarks/bench_training.py [--rank 64] [--lora-rank 16] [--seq 64] [--batch 1] [--rounds 8]
+                                          [--threads 2]
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def main() -> None:
     table = "\n".join(
         [
             f"SmolLM2-135M, {payload['lora_modules']} LoRA modules (r={args.lora_rank}), masks k={args.rank}, "
-            f"batch {args.batch}x{args.seq} tokens, AdamW, {args.threads} threads, {args.rounds} timed steps each, alternating.",
+            f"batch {args.batch}x{args.seq} tokens, AdamW, {args.threads} threads, {args.rounds} timed steps each, "
+            "alternating.",
             "",
             "| | median step (s) | ratio |",
             "|---|---:|---:|",
@@ -146,10 +148,12 @@ def main() -> None:
             "",
             f"- target <= 1.10: {'PASS' if payload['pass'] else 'FAIL'}",
             f"- one projection pass over all modules: {payload['projection_pass_s'] * 1e3:.1f} ms "
-            f"= {payload['projection_pass_s'] / med['plain']:.1%} of a plain step (the overhead that timing noise cannot hide; "
+            f"= {payload['projection_pass_s'] / med['plain']:.1%} of a plain step "
+            "(the overhead that timing noise cannot hide; "
             "it is O(Σ(m+n)·k·r) per step, independent of the tokens per step, so larger batches dilute it)",
             f"- attach (read masks, QR, first projection): {attach_s:.2f} s",
-            f"- loaded masks: {payload['mask_bytes'] / mib:.1f} MiB measured; Σ(m+n)·k·4 bytes = {formula / mib:.1f} MiB",
+            f"- loaded masks: {payload['mask_bytes'] / mib:.1f} MiB measured; "
+            f"Σ(m+n)·k·4 bytes = {formula / mib:.1f} MiB",
             f"- max leak after the run (‖UᵀΔW‖/‖ΔW‖, ‖ΔW V‖/‖ΔW‖): {leak:.2e}",
             f"- load average during the run: {payload['load_average']}",
         ]
