@@ -61,7 +61,7 @@ def test_stock_torch_save_converts(tmp_path, gemma_tensors):
 
 def test_small_buffers_still_exact(tmp_path, gemma_bf16, make_store):
     src = make_store(gemma_bf16)
-    z = convert(src, tmp_path / "z.zarr", chunk_bytes=100)
+    z = convert(src, tmp_path / "z.zarr", buffer_bytes=100)
     with open_store(z) as store:
         assert_same_tensors(store, gemma_bf16)
 
@@ -96,7 +96,7 @@ def test_pt_zip_records_carry_valid_crcs(tmp_path, gemma_tensors, make_store):
     """Records streamed from raw spans and from buffers carry the CRC-32 of their bytes (zip tools check it)."""
     import zipfile
 
-    pt = convert(make_store(gemma_tensors), tmp_path / "fisher.pt", chunk_bytes=1000)
+    pt = convert(make_store(gemma_tensors), tmp_path / "fisher.pt", buffer_bytes=1000)
     with zipfile.ZipFile(pt) as zf:
         assert zf.testzip() is None
         assert len([n for n in zf.namelist() if "/data/" in n]) == len(gemma_tensors)
