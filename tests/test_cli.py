@@ -119,9 +119,9 @@ def test_public_functions_are_not_shadowed_by_submodules():
 
     import fisherstore
 
-    for module in ("conversion", "verification", "extraction", "store", "svd", "masks", "training"):
+    for module in ("conversion", "verification", "extraction", "store", "svd", "masks", "training", "summary"):
         importlib.import_module(f"fisherstore.{module}")
-    for name in ("convert", "verify", "extract", "open_store", "svd_store", "open_masks", "attach_training"):
+    for name in ("convert", "verify", "extract", "open_store", "svd_store", "open_masks", "attach_training", "info"):
         assert callable(getattr(fisherstore, name)) and not isinstance(getattr(fisherstore, name), type(fisherstore)), (
             name
         )
