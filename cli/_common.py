@@ -1,4 +1,4 @@
-"""Small helpers shared by the sub-commands: JSON output and human sizes."""
+"""Small helpers shared by the sub-commands: options spelled alike everywhere, JSON output, human sizes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,18 @@ import sys
 from typing import Any
 
 from fisherstore.errors import BadInputError
+from fisherstore.sizes import parse_bytes
 
-__all__ = ["add_zarr_options", "format_kind_summary", "format_mask_table", "human_bytes", "print_json", "zarr_options"]
+__all__ = [
+    "add_out_option",
+    "add_zarr_options",
+    "format_kind_summary",
+    "format_mask_table",
+    "human_bytes",
+    "parse_size",
+    "print_json",
+    "zarr_options",
+]
 
 
 def human_bytes(n: float) -> str:
@@ -24,6 +34,32 @@ def human_bytes(n: float) -> str:
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=1)
     sys.stdout.write("\n")
+
+
+def parse_size(text: str) -> int:
+    """A size option (``8GiB``, ``500MB``) as bytes (:func:`fisherstore.sizes.parse_bytes`), as an argparse type."""
+    try:
+        return parse_bytes(text)
+    except BadInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_out_option(
+    group: argparse._ActionsContainer,
+    help: str,
+    *,
+    required: bool = False,
+    metavar: str = "PATH",
+    dest: str = "out",
+    aliases: tuple[str, ...] = (),
+) -> None:
+    """``-o/--out``, the one spelling of a command's named output; ``aliases`` are old spellings, kept hidden.
+
+    ``dest`` is the API parameter the value goes to, so the CLI can name this flag in a library error about it.
+    """
+    group.add_argument("-o", "--out", dest=dest, required=required, metavar=metavar, help=help)
+    for alias in aliases:
+        group.add_argument(alias, dest=dest, metavar=metavar, help=argparse.SUPPRESS)
 
 
 def add_zarr_options(group: argparse._ActionsContainer, chunking: bool = True) -> None:

@@ -7,6 +7,8 @@ import textwrap
 
 from fisherstore.training import REFERENCES, ScaleRule
 
+from ._common import add_out_option
+
 __all__ = ["register", "run"]
 
 _EPILOG = textwrap.dedent(
@@ -20,10 +22,10 @@ _EPILOG = textwrap.dedent(
       layers, or in layers missing from the importance, get alpha only and are listed.
 
     examples:
-      fisherstore blend runs/lora --importance fisher_store --out runs/lora-blended
-      fisherstore blend runs/lora --importance layer_importance.json --out blended \\
+      fisherstore blend runs/lora --importance fisher_store -o runs/lora-blended
+      fisherstore blend runs/lora --importance layer_importance.json -o blended \\
           --alpha 0.8 --power 1 --min-factor 0.25 --max-factor 4
-      fisherstore blend runs/lora --importance layer_importance.json --out x --dry-run
+      fisherstore blend runs/lora --importance layer_importance.json -o x --dry-run
 
     The output is an ordinary PEFT adapter directory:
       PeftModel.from_pretrained(base_model, "runs/lora-blended")
@@ -55,8 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="a Fisher store, its layer_importance.json, or a JSON list / {layer: value} mapping",
     )
-    p.add_argument(
-        "--out", required=True, metavar="DIR", help="output adapter directory (must be new or empty unless --overwrite)"
+    add_out_option(
+        p, "output adapter directory (must be new or empty unless --overwrite)", required=True, metavar="DIR"
     )
     p.add_argument(
         "--alpha", type=float, default=1.0, help="global blend strength multiplying every delta (default: %(default)s)"

@@ -8,7 +8,7 @@ from pathlib import Path
 from fisherstore._io import write_json_atomic
 from fisherstore.store import open_store
 
-from ._common import print_json
+from ._common import add_out_option, print_json
 
 EPILOG = """\
 For a store the sums come from its manifest (no data is read); a fisher.pt is streamed once.
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", help="store directory or fisher.pt")
-    p.add_argument("-o", "--output", type=Path, help="write the JSON document here")
+    add_out_option(p, "write the JSON document here", metavar="FILE", aliases=("--output",))
     p.add_argument("--json", action="store_true", help="print the JSON document instead of a table")
     p.set_defaults(func=run)
 
@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     with open_store(args.path) as store:
         doc = store.importance_document()
-    if args.output:
-        write_json_atomic(args.output, doc)
+    if args.out:
+        write_json_atomic(Path(args.out), doc)
     if args.json:
         print_json(doc)
     else:
@@ -45,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'layer':>5}  {'sum':>12}  {'share':>6}")
         for layer, value in doc["layers"].items():
             print(f"{layer:>5}  {value:12.6g}  {value / total:6.1%}")
-    if args.output:
-        print(f"wrote {args.output}")
+    if args.out:
+        print(f"wrote {args.out}")
     return 0

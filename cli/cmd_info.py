@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from typing import Any
 
-from fisherstore.store import FisherStore, open_store
+from fisherstore.summary import info
 
 from ._common import format_kind_summary, format_mask_table, human_bytes, print_json
 
@@ -33,85 +32,55 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def summary(store: FisherStore) -> dict[str, Any]:
-    """The facts ``info`` prints, as a JSON-able dict."""
-    m = store.manifest
-    infos = [store.info(n) for n in store.names]
-    layers = store.layers
-    return {
-        "path": str(store.path),
-        "format": store.format,
-        "kind": m.kind,
-        "complete": store.complete,
-        "groups": {"total": len(m.groups), "complete": sum(g.complete for g in m.groups)},
-        "tensors": len(infos),
-        "layers": {
-            "count": len(layers),
-            "first": layers[0] if layers else None,
-            "last": layers[-1] if layers else None,
-        },
-        "bytes": store.nbytes,
-        "dtypes": dict(Counter(i.dtype for i in infos)),
-        "kinds": dict(Counter(i.kind for i in infos)),
-        "largest": max(((i.nbytes, i.name) for i in infos), default=(0, None))[1],
-        "backend_options": m.backend_options,
-        "provenance": m.provenance,
-        "attrs": m.attrs,
-    }
-
-
 def run(args: argparse.Namespace) -> int:
-    with open_store(args.path) as store:
-        info = summary(store)
-        masks = None
-        if store.manifest.kind == "masks":
-            from fisherstore.masks import MaskStore, describe_masks
-
-            masks = describe_masks(MaskStore(store))
-        rows = [
-            {
-                "name": n,
-                "shape": list(i.shape),
-                "dtype": i.dtype,
-                "layer": i.layer,
-                "kind": i.kind,
-                "sum": i.sum,
-                **i.attrs,
-            }
-            for n, i in ((n, store.info(n)) for n in store.names)
-        ]
+    summary = info(args.path)
+    masks, rows = summary.pop("masks"), summary.pop("tensor_list")
     if args.json:
         extra = {"tensor_list": rows} if args.tensors else {}
-        print_json({**info, **extra, **({"masks": masks} if masks is not None else {})})
+        print_json({**summary, **extra, **({"masks": masks} if masks is not None else {})})
         return 0
-    state = (
-        "complete"
-        if info["complete"]
-        else f"INCOMPLETE ({info['groups']['complete']} of {info['groups']['total']} groups written)"
-    )
-    layers = info["layers"]
-    print(f"{info['path']}: {info['kind']} {info['format']}, {state}")
-    print(f"  tensors  {info['tensors']}  ({', '.join(f'{k} {v}' for k, v in sorted(info['kinds'].items()))})")
-    if layers["count"]:
-        print(f"  layers   {layers['count']}  ({layers['first']}..{layers['last']})")
-    print(f"  bytes    {human_bytes(info['bytes'])}  ({info['bytes']:,})  dtypes {info['dtypes']}")
-    if info["backend_options"]:
-        print(f"  options  {info['backend_options']}")
-    extra = {**info["provenance"], **info["attrs"]}
-    width = max([8, *map(len, extra)])
-    for key, value in extra.items():
-        print(f"  {key:<{width}} {value}")
+    print(format_summary(summary))
     if masks is not None:
         print(format_mask_table(masks))
         print("  energy captured per kind:")
         print(format_kind_summary(masks))
-    if args.tensors:
-        width = max((len(r["name"]) for r in rows), default=10)
-        for r in rows:
-            extra = "".join(
-                f"  {k}={v:.4g}" if isinstance(v, float) else f"  {k}={v}"
-                for k, v in r.items()
-                if k not in ("name", "shape", "dtype", "layer", "kind", "sum")
-            )
-            print(f"  {r['name']:<{width}}  {r['shape']!s:>14}  {r['dtype']:<8}  sum={r['sum']:.6g}{extra}")
+    if args.tensors and rows:
+        print(format_tensor_list(rows))
     return 0
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The head of ``info``'s text output: state, counts, bytes, options, provenance and attributes."""
+    groups, layers = summary["groups"], summary["layers"]
+    state = (
+        "complete" if summary["complete"] else f"INCOMPLETE ({groups['complete']} of {groups['total']} groups written)"
+    )
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary["kinds"].items()))
+    lines = [
+        f"{summary['path']}: {summary['kind']} {summary['format']}, {state}",
+        f"  tensors  {summary['tensors']}  ({kinds})",
+    ]
+    if layers["count"]:
+        lines.append(f"  layers   {layers['count']}  ({layers['first']}..{layers['last']})")
+    nbytes = summary["bytes"]
+    lines.append(f"  bytes    {human_bytes(nbytes)}  ({nbytes:,})  dtypes {summary['dtypes']}")
+    if summary["backend_options"]:
+        lines.append(f"  options  {summary['backend_options']}")
+    extra = {**summary["provenance"], **summary["attrs"]}
+    width = max([8, *map(len, extra)])
+    lines.extend(f"  {key:<{width}} {value}" for key, value in extra.items())
+    return "\n".join(lines)
+
+
+def format_tensor_list(rows: list[dict[str, Any]]) -> str:
+    """One line per tensor: name, shape, dtype, sum and its attributes."""
+    width = max((len(r["name"]) for r in rows), default=10)
+    lines = []
+    for r in rows:
+        extra = "".join(
+            f"  {k}={v:.4g}" if isinstance(v, float) else f"  {k}={v}"
+            for k, v in r.items()
+            if k not in ("name", "shape", "dtype", "layer", "kind", "sum")
+        )
+        lines.append(f"  {r['name']:<{width}}  {r['shape']!s:>14}  {r['dtype']:<8}  sum={r['sum']:.6g}{extra}")
+    return "\n".join(lines)

@@ -6,6 +6,8 @@ import argparse
 
 from fisherstore.plot import plot_store
 
+from ._common import add_out_option
+
 EPILOG = """\
 A Fisher store (or fisher.pt) gets one panel: a stacked bar per decoder layer, split by
 projection kind (q/k/v/o/gate/up/down), from the sums recorded in its manifest.
@@ -30,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", help="Fisher store, mask store, fisher.pt or .safetensors file")
-    p.add_argument("-o", "--out", required=True, help="image file to write; format from the suffix (.png, .pdf, .svg)")
+    add_out_option(p, "image file to write; format from the suffix (.png, .pdf, .svg)", required=True, metavar="FILE")
     p.add_argument("--title", help="figure title (default: the path)")
     p.set_defaults(func=run)
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 
+from fisherstore.dtypes import canonical_dtype
 from fisherstore.errors import BadInputError
 from fisherstore.masks import describe_masks, open_masks
-from fisherstore.sizes import parse_bytes
-from fisherstore.svd import DEFAULT_MAX_MEMORY, TRANSFORMS, SVDConfig, svd_store
+from fisherstore.svd import DEFAULT_MAX_MEMORY, OUTPUT_DTYPES, TRANSFORMS, SVDConfig, svd_store
 
-from ._common import format_kind_summary, human_bytes, print_json
+from ._common import (
+    add_out_option,
+    add_zarr_options,
+    format_kind_summary,
+    human_bytes,
+    parse_size,
+    print_json,
+    zarr_options,
+)
 
 EPILOG = """\
 How: each tensor F (m x n) is decomposed on its own, so tensors run in parallel (--workers
@@ -24,30 +32,17 @@ captured energy ||S||^2/||F||^2 and residual ||F - U S V^T|| of each in the mani
 It is written group by group: --resume continues an interrupted run, bit-identically.
 
 examples:
-  fisherstore svd store/ --rank 64 --out masks/
-  fisherstore svd store/ --rank 32 --out masks/ --tensors 'mlp' --workers 4 --max-memory 8GiB
-  fisherstore svd fisher.pt --rank 64 --out masks/ --transform sqrt --dtype bf16
-  fisherstore svd store/ --rank 64 --out masks/ --resume       # after a crash or kill
-  torchrun --nproc-per-node 8 -m fisherstore.cli.main svd store/ --rank 64 --out masks/ --device cuda
+  fisherstore svd store/ --rank 64 -o masks/
+  fisherstore svd store/ --rank 32 -o masks/ --tensors 'mlp' --workers 4 --max-memory 8GiB
+  fisherstore svd fisher.pt --rank 64 -o masks/ --transform sqrt --dtype bf16
+  fisherstore svd store/ --rank 64 -o masks.zarr --backend zarr --compression zstd
+  fisherstore svd store/ --rank 64 -o masks/ --resume          # after a crash or kill
+  torchrun --nproc-per-node 8 -m fisherstore.cli.main svd store/ --rank 64 -o masks/ --device cuda
   fisherstore info masks/                                      # per-tensor energy table
 """
 
-_DTYPES = {
-    "fp32": "float32",
-    "float32": "float32",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-}
-
-
-def parse_size(text: str) -> int:
-    """``--max-memory`` as bytes (:func:`fisherstore.sizes.parse_bytes`), as an argparse type."""
-    try:
-        return parse_bytes(text)
-    except BadInputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+#: Spellings --dtype takes: the short ones first, as the help shows them.
+_DTYPE_CHOICES = ("fp32", "bf16", "fp16", *OUTPUT_DTYPES)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rank", "-k", type=int, required=True, help="modes kept per tensor (min(k, m, n) for an m x n tensor)"
     )
-    p.add_argument("--out", "-o", required=True, help="new mask store directory")
+    add_out_option(p, "new mask store directory", required=True, metavar="MASKS")
     p.add_argument("--oversample", type=int, help="extra random directions p (default max(10, k/4))")
     p.add_argument(
         "--power-iters",
@@ -80,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=_DTYPES,
+        choices=_DTYPE_CHOICES,
         default="fp32",
         metavar="{fp32,bf16,fp16}",
         help="dtype U, S, V are stored in (default fp32)",
@@ -95,8 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-memory",
         type=parse_size,
         default=DEFAULT_MAX_MEMORY,
-        help=f"bound on the decompositions' working set, shared by the workers (default {human_bytes(DEFAULT_MAX_MEMORY)}); "
-        "tensors larger than this are streamed",
+        help="bound on the decompositions' working set, shared by the workers "
+        f"(default {human_bytes(DEFAULT_MAX_MEMORY)}); tensors larger than this are streamed",
     )
     p.add_argument("--exact", action="store_true", help="exact SVD for every tensor (each must fit in --max-memory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random test matrices (default 0)")
@@ -106,6 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="safetensors",
         help="container of the mask store (default safetensors)",
     )
+    add_zarr_options(p)
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted run into the same --out with the same options"
     )
@@ -120,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         oversample=args.oversample,
         power_iters=args.power_iters,
         transform=args.transform,
-        dtype=_DTYPES[args.dtype],
+        dtype=canonical_dtype(args.dtype),
         device=args.device,
         max_memory=args.max_memory,
         exact=args.exact,
@@ -137,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         backend=args.backend,
+        backend_options=zarr_options(args, args.backend) or None,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0

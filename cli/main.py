@@ -31,13 +31,13 @@ EPILOG = """\
 typical session:
   fisherstore extract --out fisher/ --num-prompts 32   Fisher of the embedded SmolLM2-135M-Instruct
   fisherstore info fisher.pt                      what is in a legacy file
-  fisherstore convert fisher.pt store/            stream it into a sharded safetensors store
-  fisherstore convert store/ store.zarr --compression blosc-zstd-bitshuffle
+  fisherstore convert fisher.pt -o store/         stream it into a sharded safetensors store
+  fisherstore convert store/ -o store.zarr --compression blosc-zstd-bitshuffle
   fisherstore verify store/                       check every checksum (exit 1 if corrupt)
   fisherstore importance store/ -o layer_importance.json
-  fisherstore svd store/ --rank 8 --out masks/    top-k subspaces, out of core
+  fisherstore svd store/ --rank 8 -o masks/       top-k subspaces, out of core
   fisherstore plot masks/ -o profile.png
-  fisherstore blend adapter/ --importance store/ --out blended/
+  fisherstore blend adapter/ --importance store/ -o blended/
 
 Run 'fisherstore COMMAND --help' for each command's options and examples.
 """
@@ -102,9 +102,13 @@ def in_cli_words(message: str, param: str | None, parser: argparse.ArgumentParse
     ``param=value`` becomes ``--flag value``.  Parameters the command has no
     flag for are left as they are.
     """
-    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
-    for dest, flag in flags.items():
-        message = re.sub(rf"(?<![\w.-]){re.escape(dest)}=True\b", flag, message)
+    flags = {  # hidden aliases (old spellings) are not named
+        a.dest: max(a.option_strings, key=len)
+        for a in parser._actions
+        if a.option_strings and a.help != argparse.SUPPRESS
+    }
+    for dest, option in flags.items():
+        message = re.sub(rf"(?<![\w.-]){re.escape(dest)}=True\b", option, message)
     flag = flags.get(param) if param else None
     if flag is not None and param is not None:
         message = re.sub(rf"(?<![\w.-]){re.escape(param)}=", flag + " ", message)

@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "plan_groups": "writer",
     "convert": "conversion",
     "verify": "verification",
+    "info": "summary",
     "load_importance": "importance",
     "Manifest": "manifest",
     "TensorInfo": "manifest",
@@ -100,6 +101,7 @@ if TYPE_CHECKING:  # static analysers see the eager imports
     from .plot import plot_store
     from .prompts import PromptSet, load_prompts
     from .store import FisherStore, open_store
+    from .summary import info
     from .svd import SVDConfig, SVDResult, decompose, decompose_tensor, svd_store
     from .training import (
         Coverage,

@@ -2,8 +2,9 @@
 
 Sources: a store (safetensors or zarr), a legacy ``fisher.pt``, a bare
 ``.safetensors`` file.  Targets: a safetensors store, a zarr store, a
-``fisher.pt``.  Bytes move in buffers of at most ``chunk_bytes`` (at least one
-row), so peak memory does not grow with the file.  Where the source recorded
+``fisher.pt``.  Bytes move in buffers of at most ``buffer_bytes`` (at least one
+row), so peak memory does not grow with the file.  (A buffer is a unit of
+streaming only; a zarr target's chunks are set by its ``chunk_mb`` option.)  Where the source recorded
 checksums they are checked on the way through, for free.  The target appears
 under its final name only when complete: a store is built in a temporary
 directory beside it and renamed, a ``fisher.pt`` is written to a temporary
@@ -13,6 +14,7 @@ file and renamed.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,14 +25,17 @@ from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats.base import Buffer, Chunk
 from .manifest import GroupInfo, TensorInfo, now_iso
 from .progress import progress
-from .store import DEFAULT_CHUNK_BYTES, FisherStore, open_store
+from .store import FisherStore, open_store
 from .writer import StoreWriter, plan_groups
 
-__all__ = ["TARGETS", "convert", "infer_target"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "TARGETS", "convert", "infer_target"]
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("safetensors", "zarr", "pt")
+
+#: Default size of a conversion's streaming buffer: large reads, a few of them in memory at once.
+DEFAULT_BUFFER_BYTES = 64 << 20
 
 
 def infer_target(dst: Path) -> str:
@@ -50,61 +55,78 @@ def convert(
     backend_options: dict[str, Any] | None = None,
     group_size: int = 8,
     overwrite: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    chunk_bytes: int | None = None,
 ) -> Path:
-    """Convert ``src`` into a new ``dst`` of format ``to`` (inferred from ``dst`` when omitted).
+    """Convert ``src`` into a new ``dst`` of format ``to``; the source is only read.
 
-    Returns ``dst``.  The source is only read.  Store groups are kept as they
-    are; a file source is split into groups of ``group_size`` layers.
+    Store groups are kept as they are; a file source is split into groups of
+    ``group_size`` layers.  Checksums the source recorded are checked on the
+    way, and ``dst`` appears only once complete.
+
+    Args:
+        src: a store directory, a ``fisher.pt`` or a bare ``.safetensors`` file.
+        dst: the new store directory or ``.pt`` file.
+        to: ``"safetensors"``, ``"zarr"`` or ``"pt"``; inferred from ``dst`` when omitted (:func:`infer_target`).
+        backend_options: the target backend's options (zarr: compression, level, chunk_mb, shard_mb).
+        group_size: layers per group when ``src`` is a single file.
+        overwrite: replace an existing ``dst``, only once the new one is complete.
+        buffer_bytes: size of a streaming buffer (at least one row is read at a time); bounds peak memory.
+        chunk_bytes: deprecated alias of ``buffer_bytes`` (removed in the next release).
+
+    Returns:
+        ``dst``.
     """
+    if chunk_bytes is not None:
+        warnings.warn("chunk_bytes is renamed buffer_bytes", DeprecationWarning, stacklevel=2)
+        buffer_bytes = chunk_bytes
     src, dst = Path(src), Path(dst)
     to = to or infer_target(dst)
     if to not in TARGETS:
-        raise BadInputError(f"unknown target format {to!r}; choose one of {TARGETS}")
+        raise BadInputError(f"to={to!r} is not a target format; choose one of {TARGETS}", param="to")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise BadInputError(f"destination {dst} must not be the source or lie inside it")
+        raise BadInputError(f"dst {dst} must not be the source or lie inside it", param="dst")
     if dst.exists() and not overwrite:
-        raise BadInputError(f"{dst} already exists; choose a new path or pass --overwrite")
-    if chunk_bytes < 1:
-        raise BadInputError(f"chunk size must be positive, got {chunk_bytes}")
+        raise BadInputError(f"{dst} already exists; choose a new path or pass overwrite=True", param="overwrite")
+    if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
+        raise BadInputError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}", param="buffer_bytes")
     with open_store(src) as store:
         if not store.complete:
-            missing = [g.index for g in store.manifest.groups if not g.complete]
             raise IncompleteStoreError(
-                f"{src}: groups {missing} are not written; resume the store before converting it"
+                f"{src}: groups {store.manifest.missing_groups} are not written; resume the store before converting it"
             )
         if backend_options and to == "pt":
-            raise BadInputError("fisher.pt takes no backend options (compression, chunking)")
+            raise BadInputError("fisher.pt takes no backend_options (compression, chunking)", param="backend_options")
+        bar: Any  # a tqdm bar, or a NullBar when quiet
         with progress(total=store.nbytes, desc=f"convert → {to}", unit="B", unit_scale=True, unit_divisor=1024) as bar:
             if to == "pt":
-                _to_pt(store, dst, chunk_bytes, bar)
+                _to_pt(store, dst, buffer_bytes, bar)
             else:
-                _to_store(store, dst, to, backend_options or {}, group_size, chunk_bytes, bar)
+                _to_store(store, dst, to, backend_options or {}, group_size, buffer_bytes, bar)
     log.info("converted %s → %s (%s)", src, dst, to)
     return dst
 
 
-def _to_pt(store: FisherStore, dst: Path, chunk_bytes: int, bar: Any) -> None:
+def _to_pt(store: FisherStore, dst: Path, buffer_bytes: int, bar: Any) -> None:
     """Write a ``fisher.pt``, checking each tensor against the source's recorded checksum on the way."""
     from .formats.legacy_pt import write_pt
 
     infos = [store.info(n) for n in store.names]
     with ReadAhead() as ahead:
-        items = ((i.spec, _checked_pieces(ahead, store, i, chunk_bytes, bar)) for i in infos)
+        items = ((i.spec, _checked_pieces(ahead, store, i, buffer_bytes, bar)) for i in infos)
         write_pt(dst, [i.spec for i in infos], items)
 
 
 def _checked_pieces(
-    ahead: ReadAhead, store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any
+    ahead: ReadAhead, store: FisherStore, info: TensorInfo, buffer_bytes: int, bar: Any
 ) -> Iterator[Buffer]:
     """A tensor's bytes, read ahead; when the source recorded a checksum they are tallied and must match it."""
     tally = Tally(info.dtype) if info.checksum else None
-    with ahead.feed(_stream(store, info, chunk_bytes, bar), tally) as feed:
+    with ahead.feed(_stream(store, info, buffer_bytes, bar), tally) as feed:
         yield from feed
     if tally is not None and tally.checksum.hexdigest() != info.checksum:
-        raise ChecksumMismatchError(
-            f"tensor {info.name!r}: source bytes hash to {tally.checksum.hexdigest()}, its manifest says "
-            f"{info.checksum}; the source is corrupt (run fisherstore verify on it)"
+        raise ChecksumMismatchError.for_tensor(
+            info.name, tally.checksum.hexdigest(), info.checksum, where="the source's manifest"
         )
 
 
@@ -115,7 +137,7 @@ def _plan(store: FisherStore, group_size: int) -> tuple[GroupInfo, ...]:
 
 
 def _to_store(
-    store: FisherStore, dst: Path, backend: str, options: dict[str, Any], group_size: int, chunk_bytes: int, bar: Any
+    store: FisherStore, dst: Path, backend: str, options: dict[str, Any], group_size: int, buffer_bytes: int, bar: Any
 ) -> None:
     source_meta = {"path": str(store.path), "format": store.format, "converted": now_iso()}
     provenance = {**store.manifest.provenance, "converted_from": source_meta}
@@ -134,7 +156,7 @@ def _to_store(
         with writer:
             for group in writer.manifest.groups:
                 infos = [store.info(s.name) for s in group.tensors]
-                items: Iterable = ((i.spec, _stream(store, i, chunk_bytes, bar)) for i in infos)
+                items: Iterable = ((i.spec, _stream(store, i, buffer_bytes, bar)) for i in infos)
                 writer.stream_group(
                     group.index,
                     items,
@@ -144,8 +166,9 @@ def _to_store(
             writer.finish()
 
 
-def _stream(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[Chunk]:
-    """A tensor's chunks for the writer: raw file spans where the source has them (read straight into the read-ahead ring)."""
-    for chunk in store.iter_chunks(info.name, chunk_bytes):
+def _stream(store: FisherStore, info: TensorInfo, buffer_bytes: int, bar: Any) -> Iterator[Chunk]:
+    """A tensor's bytes for the writer in buffers of ``buffer_bytes``: raw file spans where the source has them
+    (read straight into the read-ahead ring)."""
+    for chunk in store.iter_chunks(info.name, buffer_bytes):
         bar.update(len(chunk))
         yield chunk

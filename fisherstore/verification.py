@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._io import Checksum
-from .errors import CorruptDataError
+from .errors import ChecksumMismatchError, CorruptDataError
 from .progress import progress
 from .store import FisherStore, open_store
 
@@ -30,15 +31,23 @@ class Problem:
 def verify(path: str | Path | FisherStore) -> list[Problem]:
     """Read every tensor once and compare it with the manifest; return the problems found.
 
-    An empty list means the store is sound.  Sources without checksums (a
-    legacy ``fisher.pt``) are checked for structure and readability only.
+    Sources without checksums (a legacy ``fisher.pt``) are checked for
+    structure and readability only.
+
+    Args:
+        path: a store directory, mask store, ``fisher.pt``, or an open :class:`~fisherstore.store.FisherStore`
+            (left open).
+
+    Returns:
+        The problems, in store order; an empty list means the store is sound.
     """
     store = path if isinstance(path, FisherStore) else open_store(path)
     problems = []
     try:
-        incomplete = [g.index for g in store.manifest.groups if not g.complete]
+        incomplete = store.manifest.missing_groups
         if incomplete:
             problems.append(Problem(None, f"incomplete: groups {incomplete} were never written (resume the run)"))
+        bar: Any  # a tqdm bar, or a NullBar when quiet
         with progress(total=store.nbytes, desc="verify", unit="B", unit_scale=True, unit_divisor=1024) as bar:
             for name in store.names:
                 info = store.info(name)
@@ -54,12 +63,8 @@ def verify(path: str | Path | FisherStore) -> list[Problem]:
                 if nbytes != info.nbytes:
                     problems.append(Problem(name, f"{nbytes} bytes read, {info.nbytes} expected"))
                 elif info.checksum and checksum.hexdigest() != info.checksum:
-                    problems.append(
-                        Problem(
-                            name,
-                            f"checksum mismatch: bytes hash to {checksum.hexdigest()}, manifest says {info.checksum}",
-                        )
-                    )
+                    mismatch = ChecksumMismatchError.for_tensor(name, checksum.hexdigest(), info.checksum)
+                    problems.append(Problem(name, f"checksum mismatch: {mismatch}"))
     finally:
         if not isinstance(path, FisherStore):
             store.close()

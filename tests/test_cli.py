@@ -8,7 +8,7 @@ import torch
 
 from fisherstore import open_store
 
-from .conftest import SHARED_SAMPLE
+from .conftest import SHARED_SAMPLE, assert_same_tensors
 
 
 def test_console_script_runs_and_teaches():
@@ -119,9 +119,102 @@ def test_public_functions_are_not_shadowed_by_submodules():
 
     import fisherstore
 
-    for module in ("conversion", "verification", "extraction", "store", "svd", "masks", "training"):
+    for module in ("conversion", "verification", "extraction", "store", "svd", "masks", "training", "summary"):
         importlib.import_module(f"fisherstore.{module}")
-    for name in ("convert", "verify", "extract", "open_store", "svd_store", "open_masks", "attach_training"):
+    for name in ("convert", "verify", "extract", "open_store", "svd_store", "open_masks", "attach_training", "info"):
         assert callable(getattr(fisherstore, name)) and not isinstance(getattr(fisherstore, name), type(fisherstore)), (
             name
         )
+
+
+def test_convert_takes_out_and_still_the_positional_destination(cli, make_store, gemma_bf16, tmp_path):
+    src = make_store(gemma_bf16)
+    code, out, _ = cli("convert", src, "-o", tmp_path / "a.zarr")
+    assert (code, out) == (0, f"wrote {tmp_path / 'a.zarr'} (zarr)\n")
+    code, out, _ = cli("convert", src, tmp_path / "b", "--to", "zarr")  # the old spelling
+    assert (code, out) == (0, f"wrote {tmp_path / 'b'} (zarr)\n")
+    for path in (tmp_path / "a.zarr", tmp_path / "b"):
+        with open_store(path) as store:
+            assert_same_tensors(store, gemma_bf16)
+    code, _, err = cli("convert", src, tmp_path / "c", "-o", tmp_path / "d")
+    assert code == 2 and err.count("\n") == 1 and "give the destination once: -o/--out DST" in err
+    code, _, err = cli("convert", src)
+    assert code == 2 and err == "fisherstore: error: no destination: give -o/--out DST\n"
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("option", [("--buffer-size", "1KiB"), ("--buffer-size", "1000"), ("--buffer-mb", "1")])
+def test_convert_buffer_size_and_its_old_spelling(cli, make_store, gemma_bf16, tmp_path, option):
+    src = make_store(gemma_bf16)
+    code, _, _ = cli("convert", src, "-o", tmp_path / "z.zarr", *option)
+    assert code == 0
+    with open_store(tmp_path / "z.zarr") as store:
+        assert_same_tensors(store, gemma_bf16)
+
+
+def test_api_error_names_the_parameter_and_the_cli_the_flag(cli, make_store, gemma_bf16, tmp_path):
+    from fisherstore import convert
+    from fisherstore.errors import BadInputError
+
+    src = make_store(gemma_bf16)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(BadInputError, match=r"already exists; choose a new path or pass overwrite=True$") as exc:
+        convert(src, tmp_path / "taken")
+    assert exc.value.param == "overwrite"
+    code, _, err = cli("convert", src, "-o", tmp_path / "taken")
+    assert code == 2
+    assert err == f"fisherstore: error: {tmp_path / 'taken'} already exists; choose a new path or pass --overwrite\n"
+    with pytest.raises(BadInputError, match=r"^buffer_bytes must be a positive integer, got 0$") as exc:
+        convert(src, tmp_path / "new", buffer_bytes=0)
+    assert exc.value.param == "buffer_bytes"
+    code, _, err = cli("convert", src, "-o", tmp_path / "new", "--buffer-mb", "0")  # the alias: named by its new flag
+    assert (code, err) == (2, "fisherstore: error: --buffer-size must be a positive integer, got 0\n")
+
+
+HELP_OUT = [  # (command, the metavar of -o/--out, the old spellings hidden from --help)
+    ("convert", "DST", ("--buffer-mb",)),
+    ("importance", "FILE", ("--output",)),
+    ("svd", "MASKS", ()),
+    ("plot", "FILE", ()),
+    ("blend", "DIR", ()),
+]
+
+
+@pytest.mark.parametrize("command,metavar,hidden", HELP_OUT, ids=[c for c, _, _ in HELP_OUT])
+def test_help_documents_out_and_hides_old_spellings(cli, command, metavar, hidden):
+    with pytest.raises(SystemExit) as exc:
+        cli(command, "--help")
+    assert exc.value.code == 0
+    from fisherstore.cli.main import build_parser, command_parser
+
+    text = command_parser(build_parser(command), command).format_help()
+    assert f"-o {metavar}, --out {metavar}" in text
+    examples = text.split("examples:")[1]
+    lines = [line for line in examples.splitlines() if line.strip().startswith("fisherstore " + command)]
+    assert lines and all("--out" not in line for line in lines)
+    assert any(" -o " in line for line in lines)
+    for flag in hidden:
+        assert flag not in text
+
+
+def test_svd_writes_a_compressed_zarr_mask_store(cli, make_store, gemma_bf16, tmp_path):
+    src = make_store(gemma_bf16)
+    args = ("svd", src, "--rank", 2, "--tensors", "layers.0.")
+    code, out, _ = cli(*args, "-o", tmp_path / "m.zarr", "--backend", "zarr", "--compression", "zstd", "--level", 5)
+    assert code == 0 and f"wrote {tmp_path / 'm.zarr'}: masks of" in out
+    assert cli(*args, "-o", tmp_path / "m")[0] == 0
+    code, out, _ = cli("info", tmp_path / "m.zarr", "--json")
+    doc = json.loads(out)
+    assert (doc["kind"], doc["format"]) == ("masks", "zarr")
+    assert (doc["backend_options"]["compression"], doc["backend_options"]["level"]) == ("zstd", 5)
+    code, out, _ = cli("info", tmp_path / "m.zarr")
+    assert code == 0 and "'compression': 'zstd'" in out
+    from fisherstore import open_masks
+
+    with open_masks(tmp_path / "m.zarr") as z, open_masks(tmp_path / "m") as st:
+        assert z.names == st.names and len(z.names) == 7
+        for name in st.names:
+            for a, b in zip(z.get(name), st.get(name)):
+                assert torch.equal(a, b)
+    code, _, err = cli(*args, "-o", tmp_path / "m2", "--compression", "zstd")
+    assert code == 2 and "--compression applies to zarr targets only (target is safetensors)" in err

@@ -152,3 +152,14 @@ def test_quiet_convert_on_a_terminal_draws_nothing(fisher_pt, tmp_path):
     src, _ = fisher_pt
     rc, out, tty = _run_on_tty(["--quiet", "--no-fsync", "convert", str(src), str(tmp_path / "st")])
     assert (rc, out, tty) == (0, f"wrote {tmp_path / 'st'} (safetensors)\n", "")
+
+
+def test_convert_with_out_and_buffer_size_stays_light(fisher_pt, tmp_path):
+    """The documented spelling (-o, --buffer-size parsed by fisherstore.sizes) imports no more than the old one."""
+    src, tensors = fisher_pt
+    dst = tmp_path / "st"
+    rc, modules, out, err = _run_main(["convert", str(src), "-o", str(dst), "--buffer-size", "1MiB", "--quiet"])
+    assert (rc, out, err) == (0, f"wrote {dst} (safetensors)", "")
+    assert _loaded(modules, (*NOT_FOR_QUIET, "numcodecs")) == []
+    with open_store(dst) as store:
+        assert_same_tensors(store, tensors)

@@ -61,7 +61,7 @@ def test_stock_torch_save_converts(tmp_path, gemma_tensors):
 
 def test_small_buffers_still_exact(tmp_path, gemma_bf16, make_store):
     src = make_store(gemma_bf16)
-    z = convert(src, tmp_path / "z.zarr", chunk_bytes=100)
+    z = convert(src, tmp_path / "z.zarr", buffer_bytes=100)
     with open_store(z) as store:
         assert_same_tensors(store, gemma_bf16)
 
@@ -96,7 +96,7 @@ def test_pt_zip_records_carry_valid_crcs(tmp_path, gemma_tensors, make_store):
     """Records streamed from raw spans and from buffers carry the CRC-32 of their bytes (zip tools check it)."""
     import zipfile
 
-    pt = convert(make_store(gemma_tensors), tmp_path / "fisher.pt", chunk_bytes=1000)
+    pt = convert(make_store(gemma_tensors), tmp_path / "fisher.pt", buffer_bytes=1000)
     with zipfile.ZipFile(pt) as zf:
         assert zf.testzip() is None
         assert len([n for n in zf.namelist() if "/data/" in n]) == len(gemma_tensors)
@@ -105,3 +105,37 @@ def test_pt_zip_records_carry_valid_crcs(tmp_path, gemma_tensors, make_store):
         assert zf.testzip() is None
     with open_store(back) as store:
         assert_same_tensors(store, gemma_tensors)
+
+
+def test_chunk_bytes_is_a_deprecated_alias_of_buffer_bytes(tmp_path, gemma_bf16, make_store):
+    src = make_store(gemma_bf16)
+    with pytest.warns(DeprecationWarning, match="chunk_bytes is renamed buffer_bytes"):
+        z = convert(src, tmp_path / "z.zarr", chunk_bytes=100)
+    with open_store(z) as store:
+        assert_same_tensors(store, gemma_bf16)
+
+
+def test_bad_arguments_name_their_parameter(tmp_path, gemma_bf16, make_store):
+    from fisherstore.errors import BadInputError, IncompleteStoreError
+
+    src = make_store(gemma_bf16)
+    cases = [
+        ({"to": "hdf5"}, "to", r"^to='hdf5' is not a target format"),
+        ({"buffer_bytes": 1.5}, "buffer_bytes", r"^buffer_bytes must be a positive integer, got 1.5$"),
+        ({"to": "pt", "backend_options": {"compression": "zstd"}}, "backend_options", "fisher.pt takes no"),
+    ]
+    for kwargs, param, pattern in cases:
+        with pytest.raises(BadInputError, match=pattern) as exc:
+            convert(src, tmp_path / "out", **kwargs)
+        assert exc.value.param == param
+    with pytest.raises(BadInputError, match="must not be the source or lie inside it") as exc:
+        convert(src, src / "inner")
+    assert exc.value.param == "dst"
+    from fisherstore import StoreWriter, TensorSpec, plan_groups
+
+    plan = plan_groups([TensorSpec.of(n, t) for n, t in gemma_bf16.items()], 2)
+    w = StoreWriter.create(tmp_path / "partial", plan)
+    w.write_group(0, {s.name: gemma_bf16[s.name] for s in plan[0].tensors})
+    w.close()
+    with pytest.raises(IncompleteStoreError, match=r"groups \[1\] are not written"):
+        convert(tmp_path / "partial", tmp_path / "out")

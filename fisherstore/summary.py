@@ -1,0 +1,80 @@
+"""What a store holds, as one JSON-able dict: the facts ``fisherstore info`` prints.
+
+The library gathers them (metadata only, no tensor bytes read) so the CLI only
+formats them, and a script gets the same facts from :func:`info` that a user
+reads on the terminal.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .store import FisherStore, open_store
+
+__all__ = ["info"]
+
+
+def info(path_or_store: str | Path | FisherStore) -> dict[str, Any]:
+    """Summarise a store, mask store or legacy ``fisher.pt`` from its metadata.
+
+    Args:
+        path_or_store: a store directory, mask store, ``fisher.pt`` or ``.safetensors`` file, or an open
+            :class:`~fisherstore.store.FisherStore` (left open).
+
+    Returns:
+        A JSON-able dict: ``path, format, kind, complete, groups ({total, complete}), tensors (count),
+        layers ({count, first, last}), bytes, dtypes and kinds (counts), largest (a tensor name),
+        backend_options, provenance, attrs``; ``tensor_list``, one row per tensor (``name, shape, dtype,
+        layer, kind, sum`` and the tensor's attributes); and ``masks``, for a mask store the rows of
+        :func:`fisherstore.masks.describe_masks`, else ``None``.
+    """
+    if isinstance(path_or_store, FisherStore):
+        return _info(path_or_store)
+    with open_store(path_or_store) as store:
+        return _info(store)
+
+
+def _info(store: FisherStore) -> dict[str, Any]:
+    m = store.manifest
+    infos = [store.info(n) for n in store.names]
+    layers = store.layers
+    masks = None
+    if m.kind == "masks":
+        from .masks import MaskStore, describe_masks  # torch: only a mask store needs it
+
+        masks = describe_masks(MaskStore(store))
+    return {
+        "path": str(store.path),
+        "format": store.format,
+        "kind": m.kind,
+        "complete": store.complete,
+        "groups": {"total": len(m.groups), "complete": len(m.groups) - len(m.missing_groups)},
+        "tensors": len(infos),
+        "layers": {
+            "count": len(layers),
+            "first": layers[0] if layers else None,
+            "last": layers[-1] if layers else None,
+        },
+        "bytes": store.nbytes,
+        "dtypes": dict(Counter(i.dtype for i in infos)),
+        "kinds": dict(Counter(i.kind for i in infos)),
+        "largest": max(((i.nbytes, i.name) for i in infos), default=(0, None))[1],
+        "backend_options": m.backend_options,
+        "provenance": m.provenance,
+        "attrs": m.attrs,
+        "tensor_list": [
+            {
+                "name": i.name,
+                "shape": list(i.shape),
+                "dtype": i.dtype,
+                "layer": i.layer,
+                "kind": i.kind,
+                "sum": i.sum,
+                **i.attrs,
+            }
+            for i in infos
+        ],
+        "masks": masks,
+    }
