@@ -32,16 +32,6 @@ examples:
   fisherstore info masks/                                      # per-tensor energy table
 """
 
-_DTYPES = {
-    "fp32": "float32",
-    "float32": "float32",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-}
-
-
 def parse_size(text: str) -> int:
     """``--max-memory`` as bytes (:func:`fisherstore.sizes.parse_bytes`), as an argparse type."""
     try:
@@ -80,10 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=_DTYPES,
-        default="fp32",
-        metavar="{fp32,bf16,fp16}",
-        help="dtype U, S, V are stored in (default fp32)",
+        default="float32",
+        metavar="{float32,bfloat16,float16}",
+        help="dtype U, S, V are stored in; aliases fp32, bf16, fp16 are accepted (default float32)",
     )
     p.add_argument(
         "--device",
@@ -120,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         oversample=args.oversample,
         power_iters=args.power_iters,
         transform=args.transform,
-        dtype=_DTYPES[args.dtype],
+        dtype=args.dtype,
         device=args.device,
         max_memory=args.max_memory,
         exact=args.exact,
