@@ -32,7 +32,10 @@ code = a.func(a)
 print("maxrss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
 sys.exit(code)
 """
-BASELINE = "import resource, sys, torch, fisherstore.svd, fisherstore.cli.cmd_svd; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+BASELINE = (
+    "import resource, sys, torch, fisherstore.svd, fisherstore.cli.cmd_svd; "
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+)
 
 
 def _max_orthogonality_error(x: torch.Tensor) -> float:
@@ -216,7 +219,8 @@ def test_plan(shape, itemsize, kwargs, expect):
 def test_plan_refuses_budgets_it_cannot_keep():
     with pytest.raises(
         BadInputError,
-        match=r"tensor 'w': a rank-64 decomposition \(\+16 oversampling\) of a 5376x21504 tensor needs at least .* over max_memory 1,048,576",
+        match=r"tensor 'w': a rank-64 decomposition \(\+16 oversampling\) of a 5376x21504 tensor needs at least "
+        r".* over max_memory 1,048,576",
     ):
         plan_decomposition((5376, 21504), 2, SVDConfig(rank=64, max_memory=1 << 20), "w")
     with pytest.raises(BadInputError, match="exact SVD of a 5376x21504 tensor needs about .* drop exact=True"):
@@ -238,6 +242,41 @@ def test_plan_refuses_budgets_it_cannot_keep():
 def test_config_validation(kwargs, match):
     with pytest.raises(BadInputError, match=match):
         SVDConfig(**kwargs)
+
+
+def test_config_error_names_the_parameter():
+    with pytest.raises(BadInputError) as caught:
+        SVDConfig(rank=0)
+    assert str(caught.value) == "rank must be an integer >= 1, got 0" and caught.value.param == "rank"
+    with pytest.raises(BadInputError) as caught:
+        SVDConfig(rank=4, dtype="float64")
+    assert str(caught.value) == "dtype must be one of float32, bfloat16, float16, got 'float64'"
+    assert caught.value.param == "dtype"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "canonical"),
+    [("bf16", "bfloat16"), ("BFloat16", "bfloat16"), (torch.float16, "float16"), ("fp32", "float32")],
+)
+def test_config_stores_the_canonical_dtype(dtype, canonical):
+    cfg = SVDConfig(rank=2, dtype=dtype)
+    assert cfg.dtype == canonical and cfg.params()["dtype"] == canonical
+    assert decompose(torch.rand(20, 10), cfg).U.dtype == getattr(torch, canonical)
+
+
+def test_command_errors_name_flags(tmp_path, gemma_store, capsys):
+    """The library says ``rank``, ``dtype``, ``max_memory``; the command line says its flags."""
+    from fisherstore.cli.main import main
+
+    cases = [
+        (["--rank", "0"], "fisherstore: error: --rank must be an integer >= 1, got 0"),
+        (["--rank", "2", "--dtype", "int8"], "--dtype must be one of float32, bfloat16, float16, got 'int8'"),
+        (["--rank", "2", "--max-memory", "5000"], "over --max-memory 5,000; raise --max-memory"),
+    ]
+    for flags, expected in cases:
+        assert main(["svd", str(gemma_store), "--out", str(tmp_path / "m"), *flags]) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 # -- whole stores -------------------------------------------------------------------------------
