@@ -31,6 +31,10 @@ fp32 and across rows in fp64.
 Signs are canonical: each mode is flipped so that its left vector sums to
 >= 0 (a non-negative Fisher's leading vectors are then non-negative), so
 exact and randomized, CPU and GPU results agree up to rounding.
+
+The math on fp32 row blocks lives in :mod:`fisherstore._svd_core`, which
+:mod:`fisherstore.masks` shares; this module plans each decomposition, streams
+it from a store and spreads tensors over processes and torchrun ranks.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -216,3 +218,12 @@ def _spec(name, shape, dtype="float32"):
 def test_mask_triples_refuse_a_malformed_group(specs, match):
     with pytest.raises(CorruptDataError, match=r"mask group 7: " + match):
         mask_triples(GroupInfo(7, (), specs))
+
+
+def test_masks_does_not_import_svd():
+    """The mask store format sits below the SVD: reading masks never loads fisherstore.svd."""
+    code = (
+        "import sys, fisherstore.masks; print('fisherstore.svd' in sys.modules, 'fisherstore._svd_core' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
