@@ -117,9 +117,10 @@ class SVDConfig:
     1.02x the optimum once k approaches a fifth of the short side) and
     ``power_iters`` subspace iterations trade reads for accuracy.
     ``transform`` is applied element-wise before decomposing.  ``dtype`` is
-    the stored dtype of U, S, V (aliases such as ``bf16`` or a ``torch.dtype``
-    are stored as the canonical name, :func:`fisherstore.dtypes.canonical_dtype`).  ``max_memory`` bounds the bytes one
-    decomposition allocates (host, or device when ``device`` is a GPU),
+    the stored dtype of U, S, V (an alias such as ``bf16`` or a
+    ``torch.dtype`` is kept as its canonical name, see
+    :func:`fisherstore.dtypes.canonical_dtype`).  ``max_memory`` bounds the
+    bytes one decomposition allocates (host, or device when ``device`` is a GPU),
     excluding the interpreter and torch themselves.  ``exact`` forces
     LAPACK SVD (the tensor must then fit in ``max_memory``).  ``seed`` and the
     tensor's name seed the test matrix, so results do not depend on which
