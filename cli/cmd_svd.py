@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from fisherstore.dtypes import canonical_dtype
 from fisherstore.errors import BadInputError
 from fisherstore.masks import describe_masks, open_masks
-from fisherstore.svd import DEFAULT_MAX_MEMORY, OUTPUT_DTYPES, TRANSFORMS, SVDConfig, svd_store
+from fisherstore.svd import DEFAULT_MAX_MEMORY, TRANSFORMS, SVDConfig, svd_store
 
 from ._common import (
     add_out_option,
@@ -41,9 +40,6 @@ examples:
   fisherstore info masks/                                      # per-tensor energy table
 """
 
-#: Spellings --dtype takes: the short ones first, as the help shows them.
-_DTYPE_CHOICES = ("fp32", "bf16", "fp16", *OUTPUT_DTYPES)
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -75,10 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=_DTYPE_CHOICES,
-        default="fp32",
-        metavar="{fp32,bf16,fp16}",
-        help="dtype U, S, V are stored in (default fp32)",
+        default="float32",
+        metavar="{float32,bfloat16,float16}",
+        help="dtype U, S, V are stored in; aliases fp32, bf16, fp16 are accepted (default float32)",
     )
     p.add_argument(
         "--device",
@@ -116,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         oversample=args.oversample,
         power_iters=args.power_iters,
         transform=args.transform,
-        dtype=canonical_dtype(args.dtype),
+        dtype=args.dtype,
         device=args.device,
         max_memory=args.max_memory,
         exact=args.exact,

@@ -30,12 +30,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import BadInputError, TensorNotFoundError
+from ._svd_core import RowReader, frobenius_sq
+from .errors import BadInputError, CorruptDataError, TensorNotFoundError
 from .formats.base import rows_of
 from .manifest import GroupInfo, Manifest, TensorSpec, dtype_name
 from .naming import parse_name
@@ -45,12 +47,14 @@ from .writer import StoreWriter, plan_groups
 __all__ = [
     "MASK_KIND",
     "MaskStore",
+    "MaskTriple",
     "describe_masks",
     "energy_and_residual",
     "mask_attrs",
     "mask_backend_options",
     "mask_names",
     "mask_specs",
+    "mask_triples",
     "open_masks",
     "plan_mask_groups",
     "source_identity",
@@ -71,6 +75,57 @@ def mask_specs(name: str, m: int, n: int, rank: int, dtype: str) -> tuple[Tensor
     """The specs of U (m×r), S (r) and V (n×r) for a Fisher tensor ``name``."""
     u, s, v = mask_names(name)
     return TensorSpec(u, (m, rank), dtype), TensorSpec(s, (rank,), dtype), TensorSpec(v, (n, rank), dtype)
+
+
+@dataclass(frozen=True)
+class MaskTriple:
+    """The planned ``<name>.U``, ``<name>.S``, ``<name>.V`` of one source Fisher tensor ``name``."""
+
+    name: str
+    u: TensorSpec
+    s: TensorSpec
+    v: TensorSpec
+
+
+def mask_triples(group: GroupInfo) -> list[MaskTriple]:
+    """The triples of a mask-store group, in order, checked against the layout of the module docstring.
+
+    Args:
+        group: a group of a mask store's plan or manifest.
+
+    Returns:
+        One :class:`MaskTriple` per source tensor, in group order.
+
+    Raises:
+        CorruptDataError: the group's tensors are not consecutive ``<name>.U``, ``<name>.S``,
+            ``<name>.V`` of shapes m×r, r and n×r in one dtype.
+    """
+    specs = group.tensors
+    triples = []
+    for i in range(0, len(specs), 3):
+        found = specs[i : i + 3]
+        u = found[0]
+        name = u.name.removesuffix(_SUFFIXES[0])
+        expected = mask_names(name)
+        if len(found) < 3 or tuple(t.name for t in found) != expected:
+            raise CorruptDataError(
+                f"mask group {group.index}: expected tensors {list(expected)} at position {i}, "
+                f"got {[t.name for t in found]}"
+            )
+        s, v = found[1], found[2]
+        if (
+            len(u.shape) != 2
+            or len(v.shape) != 2
+            or s.shape != (u.shape[1],)
+            or v.shape[1] != u.shape[1]
+            or not u.dtype == s.dtype == v.dtype
+        ):
+            raise CorruptDataError(
+                f"mask group {group.index}: {name!r} needs U m×r, S r, V n×r in one dtype; got "
+                f"U {list(u.shape)} {u.dtype}, S {list(s.shape)} {s.dtype}, V {list(v.shape)} {v.dtype}"
+            )
+        triples.append(MaskTriple(name, u, s, v))
+    return triples
 
 
 def plan_mask_groups(entries: Sequence[tuple[str, int, int, int, int]], dtype: str) -> tuple[GroupInfo, ...]:
@@ -269,7 +324,8 @@ class MaskStore:
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= available:
             raise BadInputError(
                 f"{self.path}: rank {rank!r} for {name!r} must be an integer in 1..{available} "
-                f"(the store holds {available} modes of it; recompute with a larger --rank for more)"
+                f"(the store holds {available} modes of it; recompute the masks with a larger rank for more)",
+                param="rank",
             )
         return rank
 
@@ -348,8 +404,6 @@ def write_masks(
             }
             identity: dict[str, Any] = {}
         else:
-            from .svd import frobenius_sq  # svd builds on this module; import at use to avoid a cycle
-
             entries = []
             for name, (U, S, V) in masks.items():
                 m, n = rows_of(store.info(name).shape)
@@ -365,7 +419,7 @@ def write_masks(
                     name,
                     (U.shape[0], V.shape[0]),
                     captured=_captured(S),
-                    total_energy=frobenius_sq(store, name, transform),
+                    total_energy=frobenius_sq(_rows_of(store, name), store.info(name).shape, transform),
                     method="given",
                     fisher_sum=store.info(name).sum,
                 )
@@ -390,23 +444,26 @@ def write_masks(
             for group in plan:
                 tensors = {}
                 group_attrs = {}
-                for spec in group.tensors[1::3]:
-                    name = str(spec.name[: -len(_SUFFIXES[1])])
-                    u, s, v = mask_names(name)
-                    U, S, V = masks[name]
+                for triple in mask_triples(group):
+                    U, S, V = masks[triple.name]
                     tensors.update(
                         {
-                            u: U.detach().cpu().contiguous(),
-                            s: S.detach().cpu().contiguous(),
-                            v: V.detach().cpu().contiguous(),
+                            triple.u.name: U.detach().cpu().contiguous(),
+                            triple.s.name: S.detach().cpu().contiguous(),
+                            triple.v.name: V.detach().cpu().contiguous(),
                         }
                     )
-                    group_attrs[s] = attrs[name]
+                    group_attrs[triple.s.name] = attrs[triple.name]
                 writer.write_group(group.index, tensors, group_attrs)
             writer.finish()
     finally:
         if store is not None and store is not source:
             store.close()
+
+
+def _rows_of(store: FisherStore, name: str) -> RowReader:
+    """A :data:`~fisherstore._svd_core.RowReader` over tensor ``name`` of ``store``."""
+    return lambda block_rows: store.iter_rows(name, block_rows)
 
 
 def _captured(S: torch.Tensor) -> float:
@@ -425,7 +482,8 @@ def _check_masks(masks: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Ten
         U, S, V = triple
         if U.ndim != 2 or S.ndim != 1 or V.ndim != 2 or not (U.shape[1] == S.shape[0] == V.shape[1] >= 1):
             raise BadInputError(
-                f"masks[{name!r}]: need U m×r, S r, V n×r with r >= 1; got U {list(U.shape)}, S {list(S.shape)}, V {list(V.shape)}"
+                f"masks[{name!r}]: need U m×r, S r, V n×r with r >= 1; "
+                f"got U {list(U.shape)}, S {list(S.shape)}, V {list(V.shape)}"
             )
         if not (U.dtype == S.dtype == V.dtype and U.dtype.is_floating_point):
             raise BadInputError(

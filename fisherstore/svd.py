@@ -31,6 +31,10 @@ fp32 and across rows in fp64.
 Signs are canonical: each mode is flipped so that its left vector sums to
 >= 0 (a non-negative Fisher's leading vectors are then non-negative), so
 exact and randomized, CPU and GPU results agree up to rounding.
+
+The math on fp32 row blocks lives in :mod:`fisherstore._svd_core`, which
+:mod:`fisherstore.masks` shares; this module plans each decomposition, streams
+it from a store and spreads tensors over processes and torchrun ranks.
 """
 
 from __future__ import annotations
@@ -40,19 +44,20 @@ import ctypes
 import functools
 import json
 import logging
-import math
 import os
 import re
 import time
-import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import _svd_core as core
+from ._svd_core import TRANSFORMS, Blocks, RowReader
+from .dtypes import canonical_dtype
 from .errors import BadInputError, FisherStoreError
 from .formats.base import rows_of
 from .manifest import DTYPES, MANIFEST_NAME, Manifest
@@ -62,12 +67,16 @@ from .masks import (
     mask_attrs,
     mask_backend_options,
     mask_names,
+    mask_triples,
     plan_mask_groups,
     source_identity,
 )
-from .progress import progress
+from .progress import NullBar, progress
 from .store import FisherStore, open_store
 from .writer import StoreWriter
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = [
     "DEFAULT_MAX_MEMORY",
@@ -85,31 +94,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Element-wise maps applied (in fp32) before decomposing: ``sqrt`` and ``log1p`` compress
-#: the Fisher's ~20 decades of dynamic range so more than the top mode matters.
-TRANSFORMS: dict[str, Callable[..., torch.Tensor] | None] = {
-    "none": None,
-    "sqrt": torch.sqrt,
-    "log1p": torch.log1p,
-}
-
 #: Dtypes the modes may be stored in (computed in fp32 regardless).
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 
 #: Default bound on one decomposition's working set.
 DEFAULT_MAX_MEMORY = 2 << 30
 
-#: Largest row block (as fp32) read at once when memory allows more: bigger blocks do not make
-#: the products faster and only grow the transient read buffer.
-_BLOCK_BYTES = 16 << 20
 
-RowReader = Callable[[int], Iterable[tuple[int, torch.Tensor]]]
-"""``read(block_rows)`` → ``(start, rows)`` blocks of a tensor in its stored dtype, on the CPU."""
-
-
-def _int_option(option: str, value: Any, minimum: int) -> int:
+def _int_option(param: str, value: Any, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise BadInputError(f"{option} must be an integer >= {minimum}, got {value!r}")
+        raise BadInputError(f"{param} must be an integer >= {minimum}, got {value!r}", param=param)
     return value
 
 
@@ -123,8 +117,10 @@ class SVDConfig:
     1.02x the optimum once k approaches a fifth of the short side) and
     ``power_iters`` subspace iterations trade reads for accuracy.
     ``transform`` is applied element-wise before decomposing.  ``dtype`` is
-    the stored dtype of U, S, V.  ``max_memory`` bounds the bytes one
-    decomposition allocates (host, or device when ``device`` is a GPU),
+    the stored dtype of U, S, V (an alias such as ``bf16`` or a
+    ``torch.dtype`` is kept as its canonical name, see
+    :func:`fisherstore.dtypes.canonical_dtype`).  ``max_memory`` bounds the
+    bytes one decomposition allocates (host, or device when ``device`` is a GPU),
     excluding the interpreter and torch themselves.  ``exact`` forces
     LAPACK SVD (the tensor must then fit in ``max_memory``).  ``seed`` and the
     tensor's name seed the test matrix, so results do not depend on which
@@ -142,21 +138,20 @@ class SVDConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _int_option("--rank", self.rank, 1)
+        _int_option("rank", self.rank, 1)
         if self.oversample is not None:
-            _int_option("--oversample", self.oversample, 0)
-        _int_option("--power-iters", self.power_iters, 0)
-        _int_option("--max-memory", self.max_memory, 1)
-        _int_option("--seed", self.seed, 0)
-        if self.transform not in TRANSFORMS:
-            raise BadInputError(f"--transform must be one of {sorted(TRANSFORMS)}, got {self.transform!r}")
-        if self.dtype not in OUTPUT_DTYPES:
-            raise BadInputError(f"--dtype must be one of {OUTPUT_DTYPES}, got {self.dtype!r}")
+            _int_option("oversample", self.oversample, 0)
+        _int_option("power_iters", self.power_iters, 0)
+        _int_option("max_memory", self.max_memory, 1)
+        _int_option("seed", self.seed, 0)
+        core.check_transform(self.transform)
+        # frozen: the canonical name replaces the alias given (``bf16`` -> ``bfloat16``)
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, param="dtype", allowed=OUTPUT_DTYPES))
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
             raise BadInputError(
-                f"--device {self.device!r} is not a torch device (try 'cpu', 'cuda', 'cuda:1')"
+                f"device={self.device!r} is not one torch knows (try 'cpu', 'cuda', 'cuda:1')", param="device"
             ) from None
 
     def modes(self, m: int, n: int) -> tuple[int, int]:
@@ -202,7 +197,7 @@ def plan_decomposition(shape: tuple[int, int], itemsize: int, cfg: SVDConfig, na
     k, l = cfg.modes(m, n)
     p = min(m, n)
     row_bytes = n * (itemsize + 8)
-    chunk_rows = max(1, _BLOCK_BYTES // (4 * n))
+    chunk_rows = max(1, core.BLOCK_BYTES // (4 * n))
     budget = cfg.max_memory
 
     def rows_left(used: int) -> int:
@@ -216,7 +211,8 @@ def plan_decomposition(shape: tuple[int, int], itemsize: int, cfg: SVDConfig, na
         if cfg.exact:
             raise BadInputError(
                 f"tensor {name!r}: exact SVD of a {m}x{n} tensor needs about {exact_bytes + row_bytes:,} bytes, over "
-                f"--max-memory {budget:,}; raise --max-memory or drop --exact"
+                f"max_memory {budget:,}; raise max_memory or drop exact=True",
+                param="max_memory",
             )
     fixed = 4 * l * (4 * m + 5 * n + 10 * l)
     dense = 4 * m * n
@@ -228,7 +224,8 @@ def plan_decomposition(shape: tuple[int, int], itemsize: int, cfg: SVDConfig, na
         return Plan("randomized", k, l, rows, False, fixed + rows * row_bytes)
     raise BadInputError(
         f"tensor {name!r}: a rank-{k} decomposition (+{l - k} oversampling) of a {m}x{n} tensor needs at least "
-        f"{fixed + row_bytes:,} bytes, over --max-memory {budget:,}; raise --max-memory or lower --rank/--oversample"
+        f"{fixed + row_bytes:,} bytes, over max_memory {budget:,}; raise max_memory, or lower the rank or oversampling",
+        param="max_memory",
     )
 
 
@@ -262,36 +259,7 @@ class SVDResult:
         return energy_and_residual(self.captured, self.total_energy)[1]
 
 
-# -- numerical core ------------------------------------------------------------------------
-
-Blocks = Callable[[], Iterable[tuple[int, torch.Tensor]]]
-"""One pass over a matrix: ``(start row, fp32 block on the compute device)``."""
-
-
-def _widened(
-    read: RowReader, block_rows: int, transform: str, out: torch.Tensor, in_place: bool
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Row blocks of a stored tensor, widened to fp32 and transformed, written into ``out``.
-
-    With ``in_place`` each block lands at its own rows of ``out`` (the whole
-    matrix, loaded once); otherwise at the top of ``out``, a one-block buffer
-    every block reuses, so a yielded block is valid only until the next.
-    ``copy_`` widens and moves in one pass into memory that is reused, where
-    a fresh fp32 temporary per block would cost more in page faults than the
-    conversion itself.  What ``read`` returns is never modified.
-    """
-    fn = TRANSFORMS[transform]
-    n = out.shape[1]
-    for start, rows in read(block_rows):
-        offset = start if in_place else 0
-        a = out[offset : offset + rows.shape[0]]
-        a.copy_(rows.reshape(rows.shape[0], n))
-        del rows  # before the next block is read: one block alive at a time
-        if fn is not None:
-            fn(a, out=a)
-        yield start, a
-
-
+# -- one tensor ------------------------------------------------------------------------------
 def _empty_fp32(m: int, n: int, device: torch.device) -> torch.Tensor:
     a = torch.empty(m, n, dtype=torch.float32, device=device)
     if device.type == "cpu":
@@ -330,92 +298,6 @@ def _prefer_huge_pages(t: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), ctypes.c_int(_MADV_HUGEPAGE))
 
 
-def _sq_norm(a: torch.Tensor) -> float:
-    """‖a‖²_F: row norms in fp32, their squares summed in fp64.
-
-    A single fp32 norm over a whole heavy-tailed Fisher drifts by ~1e-4
-    relative, which the residual sqrt(‖A‖² − ‖S‖²) amplifies by 1/(1 − energy);
-    per-row norms stay at ~1e-7 at the same speed.
-    """
-    return float(torch.linalg.vector_norm(a, dim=1).double().square().sum())
-
-
-def _product(blocks: Blocks, omega: torch.Tensor, out: torch.Tensor, with_norm: bool = False) -> float:
-    """``out = A Ω`` block by block; returns ‖A‖²_F when ``with_norm`` (else 0)."""
-    total = 0.0
-    for start, a in blocks():
-        torch.mm(a, omega, out=out[start : start + a.shape[0]])
-        if with_norm:
-            total += _sq_norm(a)
-        del a
-    return total
-
-
-def _adjoint_product(blocks: Blocks, q: torch.Tensor) -> torch.Tensor:
-    """``Aᵀ Q = Σ_i A_iᵀ Q_i`` block by block."""
-    z = None
-    for start, a in blocks():
-        qi = q[start : start + a.shape[0]]
-        z = a.T @ qi if z is None else z.addmm_(a.T, qi)
-        del a
-    assert z is not None, "a matrix has at least one row block"
-    return z
-
-
-def _orth(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x).Q
-
-
-_Modes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
-
-
-def _randomized(
-    blocks: Blocks, m: int, n: int, k: int, l: int, power_iters: int, generator: torch.Generator, device: torch.device
-) -> _Modes:
-    """Randomized truncated SVD (module docstring); returns ``(U, S, V, ‖A‖²_F)`` in fp32."""
-    omega = torch.randn(n, l, generator=generator, dtype=torch.float32).to(device)
-    y = torch.empty(m, l, dtype=torch.float32, device=device)
-    total = _product(blocks, omega, y, with_norm=True)
-    _check_finite(total)
-    q = _orth(y)
-    for _ in range(power_iters):
-        omega = _orth(_adjoint_product(blocks, q))
-        _product(blocks, omega, y)
-        q = _orth(y)
-    del omega, y
-    b = _adjoint_product(blocks, q)
-    w, s, zh = torch.linalg.svd(b, full_matrices=False, driver=_svd_driver(b))  # Bᵀ = W S Zᴴ
-    return q @ zh[:k].T, s[:k], w[:, :k], total
-
-
-def _exact(a: torch.Tensor, k: int) -> _Modes:
-    """LAPACK SVD of an in-memory fp32 matrix, truncated to k; returns ``(U, S, V, ‖A‖²_F)``."""
-    total = _sq_norm(a)
-    _check_finite(total)
-    u, s, vh = torch.linalg.svd(a, full_matrices=False, driver=_svd_driver(a))
-    return u[:, :k], s[:k], vh[:k].T, total
-
-
-def _svd_driver(a: torch.Tensor) -> str | None:
-    """``gesvd`` on CUDA: the default there (Jacobi-like) measured singular vectors orthonormal to only ~1e-4
-    in fp32 on an H200, against ~1e-6 for ``gesvd`` at no measured cost (tests/test_gpu.py); CPU takes LAPACK's."""
-    return "gesvd" if a.is_cuda else None
-
-
-class _NonFinite(Exception):
-    """Raised inside the core; turned into a BadInputError naming the tensor."""
-
-
-def _check_finite(total: float) -> None:
-    if not math.isfinite(total):
-        raise _NonFinite
-
-
-def _canonical_signs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    sign = torch.where(u.sum(dim=0) < 0, -1.0, 1.0).to(u.dtype)
-    return u * sign, v * sign
-
-
 _M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 
 
@@ -438,43 +320,44 @@ def _return_freed_blocks_to_the_os() -> None:
     libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(256 << 10))
 
 
-def _seed(seed: int, name: str) -> int:
-    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63)
-
-
 def _decompose(read: RowReader, shape: tuple[int, ...], itemsize: int, cfg: SVDConfig, name: str) -> SVDResult:
     m, n = rows_of(shape)
     if len(shape) < 2 or m == 0 or n == 0:
         raise BadInputError(
-            f"tensor {name!r}: shape {list(shape)} is not a non-empty matrix; only tensors with 2 or more dims decompose"
+            f"tensor {name!r}: shape {list(shape)} is not a non-empty matrix; "
+            "only tensors with 2 or more dims decompose"
         )
     plan = plan_decomposition((m, n), itemsize, cfg, name)
     device = torch.device(cfg.device)
     start = time.perf_counter()
     if plan.in_memory:
         a = _empty_fp32(m, n, device)
-        for _ in _widened(read, plan.block_rows, cfg.transform, a, in_place=True):
+        for _ in core.widened(read, plan.block_rows, cfg.transform, a, in_place=True):
             pass
         blocks: Blocks = lambda: ((0, a),)  # noqa: E731 - one block: the whole matrix
     else:
         if device.type == "cpu":
             _return_freed_blocks_to_the_os()
         buffer = _empty_fp32(plan.block_rows, n, device)
-        blocks = lambda: _widened(read, plan.block_rows, cfg.transform, buffer, in_place=False)  # noqa: E731
+        blocks = lambda: core.widened(read, plan.block_rows, cfg.transform, buffer, in_place=False)  # noqa: E731
     try:
         if plan.method == "exact":
-            u, s, v, total = _exact(a, plan.rank)
+            u, s, v, total = core.exact_svd(a, plan.rank)
             passes = 1
         else:
-            generator = torch.Generator().manual_seed(_seed(cfg.seed, name))
-            u, s, v, total = _randomized(blocks, m, n, plan.rank, plan.samples, cfg.power_iters, generator, device)
+            generator = torch.Generator().manual_seed(core.seed_for(cfg.seed, name))
+            u, s, v, total = core.randomized_svd(
+                blocks, m, n, plan.rank, plan.samples, cfg.power_iters, generator, device
+            )
             passes = 1 if plan.in_memory else 2 * cfg.power_iters + 2
-    except _NonFinite:
-        after = "" if cfg.transform == "none" else f" after --transform {cfg.transform}"
+    except core.NonFinite:
+        after = "" if cfg.transform == "none" else f" after transform={cfg.transform}"
         raise BadInputError(
-            f"tensor {name!r} holds NaN or infinite values{after}; it cannot be decomposed (check the source with fisherstore verify)"
+            f"tensor {name!r} holds NaN or infinite values{after}; it cannot be decomposed "
+            "(check the source with fisherstore verify)",
+            param=None if cfg.transform == "none" else "transform",
         ) from None
-    u, v = _canonical_signs(u, v)
+    u, v = core.canonical_signs(u, v)
     out = DTYPES[cfg.dtype]
     return SVDResult(
         U=u.to("cpu", out).contiguous(),
@@ -513,13 +396,17 @@ def decompose_tensor(store: FisherStore, name: str, cfg: SVDConfig) -> SVDResult
 
 
 def frobenius_sq(store: FisherStore, name: str, transform: str = "none") -> float:
-    """‖T(F)‖²_F of a store tensor, streamed in bounded blocks (T = ``transform``)."""
-    if transform not in TRANSFORMS:
-        raise BadInputError(f"transform must be one of {sorted(TRANSFORMS)}, got {transform!r}")
-    m, n = rows_of(store.info(name).shape)
-    buffer = _empty_fp32(min(m, max(1, _BLOCK_BYTES // max(1, 4 * n))), n, torch.device("cpu"))
-    blocks = _widened(lambda b: store.iter_rows(name, b), buffer.shape[0], transform, buffer, in_place=False)
-    return sum(_sq_norm(a) for _, a in blocks)
+    """‖T(F)‖²_F of a store tensor, streamed in bounded blocks (T = ``transform``).
+
+    Args:
+        store: the Fisher store.
+        name: a tensor of it.
+        transform: a key of :data:`TRANSFORMS`.
+
+    Returns:
+        The squared Frobenius norm (fp32 row norms summed in fp64).
+    """
+    return core.frobenius_sq(lambda b: store.iter_rows(name, b), store.info(name).shape, transform)
 
 
 # -- whole stores: processes and ranks --------------------------------------------------------
@@ -603,7 +490,7 @@ def _check_resumable(out: Path, attrs: dict[str, Any]) -> None:
         return
     old = Manifest.load(manifest_path)
     if old.kind != MASK_KIND:
-        raise BadInputError(f"{out} is a {old.kind!r} store, not a mask store; choose another --out")
+        raise BadInputError(f"{out} is a {old.kind!r} store, not a mask store; write the masks elsewhere")
     if old.attrs.get("source", {}).get("tensors_sha256") != attrs["source"]["tensors_sha256"]:
         raise BadInputError(
             f"{out}: cannot resume: it was computed from another source ({old.attrs.get('source', {}).get('path')})"
@@ -611,8 +498,8 @@ def _check_resumable(out: Path, attrs: dict[str, Any]) -> None:
     for key in ("rank", "params"):
         if _normalised(old.attrs.get(key)) != _normalised(attrs[key]):
             raise BadInputError(
-                f"{out}: cannot resume: it was made with {key} {old.attrs.get(key)!r}, this run asks for {attrs[key]!r}; "
-                "use the same options, a new --out, or --overwrite"
+                f"{out}: cannot resume: it was made with {key} {old.attrs.get(key)!r}, "
+                f"this run asks for {attrs[key]!r}; use the same options, a new out, or pass overwrite=True"
             )
 
 
@@ -641,7 +528,7 @@ def svd_store(
     the output is bit-identical to an uninterrupted run with the same
     options, workers and device.  Returns the final manifest (on every rank).
     """
-    _int_option("--workers", workers, 1)
+    _int_option("workers", workers, 1)
     out = Path(out)
     ranks = _Ranks()
     try:
@@ -655,15 +542,21 @@ def _select(store: FisherStore, tensors: str | None) -> list[str]:
     try:
         pattern = re.compile(tensors) if tensors else None
     except re.error as exc:
-        raise BadInputError(f"--tensors {tensors!r} is not a valid regular expression: {exc}") from None
+        raise BadInputError(f"tensors={tensors!r} is not a valid regular expression: {exc}", param="tensors") from None
     chosen = [n for n in store.names if pattern is None or pattern.search(n)]
     matrices = [n for n in chosen if len(store.shape(n)) >= 2 and 0 not in store.shape(n)]
     skipped = sorted(set(chosen) - set(matrices))
     if skipped:
         log.warning("skipping %d tensors that are not non-empty matrices: %s", len(skipped), ", ".join(skipped[:5]))
     if not matrices:
-        what = f"matching --tensors {tensors!r}" if tensors else "with 2 or more dims"
-        raise BadInputError(f"{store.path}: no tensors {what} to decompose (it holds {len(store)} tensors)")
+        if tensors:
+            raise BadInputError(
+                f"{store.path}: tensors={tensors!r} matches no matrix to decompose (the store holds {len(store)})",
+                param="tensors",
+            )
+        raise BadInputError(
+            f"{store.path}: no tensors with 2 or more dims to decompose (it holds {len(store)} tensors)"
+        )
     return matrices
 
 
@@ -713,7 +606,7 @@ def _run(
     _agree(ranks, failure, [str(failure)] if failure else [])
     completed = ranks.broadcast(writer.completed_groups if writer else None)
     pending = [g for g in plan if g.index not in completed]
-    members = {g.index: [s.name[: -len(".U")] for s in g.tensors[0::3]] for g in pending}
+    members = {g.index: [t.name for t in mask_triples(g)] for g in pending}
     owner: dict[str, int] = {}
     for group in pending:
         owner.update(_balance({n: shapes[n][0] * shapes[n][1] for n in members[group.index]}, ranks.world))
@@ -735,7 +628,8 @@ def _run(
         len(mine),
         workers,
     )
-    bar = progress(total=len(owner), desc="svd", unit="tensor") if ranks.rank == 0 else None
+    # rank 0 alone reports progress
+    bar: tqdm | NullBar[Any] = progress(total=len(owner), desc="svd", unit="tensor") if ranks.rank == 0 else NullBar()
     try:
         with _decomposer(store, local_cfg, mine, workers) as compute:
             for group in pending:
@@ -747,7 +641,7 @@ def _run(
                     failure, part = exc, f"rank {ranks.rank}: {exc}"
                 gathered = ranks.gather(part)
                 errors = [p for p in gathered or [] if isinstance(p, str)]
-                if ranks.rank == 0 and not errors:
+                if ranks.rank == 0 and gathered is not None and writer is not None and not errors:
                     try:
                         results = {n: r for p in gathered for n, r in p.items()}
                         _write_group(writer, group.index, members[group.index], results, shapes, store)
@@ -758,8 +652,7 @@ def _run(
                 _agree(ranks, failure, errors)
         manifest = writer.finish() if writer else None
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         if writer is not None:
             writer.close()
     return ranks.broadcast(manifest)

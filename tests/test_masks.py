@@ -1,16 +1,24 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from fisherstore import BadInputError, TensorNotFoundError, open_store
+from fisherstore.errors import CorruptDataError
+from fisherstore.manifest import GroupInfo, TensorSpec
 from fisherstore.masks import (
     MASK_KIND,
+    MaskTriple,
     describe_masks,
     energy_and_residual,
+    mask_specs,
+    mask_triples,
     open_masks,
+    plan_mask_groups,
     source_identity,
     write_masks,
 )
@@ -171,3 +179,51 @@ def test_open_masks_refuses_a_fisher_store(source):
 )
 def test_energy_and_residual(captured, total, energy, residual):
     assert energy_and_residual(captured, total) == pytest.approx((energy, residual))
+
+
+def test_mask_triples_of_a_plan_and_of_a_written_store(tmp_path, source, modes):
+    plan = plan_mask_groups([(Q, 64, 32, 4, 0), (DOWN, 16, 64, 2, 1), ("lm_head.weight", 8, 8, 8, 1)], "float32")
+    assert [[t.name for t in mask_triples(g)] for g in plan] == [[Q], [DOWN, "lm_head.weight"]]
+    assert mask_triples(plan[0]) == [MaskTriple(Q, *mask_specs(Q, 64, 32, 4, "float32"))]
+    assert mask_triples(plan[1])[0].v == TensorSpec(DOWN + ".V", (64, 2), "float32")
+    write_masks(tmp_path / "m", modes, source=source)
+    with open_masks(tmp_path / "m") as m:
+        names = [t.name for g in m.manifest.groups for t in mask_triples(g)]
+        assert names == m.names and len(names) == len(modes)
+
+
+def _spec(name, shape, dtype="float32"):
+    return TensorSpec(name, shape, dtype)
+
+
+@pytest.mark.parametrize(
+    ("specs", "match"),
+    [
+        ((_spec("a.S", (2,)), _spec("a.U", (4, 2)), _spec("a.V", (3, 2))), r"expected tensors \['a.S.U'"),
+        (
+            (_spec("a.U", (4, 2)), _spec("a.S", (2,))),
+            r"expected tensors \['a.U', 'a.S', 'a.V'\] at position 0, got \['a.U', 'a.S'\]",
+        ),
+        ((_spec("a.U", (4, 2)), _spec("b.S", (2,)), _spec("b.V", (3, 2))), r"expected tensors \['a.U', 'a.S', 'a.V'\]"),
+        (
+            (*mask_specs("a", 4, 3, 2, "float32"), _spec("b.U", (4, 2)), _spec("b.S", (3,)), _spec("b.V", (3, 2))),
+            r"'b' needs U m×r, S r, V n×r in one dtype; got U \[4, 2\] float32, S \[3\]",
+        ),
+        (
+            (_spec("a.U", (4, 2)), _spec("a.S", (2,), "bfloat16"), _spec("a.V", (3, 2))),
+            r"'a' needs U m×r, S r, V n×r in one dtype; got U \[4, 2\] float32, S \[2\] bfloat16",
+        ),
+    ],
+)
+def test_mask_triples_refuse_a_malformed_group(specs, match):
+    with pytest.raises(CorruptDataError, match=r"mask group 7: " + match):
+        mask_triples(GroupInfo(7, (), specs))
+
+
+def test_masks_does_not_import_svd():
+    """The mask store format sits below the SVD: reading masks never loads fisherstore.svd."""
+    code = (
+        "import sys, fisherstore.masks; print('fisherstore.svd' in sys.modules, 'fisherstore._svd_core' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

@@ -32,7 +32,10 @@ code = a.func(a)
 print("maxrss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
 sys.exit(code)
 """
-BASELINE = "import resource, sys, torch, fisherstore.svd, fisherstore.cli.cmd_svd; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+BASELINE = (
+    "import resource, sys, torch, fisherstore.svd, fisherstore.cli.cmd_svd; "
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+)
 
 
 def _max_orthogonality_error(x: torch.Tensor) -> float:
@@ -191,7 +194,7 @@ def test_non_finite_values_are_refused():
     a[7, 3] = float("nan")
     with pytest.raises(BadInputError, match="tensor 'w' holds NaN or infinite values"):
         decompose(a, SVDConfig(rank=4), name="w")
-    with pytest.raises(BadInputError, match="after --transform sqrt"):
+    with pytest.raises(BadInputError, match="after transform=sqrt"):
         decompose(-torch.rand(300, 200), SVDConfig(rank=4, transform="sqrt", exact=True))
 
 
@@ -216,28 +219,64 @@ def test_plan(shape, itemsize, kwargs, expect):
 def test_plan_refuses_budgets_it_cannot_keep():
     with pytest.raises(
         BadInputError,
-        match=r"tensor 'w': a rank-64 decomposition \(\+16 oversampling\) of a 5376x21504 tensor needs at least .* over --max-memory 1,048,576",
+        match=r"tensor 'w': a rank-64 decomposition \(\+16 oversampling\) of a 5376x21504 tensor needs at least "
+        r".* over max_memory 1,048,576",
     ):
         plan_decomposition((5376, 21504), 2, SVDConfig(rank=64, max_memory=1 << 20), "w")
-    with pytest.raises(BadInputError, match="exact SVD of a 5376x21504 tensor needs about .* drop --exact"):
+    with pytest.raises(BadInputError, match="exact SVD of a 5376x21504 tensor needs about .* drop exact=True"):
         plan_decomposition((5376, 21504), 2, SVDConfig(rank=64, exact=True), "w")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"rank": 0}, "--rank must be an integer >= 1, got 0"),
-        ({"rank": 4, "oversample": -1}, "--oversample must be"),
-        ({"rank": 4, "power_iters": 1.5}, "--power-iters must be"),
-        ({"rank": 4, "transform": "log"}, "--transform must be one of"),
-        ({"rank": 4, "dtype": "int8"}, "--dtype must be one of"),
-        ({"rank": 4, "device": "gpu0"}, "--device 'gpu0' is not a torch device"),
-        ({"rank": True}, "--rank must be an integer"),
+        ({"rank": 0}, "rank must be an integer >= 1, got 0"),
+        ({"rank": 4, "oversample": -1}, "oversample must be"),
+        ({"rank": 4, "power_iters": 1.5}, "power_iters must be"),
+        ({"rank": 4, "transform": "log"}, "transform must be one of"),
+        ({"rank": 4, "dtype": "int8"}, "dtype must be one of"),
+        ({"rank": 4, "device": "gpu0"}, "device='gpu0' is not one torch knows"),
+        ({"rank": True}, "rank must be an integer"),
     ],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(BadInputError, match=match):
         SVDConfig(**kwargs)
+
+
+def test_config_error_names_the_parameter():
+    with pytest.raises(BadInputError) as caught:
+        SVDConfig(rank=0)
+    assert str(caught.value) == "rank must be an integer >= 1, got 0" and caught.value.param == "rank"
+    with pytest.raises(BadInputError) as caught:
+        SVDConfig(rank=4, dtype="float64")
+    assert str(caught.value) == "dtype must be one of float32, bfloat16, float16, got 'float64'"
+    assert caught.value.param == "dtype"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "canonical"),
+    [("bf16", "bfloat16"), ("BFloat16", "bfloat16"), (torch.float16, "float16"), ("fp32", "float32")],
+)
+def test_config_stores_the_canonical_dtype(dtype, canonical):
+    cfg = SVDConfig(rank=2, dtype=dtype)
+    assert cfg.dtype == canonical and cfg.params()["dtype"] == canonical
+    assert decompose(torch.rand(20, 10), cfg).U.dtype == getattr(torch, canonical)
+
+
+def test_command_errors_name_flags(tmp_path, gemma_store, capsys):
+    """The library says ``rank``, ``dtype``, ``max_memory``; the command line says its flags."""
+    from fisherstore.cli.main import main
+
+    cases = [
+        (["--rank", "0"], "fisherstore: error: --rank must be an integer >= 1, got 0"),
+        (["--rank", "2", "--dtype", "int8"], "--dtype must be one of float32, bfloat16, float16, got 'int8'"),
+        (["--rank", "2", "--max-memory", "5000"], "over --max-memory 5,000; raise --max-memory"),
+    ]
+    for flags, expected in cases:
+        assert main(["svd", str(gemma_store), "--out", str(tmp_path / "m"), *flags]) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 # -- whole stores -------------------------------------------------------------------------------
@@ -278,13 +317,13 @@ def test_svd_store_tensor_filter_and_errors(tmp_path, gemma_store):
     svd_store(gemma_store, tmp_path / "m", SVDConfig(rank=2), tensors=r"mlp\.(up|down)")
     with open_masks(tmp_path / "m") as m:
         assert len(m) == 8 and all(".mlp.up_proj" in n or ".mlp.down_proj" in n for n in m.names)
-    with pytest.raises(BadInputError, match="no tensors matching --tensors 'lm_head'"):
+    with pytest.raises(BadInputError, match="tensors='lm_head' matches no matrix to decompose"):
         svd_store(gemma_store, tmp_path / "n", SVDConfig(rank=2), tensors="lm_head")
-    with pytest.raises(BadInputError, match=r"--tensors '\(' is not a valid regular expression"):
+    with pytest.raises(BadInputError, match=r"tensors='\(' is not a valid regular expression"):
         svd_store(gemma_store, tmp_path / "n", SVDConfig(rank=2), tensors="(")
     with pytest.raises(BadInputError, match="already exists"):
         svd_store(gemma_store, tmp_path / "m", SVDConfig(rank=2))
-    with pytest.raises(BadInputError, match=r"over --max-memory 5,000; raise --max-memory"):
+    with pytest.raises(BadInputError, match=r"over max_memory 5,000; raise max_memory"):
         svd_store(gemma_store, tmp_path / "n", SVDConfig(rank=2, max_memory=10_000), workers=2)
     assert not (tmp_path / "n").exists()  # refused before anything was written
 
@@ -514,7 +553,7 @@ def store_with_a_nan(tmp_path):
 @pytest.mark.slow
 def test_a_worker_error_reaches_the_caller(tmp_path, store_with_a_nan):
     with pytest.raises(
-        BadInputError, match="tensor 'model.layers.2.mlp.up_proj.weight' holds NaN .* after --transform sqrt"
+        BadInputError, match="tensor 'model.layers.2.mlp.up_proj.weight' holds NaN .* after transform=sqrt"
     ):
         svd_store(store_with_a_nan, tmp_path / "m", SVDConfig(rank=4, transform="sqrt"), workers=2)
     assert [g.complete for g in Manifest.load(tmp_path / "m" / "fisherstore.json").groups] == [True, False]
