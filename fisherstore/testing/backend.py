@@ -114,7 +114,7 @@ class BackendTests:
         backend: the registered name, as passed to ``StoreWriter.create(backend=...)``.
         backend_options: the options under test, or ``None`` for the backend's defaults.
         refused_dtypes: storable dtypes the format cannot hold; writing one must raise
-            :class:`~fisherstore.errors.BadInputError` naming the dtype, before any group is committed.
+            :class:`~fisherstore.errors.BadInputError` naming the dtype (a clear refusal, not bad bytes).
         side_files: names a backend may leave in the store's root when a group is aborted
             (zarr's root ``zarr.json``).
         byte_spans: ``True`` if every tensor of the tiny Gemma-4 set is expected to lie raw in one
@@ -139,8 +139,11 @@ class BackendTests:
 
     # -- what a subclass may override ---------------------------------------------------------------
     def data_files(self, root: Path, info: TensorInfo) -> list[Path]:
-        """The files under ``root`` that hold ``info``'s bytes: by default named by its location's
-        ``file`` (a file name) or ``array`` (a directory holding the tensor's files)."""
+        """The files under ``root`` that hold ``info``'s bytes.
+
+        By default those its location names: ``file`` (a file name) or
+        ``array`` (a directory holding the tensor's files).
+        """
         return [
             p
             for p in root.rglob("*")
