@@ -267,7 +267,7 @@ class ReadAhead:
         left out; they are kept for later feeds.
         """
         size = -(-max(cut, PIECE_BYTES) // (1 << 20)) << 20  # whole MiB, so that similar cuts reuse buffers
-        count = held + max(2, RING * PIECE_BYTES // cut)
+        count = held + max(2, RING * PIECE_BYTES // max(cut, PIECE_BYTES))  # each piece takes a whole buffer
         busy = {id(view.obj) for view in self._kept}
         held_back = [b for b in self._buffers if id(b) in busy]
         ring = [b for b in self._buffers if len(b) >= size and id(b) not in busy][:count]

@@ -1,4 +1,6 @@
-"""fisher_like is calibrated against the real Fisher sample: spread, exponent entropy, rank 1, compression.
+"""fisherstore.testing: fisher_like matches the real Fisher sample; BackendTests is importable and usable.
+
+fisher_like is calibrated against the real Fisher sample: spread, exponent entropy, rank 1, compression.
 
 Benchmarks and tests use fisher_like as a stand-in for real Fisher, so the
 properties that decide compression ratios and SVD behaviour must stay close to
@@ -12,14 +14,24 @@ The bands are far tighter than the gap to the previous, uncalibrated generator
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-from fisherstore.testing import fisher_like
+import fisherstore.testing
+from fisherstore.errors import BadInputError
+from fisherstore.formats import BACKENDS
+from fisherstore.formats.base import GroupSink
+from fisherstore.formats.safetensors import SafetensorsBackend
+from fisherstore.manifest import GroupInfo
+from fisherstore.testing import BackendTests, fisher_like
+from fisherstore.testing.backend import row_ranges, sample_tensor
 
 from .conftest import SHARED_SAMPLE, write_store
 
@@ -120,3 +132,72 @@ def test_nearly_rank_one_like_the_real_sample(real, synthetic):
 def test_compresses_like_the_real_sample(real, synthetic):
     # a zarr store written by fisherstore, default chunking, the same codec: real 1.457x
     assert synthetic["ratio"] == pytest.approx(real["ratio"], abs=0.03)
+
+
+# -- the backend contract as a class -------------------------------------------------------------------
+def test_importing_fisherstore_testing_does_not_import_pytest():
+    code = (
+        "import sys, fisherstore.testing; print('pytest' in sys.modules, 'fisherstore.testing.backend' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_backend_tests_is_exposed_lazily():
+    from fisherstore.testing.backend import BackendTests as defined
+
+    assert BackendTests is defined
+    assert "BackendTests" in fisherstore.testing.__all__
+    with pytest.raises(AttributeError, match="no attribute 'StoreTests'"):
+        fisherstore.testing.StoreTests  # noqa: B018 - the attribute access is the test
+
+
+def test_row_ranges_are_valid_and_cover_ends_and_empty():
+    assert row_ranges(10) == [(0, 0), (0, 1), (0, 10), (1, 9), (3, 5), (5, 5), (9, 10), (10, 10)]
+    assert row_ranges(1) == [(0, 0), (0, 1), (1, 1)]
+    assert row_ranges(0) == [(0, 0)]
+
+
+def test_sample_tensor_spans_each_dtype():
+    assert sample_tensor((64,), "int64").abs().max().item() > 2**53  # beyond float64's exact integers
+    b = sample_tensor((64,), "bool")
+    assert b.dtype == torch.bool and 0 < int(b.sum()) < 64
+    assert sample_tensor((), "float32").shape == ()
+    assert torch.equal(sample_tensor((5, 3), "bfloat16", seed=3), sample_tensor((5, 3), "bfloat16", seed=3))
+
+
+REFUSED = frozenset({"bool", "int64"})
+
+
+class NarrowSafetensorsBackend(SafetensorsBackend):
+    """A third-party-style backend: safetensors shards that refuse bool and int64 tensors."""
+
+    name = "narrow-safetensors"
+
+    def begin_group(self, group: GroupInfo, num_groups: int) -> GroupSink:
+        for spec in group.tensors:
+            if spec.dtype in REFUSED:
+                raise BadInputError(f"{self.name} cannot hold dtype {spec.dtype} (tensor {spec.name!r})", param="dtype")
+        return super().begin_group(group, num_groups)
+
+
+class TestThirdPartyBackend(BackendTests):
+    """BackendTests as a third party runs it: a backend registered by name, options, refused dtypes."""
+
+    backend = "narrow-safetensors"
+    backend_options: ClassVar[dict[str, Any] | None] = {"prefix": "narrow"}
+    refused_dtypes = REFUSED
+    byte_spans = True
+
+    @pytest.fixture(autouse=True)
+    def registered(self, monkeypatch):
+        monkeypatch.setitem(BACKENDS, self.backend, (__name__, "NarrowSafetensorsBackend"))
+
+    def test_refused_dtypes_are_refused_and_the_rest_written(self, tmp_path):
+        with pytest.raises(BadInputError, match="dtype int64"):
+            self.check_odd(tmp_path / "a", (2, 2), "int64")
+        self.check_odd(tmp_path / "b", (2, 2), "int32")
+        assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == [
+            "narrow-00001-of-00002.safetensors",
+            "narrow-00002-of-00002.safetensors",
+        ]

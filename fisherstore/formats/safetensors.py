@@ -213,7 +213,7 @@ class _ShardReader:
             fd, (stop - start) * per_row * itemsize, offset + start * per_row * itemsize, f"{path} tensor {name!r}"
         )
         out = raw.view(DTYPES[dtype])
-        return out.reshape(shape) if len(shape) == 0 else out.reshape((stop - start, *shape[1:]))
+        return out.reshape(shape) if len(shape) == 0 and stop > start else out.reshape((stop - start, *shape[1:]))
 
     def close(self) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Fixtures shared by the test-suite, the benchmarks and ``--model tiny-gemma4``.
+"""A tiny random Gemma-4 and Fisher-like tensors, for the test-suite, the benchmarks and ``--model tiny-gemma4``.
 
 The tiny Gemma-4 config mirrors what matters in gemma-4-31B-it: k and v are
 shared in full-attention layers (``attention_k_eq_v=True``, so those layers
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .naming import DEFAULT_TARGETS, parse_name
+from ..naming import DEFAULT_TARGETS, parse_name
 
 __all__ = ["fisher_like", "fisher_like_tensors", "tiny_gemma4_config", "tiny_gemma4_model"]
 
@@ -22,7 +22,8 @@ def tiny_gemma4_config(num_layers: int = 4, hidden: int = 64, vocab: int = 256):
     from transformers import Gemma4TextConfig
 
     layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
-    return Gemma4TextConfig(
+    # transformers' typed signature of Gemma4TextConfig omits global_head_dim, which the config takes
+    return Gemma4TextConfig(  # type: ignore[call-arg]
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
