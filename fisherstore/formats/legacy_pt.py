@@ -148,15 +148,6 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """C-order strides exactly as torch computes them (a 0-sized dim counts as 1)."""
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(strides))
-
-
 def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     if 0 in shape:
         return True
@@ -351,6 +342,15 @@ class LegacyPtSource:
     ``checksum`` is ``""`` and ``sum`` NaN because the format records neither.
     Tensors may share storages and may be views with a storage offset or
     non-contiguous strides; :meth:`read_rows` reads only the bytes the rows span.
+
+    Args:
+        path: the ``fisher.pt`` file.
+
+    Raises:
+        StoreNotFoundError: no such file.
+        UnsafePickleError: the pickle names a global or opcode a dict of tensors never needs.
+        CorruptDataError: the archive is damaged or lies about its records.
+        BadInputError: the file is not a flat dict of tensors fisherstore can store.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -590,6 +590,14 @@ class LegacyPtSource:
         Reads only the bytes of those rows (for a non-contiguous tensor: the
         span they cover).  0-d and 1-d tensors have one element per row; a 0-d
         tensor read as rows ``(0, 1)`` comes back 0-d.
+
+        Args:
+            info: one of :attr:`infos`.
+            start: first row.
+            stop: row after the last; ``0 <= start <= stop <= rows``.
+
+        Returns:
+            A tensor of shape ``(stop - start, *info.shape[1:])``.
         """
         if info.name not in self.infos:
             raise TensorNotFoundError(f"{self.path}: no tensor {info.name!r}")

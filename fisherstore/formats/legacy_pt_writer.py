@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import io
 import logging
 import pickle
@@ -196,7 +197,9 @@ class _ZipStream:
         try:
             mv = memoryview(chunk).cast("B")
         except TypeError as exc:
-            raise BadInputError(f"write_pt: {self._label} got a buffer that is not C-contiguous ({exc})") from None
+            raise BadInputError(
+                f"write_pt: {self._label} got a buffer that is not C-contiguous ({exc})", param="items"
+            ) from None
         n = mv.nbytes
         self._take(n)
         if n < _DIRECT_BYTES:
@@ -213,7 +216,8 @@ class _ZipStream:
         """Count ``n`` more bytes of the open record, refusing more than it declared."""
         if n > self._left:
             raise BadInputError(
-                f"write_pt: {self._label} got more bytes than the {self._left + self._done} its spec declares"
+                f"write_pt: {self._label} got more bytes than the {self._left + self._done} its spec declares",
+                param="items",
             )
         self._left -= n
         self._done += n
@@ -223,7 +227,9 @@ class _ZipStream:
         assert self._open is not None
         full, header, size, zip64 = self._open
         if self._left:
-            raise BadInputError(f"write_pt: {self._label} got {self._done} bytes, but its spec declares {size}")
+            raise BadInputError(
+                f"write_pt: {self._label} got {self._done} bytes, but its spec declares {size}", param="items"
+            )
         if size:
             sizes = struct.pack("<QQ", size, size) if zip64 else struct.pack("<II", size, size)
             self._put(struct.pack("<II", _SIG_DESCRIPTOR, self._crc) + sizes)
@@ -260,8 +266,6 @@ class _ZipStream:
 
     def finish(self) -> None:
         """Write ``.data/serialization_id``, the central directory and the ZIP64 + classic end records."""
-        import hashlib  # only the writer needs it (its OpenSSL start-up costs every reader ~5 ms)
-
         names = hashlib.blake2b("\0".join(self._names).encode(), digest_size=8).digest()
         crcs = hashlib.blake2b(struct.pack(f"<{len(self._crcs)}I", *self._crcs), digest_size=8).digest()
         sid = f"{int.from_bytes(names, 'little'):020d}{int.from_bytes(crcs, 'little'):020d}"
@@ -290,15 +294,23 @@ def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[Te
     The file appears atomically (temporary file beside ``path``, fsync,
     rename); on any error the temporary file is removed and ``path`` is
     untouched.
+
+    Args:
+        path: the file to write; its stem names the archive's folder, as torch.save does.
+        specs: every tensor, in the order of the file.
+        items: ``(spec, chunks)`` for each of ``specs``, in that order.
+
+    Raises:
+        BadInputError: ``specs`` repeat a name, or ``items`` do not follow ``specs`` or their sizes.
     """
     path = Path(path)
     specs = list(specs)
     seen: set[str] = set()
     for spec in specs:
         if not isinstance(spec, TensorSpec):
-            raise BadInputError(f"write_pt: specs must be TensorSpec objects, got {type(spec).__name__}")
+            raise BadInputError(f"write_pt: specs must be TensorSpec objects, got {type(spec).__name__}", param="specs")
         if spec.name in seen:
-            raise BadInputError(f"write_pt: tensor {spec.name!r} is listed twice")
+            raise BadInputError(f"write_pt: tensor {spec.name!r} is listed twice", param="specs")
         seen.add(spec.name)
     prefix = (path.stem or "archive") + "/"  # torch.save names the folder after the file, without extension
     t0 = time.perf_counter()
@@ -317,7 +329,8 @@ def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[Te
             if count >= len(specs) or spec != specs[count]:
                 expected = repr(specs[count]) if count < len(specs) else "nothing more"
                 raise BadInputError(
-                    f"write_pt: item {count} is {spec!r}, expected {expected} (items must follow specs)"
+                    f"write_pt: item {count} is {spec!r}, expected {expected} (items must follow specs)",
+                    param="items",
                 )
             zs.begin(f"data/{count}", spec.nbytes, f"tensor {spec.name!r}")
             for chunk in chunks:
@@ -327,7 +340,8 @@ def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[Te
             count += 1
         if count != len(specs):
             raise BadInputError(
-                f"write_pt: items stopped after {count} of {len(specs)} tensors; next was {specs[count].name!r}"
+                f"write_pt: items stopped after {count} of {len(specs)} tensors; next was {specs[count].name!r}",
+                param="items",
             )
         zs.record("version", b"3\n")
         zs.finish()
