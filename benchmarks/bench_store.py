@@ -48,7 +48,7 @@ from harness import python, run_child, this_command, write_results
 GEN = r"""
 import sys, math, torch
 from fisherstore.manifest import TensorSpec
-from fisherstore.formats.legacy_pt import write_pt
+from fisherstore.formats.legacy_pt_writer import write_pt
 from fisherstore.testing import fisher_like
 target, path = float(sys.argv[1]) * 1e9, sys.argv[2]
 H, I = 5120, 10240           # gate/up/down: 5120 x 10240 bf16 = 105 MB, the largest tensor

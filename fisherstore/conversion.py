@@ -109,7 +109,7 @@ def convert(
 
 def _to_pt(store: FisherStore, dst: Path, buffer_bytes: int, bar: Any) -> None:
     """Write a ``fisher.pt``, checking each tensor against the source's recorded checksum on the way."""
-    from .formats.legacy_pt import write_pt
+    from .formats.legacy_pt_writer import write_pt
 
     infos = [store.info(n) for n in store.names]
     with ReadAhead() as ahead:

@@ -20,7 +20,8 @@ import torch
 
 from fisherstore._io import TMP_PREFIX
 from fisherstore.errors import BadInputError, CorruptDataError, FisherStoreError, UnsafePickleError
-from fisherstore.formats.legacy_pt import LegacyPtSource, write_pt
+from fisherstore.formats.legacy_pt import LegacyPtSource
+from fisherstore.formats.legacy_pt_writer import write_pt
 from fisherstore.manifest import TensorSpec
 from fisherstore.testing import fisher_like_tensors
 
@@ -260,6 +261,24 @@ def test_write_pt_matches_torch_save_layout(tmp_path: Path, gemma: dict[str, tor
     a, b = ours.read_bytes(), theirs.read_bytes()
     assert len(a) == len(b)
     assert a[: sid.header_offset] == b[: sid.header_offset]
+
+
+def test_write_pt_output_is_unchanged_for_a_fixed_input(tmp_path: Path) -> None:
+    """The bytes written for a fixed input, pinned: any change to the record layout or the pickle shows here."""
+    import hashlib
+
+    specs = [
+        TensorSpec("model.layers.0.mlp.up_proj.weight", (3, 4), "bfloat16"),
+        TensorSpec("scalar", (), "float32"),
+        TensorSpec("empty", (0, 5), "int64"),
+        TensorSpec("flags", (5,), "bool"),
+        TensorSpec("halves", (2, 2, 2), "float16"),
+    ]
+    path = tmp_path / "fixed.pt"
+    write_pt(path, specs, ((s, [bytes(range(s.nbytes))]) for s in specs))
+    raw = path.read_bytes()
+    assert len(raw) == 2627
+    assert hashlib.sha256(raw).hexdigest() == "879d95060850b775f5f9d5d70c3a08f55b1cfd5ccabd7c28ec6066fc6870fe59"
 
 
 def test_write_pt_accepts_typed_memoryviews(tmp_path: Path) -> None:
@@ -520,6 +539,55 @@ def test_record_offsets_outside_the_file(tmp_path: Path, where: str, message: st
         LegacyPtSource(path)
 
 
+def _point_at_first_record(raw: bytearray) -> None:
+    """Make the central entry of storage 1 point at storage 0's local header (two names, one set of bytes)."""
+    first = struct.unpack_from("<I", raw, _central_entry(raw, "/data/0") + 42)[0]
+    struct.pack_into("<I", raw, _central_entry(raw, "/data/1") + 42, first)
+
+
+def _second_disk(raw: bytearray) -> None:
+    struct.pack_into("<H", raw, _central_entry(raw, "/data/1") + 34, 1)  # "disk number start"
+
+
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (_point_at_first_record, CorruptDataError, "storages '0' and '1' overlap"),
+        (_second_disk, BadInputError, "multi-disk zip archives are not supported"),
+    ],
+    ids=["overlapping-records", "multi-disk"],
+)
+def test_central_directory_lies(tmp_path: Path, mutate, error: type, message: str) -> None:
+    path = tmp_path / "fisher.pt"
+    torch.save({"a": torch.arange(16.0), "b": torch.ones(16)}, path)  # two storages of the same size
+    raw = bytearray(path.read_bytes())
+    mutate(raw)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(error, match=message):
+        LegacyPtSource(path)
+
+
+def test_record_listed_twice_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "twice.pt"
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        _zip_with_pickle(path, pickle.dumps({}, protocol=2), {"version": b"3\n"})
+    with pytest.raises(CorruptDataError, match="'archive/version' is listed twice"):
+        LegacyPtSource(path)
+
+
+def test_huge_central_directory_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """An end record declaring a 300 MiB directory in a (sparse) 300 MiB file: refused, not read into memory."""
+    path = tmp_path / "huge.pt"
+    cd_size = 300 << 20
+    with path.open("wb") as fh:
+        fh.write(b"PK\x03\x04")
+        fh.seek(cd_size + 64)
+        eocd = fh.tell()
+        fh.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, cd_size, eocd - cd_size, 0))
+    with pytest.raises(CorruptDataError, match=f"central directory is {cd_size} bytes, over the 256 MiB"):
+        LegacyPtSource(path)
+
+
 def test_storage_size_mismatch_and_missing_record(tmp_path: Path) -> None:
     t = torch.arange(8, dtype=torch.float32)
     torch.save({"w": t}, tmp_path / "orig.pt")
@@ -655,7 +723,7 @@ def test_zip64_offsets_and_sizes(tmp_path: Path) -> None:
 
 def test_written_pickle_is_byte_identical_to_torch_save():
     """data.pkl is produced without importing torch, yet equals what torch.save pickles for the same dict."""
-    from fisherstore.formats.legacy_pt import _pickle_specs
+    from fisherstore.formats.legacy_pt_writer import _pickle_specs
 
     tensors = {
         "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 4, dtype=torch.bfloat16),
@@ -674,7 +742,10 @@ def test_written_pickle_is_byte_identical_to_torch_save():
 
 
 def test_byte_paths_do_not_import_torch(tmp_path):
-    """fisher.pt → safetensors → zarr → fisher.pt, verify and importance run without importing torch (seconds per command)."""
+    """fisher.pt → safetensors → zarr → fisher.pt, verify and importance run without importing torch.
+
+    (The torch import costs seconds per command.)
+    """
     torch.save(fisher_like_tensors(), tmp_path / "fisher.pt")
     code = textwrap.dedent(
         f"""

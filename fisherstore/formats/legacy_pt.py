@@ -1,29 +1,23 @@
-"""The legacy ``fisher.pt``: a ``torch.save`` zip archive whose pickle is a dict name → tensor.
+"""Reading the legacy ``fisher.pt``: a ``torch.save`` zip archive whose pickle is a dict name → tensor.
 
-Reading (:class:`LegacyPtSource`) never calls ``torch.load``: the ZIP
-directory is parsed here, ``data.pkl`` goes through an unpickler that knows
+:class:`LegacyPtSource` never calls ``torch.load``: the standard library's
+:mod:`zipfile` reads the ZIP central directory (ZIP64 included) and nothing
+else; the checks a hostile file needs sit on top of it (a capped directory,
+stored records only, sizes that agree, records inside the file and not
+overlapping each other).  ``data.pkl`` goes through an unpickler that knows
 only the handful of globals ``torch.save`` emits for a dict of tensors (and
 builds inert placeholders from them), and tensor bytes are read with
-``os.pread`` for exactly the rows asked for.  A hostile file can therefore not
+``os.pread`` for exactly the rows asked for: each record's data offset comes
+from one small read of its local header.  A hostile file can therefore not
 run code, and opening a 58 GB file costs a few kilobytes of memory.
-
-Writing (:func:`write_pt`) streams: the pickle is known from the specs alone,
-so it is written first and each tensor's bytes follow as they arrive, one
-tensor at a time, in the record layout PyTorch's own writer (miniz) produces:
-64-byte aligned data behind an ``FB`` padding extra field, a data descriptor
-after each record, ZIP64 fields where offsets or sizes pass 4 GiB, and the
-``.format_version``, ``.storage_alignment``, ``byteorder``, ``version`` and
-``.data/serialization_id`` records.  ``torch.load(..., weights_only=True)``
-(plain or ``mmap=True``) loads the result.  ``torch.load`` does not check the
-CRC-32s, but other ZIP tools do, so they are computed as bytes pass (in a
-helper thread, overlapping the writes).
+Writing is :mod:`fisherstore.formats.legacy_pt_writer`.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import io
+import itertools
 import logging
 import math
 import os
@@ -32,13 +26,11 @@ import pickletools
 import re
 import stat
 import struct
-import time
-import zlib
-from collections.abc import Iterable
+import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .._io import atomic_file
+from .._io import pread_into, pread_tensor
 from ..errors import (
     BadInputError,
     CorruptDataError,
@@ -47,39 +39,27 @@ from ..errors import (
     TensorNotFoundError,
     UnsafePickleError,
 )
-from ..manifest import ITEMSIZES, TensorInfo, TensorSpec
+from ..manifest import ITEMSIZES, TensorInfo
 from ..naming import parse_name, validate_name
-from .base import Buffer, rows_of
+from .base import check_rows, rows_of
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LegacyPtSource", "write_pt"]
+__all__ = ["STORAGE_CLASS", "LegacyPtSource"]
 
 log = logging.getLogger(__name__)
 
-# ZIP structures (APPNOTE 4.3), little-endian.
-_LOCAL = struct.Struct("<IHHHHHIIIHH")  # sig, need, flags, method, time, date, crc, csize, usize, nlen, elen
-# central: sig, made, need, flags, method, time, date, crc, csize, usize, nlen, elen, clen, disk, iattr, eattr, lho
-_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
-_EOCD = struct.Struct("<IHHHHIIH")  # sig, disk, cd disk, entries here, entries, cd size, cd offset, comment len
-_EOCD64 = struct.Struct(
-    "<IQHHIIQQQQ"
-)  # sig, record size, made, need, disk, cd disk, entries here, entries, cd size, cd offset
-_LOCATOR = struct.Struct("<IIQI")  # sig, disk of EOCD64, EOCD64 offset, disks
-_SIG_LOCAL, _SIG_CENTRAL, _SIG_EOCD = 0x04034B50, 0x02014B50, 0x06054B50
-_SIG_EOCD64, _SIG_LOCATOR, _SIG_DESCRIPTOR = 0x06064B50, 0x07064B50, 0x08074B50
-_U16, _U32 = 0xFFFF, 0xFFFFFFFF
-_FLAG_DESCRIPTOR, _FLAG_UTF8 = 0x0008, 0x0800
+#: The fields of a ZIP local header (APPNOTE 4.3.7) a reader needs: signature, name and extra-field lengths.
+_LOCAL_HEADER = struct.Struct("<I22xHH")
+_SIG_LOCAL = 0x04034B50
 
-#: Storage alignment torch.save uses (``torch.utils.serialization.config.save.storage_alignment``).
-ALIGNMENT = 64
 #: ``data.pkl`` of a dict of even 100k tensors is a few MB; anything far larger is not a fisher.pt.
 _MAX_PICKLE = 64 << 20
 _MAX_CENTRAL_DIR = 256 << 20
 
 #: torch's legacy storage class for each storable dtype (what ``torch.save`` names in the pickle).
-_STORAGE_CLASS = {
+STORAGE_CLASS = {
     "bfloat16": "BFloat16Storage",
     "float16": "HalfStorage",
     "float32": "FloatStorage",
@@ -93,26 +73,30 @@ _STORAGE_CLASS = {
 }
 _STORAGE_NAME_RE = re.compile(r"[A-Za-z0-9]+Storage")
 
-# Staging: small pieces are gathered into one buffer; pieces at least this big are written directly.
-_STAGE_BYTES = 8 << 20
-_DIRECT_BYTES = 256 << 10
-# One read() or write() moves at most this much on Linux; larger transfers loop.
-_IO_CAP = 1 << 30
 
+class _DirectoryFile(io.FileIO):
+    """The archive as :class:`zipfile.ZipFile` reads it, refusing a central directory over the cap.
 
-# --------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------
+    ``zipfile`` reads the whole directory with one ``read`` of the size the
+    end record declares; a forged size would make it read gigabytes of a big
+    file into memory, so a read over :data:`_MAX_CENTRAL_DIR` is refused
+    before anything is allocated.  Its other reads are the end records
+    (at most 64 KiB).  It shares the reader's descriptor, whose file
+    position no other read uses (those are ``pread``).
+    """
 
+    def __init__(self, fd: int, path: Path) -> None:
+        super().__init__(fd, "rb", closefd=False)
+        self.path = path
 
-class _Entry(NamedTuple):
-    """A central-directory entry: where its local header is and how big its data is."""
-
-    name: str
-    header: int
-    size: int
-    method: int
-    flags: int
+    def read(self, size: int | None = -1) -> bytes:
+        want = os.fstat(self.fileno()).st_size - self.tell() if size is None or size < 0 else size
+        if want > _MAX_CENTRAL_DIR:
+            raise CorruptDataError(
+                f"{self.path}: the ZIP central directory is {want} bytes, over the "
+                f"{_MAX_CENTRAL_DIR >> 20} MiB a fisher.pt needs"
+            )
+        return super().read(size)
 
 
 class _StorageType(NamedTuple):
@@ -164,15 +148,6 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """C-order strides exactly as torch computes them (a 0-sized dim counts as 1)."""
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(strides))
-
-
 def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     if 0 in shape:
         return True
@@ -187,7 +162,53 @@ def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 #: Pickle opcodes torch.save's protocol-2 pickles of a dict of tensors use, plus harmless plain-data ones.
 #: Everything else (object construction, extension codes, out-of-band buffers, text opcodes) is refused.
 _OPCODES = frozenset(
-    ["PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING", "SHORT_BINBYTES", "BINBYTES", "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "EMPTY_LIST", "LIST", "APPEND", "APPENDS", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "BINPUT", "LONG_BINPUT", "MEMOIZE", "BINGET", "LONG_BINGET", "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "BINPERSID"]
+    [
+        "PROTO",
+        "FRAME",
+        "STOP",
+        "MARK",
+        "POP",
+        "POP_MARK",
+        "DUP",
+        "NONE",
+        "NEWTRUE",
+        "NEWFALSE",
+        "BININT",
+        "BININT1",
+        "BININT2",
+        "LONG1",
+        "BINFLOAT",
+        "BINUNICODE",
+        "SHORT_BINUNICODE",
+        "BINUNICODE8",
+        "SHORT_BINSTRING",
+        "BINSTRING",
+        "SHORT_BINBYTES",
+        "BINBYTES",
+        "EMPTY_DICT",
+        "DICT",
+        "SETITEM",
+        "SETITEMS",
+        "EMPTY_LIST",
+        "LIST",
+        "APPEND",
+        "APPENDS",
+        "EMPTY_TUPLE",
+        "TUPLE",
+        "TUPLE1",
+        "TUPLE2",
+        "TUPLE3",
+        "BINPUT",
+        "LONG_BINPUT",
+        "MEMOIZE",
+        "BINGET",
+        "LONG_BINGET",
+        "GLOBAL",
+        "STACK_GLOBAL",
+        "REDUCE",
+        "BUILD",
+        "BINPERSID",
+    ]
 )
 
 
@@ -203,9 +224,10 @@ def _check_opcodes(data: bytes, path: Path) -> None:
         for op, arg, pos in pickletools.genops(data):
             if op.name not in _OPCODES:
                 raise UnsafePickleError(
-                    f"{path}: refusing pickle opcode {op.name} at byte {pos} of data.pkl: a dict of tensors never needs it"
+                    f"{path}: refusing pickle opcode {op.name} at byte {pos} of data.pkl: "
+                    "a dict of tensors never needs it"
                 )
-            if op.name in ("BINPUT", "LONG_BINPUT"):
+            if op.name in ("BINPUT", "LONG_BINPUT") and isinstance(arg, int):
                 if arg > puts:
                     raise CorruptDataError(f"{path}: data.pkl stores memo entry {arg} out of sequence (next is {puts})")
                 puts += arg == puts
@@ -241,7 +263,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         for name in ITEMSIZES:
             self._allowed[("torch", name)] = _Dtype(name)
             for module in ("torch", "torch.cuda"):  # torch < 1.12 named CUDA tensors' storages torch.cuda.*
-                cls = _STORAGE_CLASS[name]
+                cls = STORAGE_CLASS[name]
                 self._allowed[(module, cls)] = _StorageType(f"{module}.{cls}", name)
 
     def find_class(self, module: str, name: str) -> Any:
@@ -320,6 +342,15 @@ class LegacyPtSource:
     ``checksum`` is ``""`` and ``sum`` NaN because the format records neither.
     Tensors may share storages and may be views with a storage offset or
     non-contiguous strides; :meth:`read_rows` reads only the bytes the rows span.
+
+    Args:
+        path: the ``fisher.pt`` file.
+
+    Raises:
+        StoreNotFoundError: no such file.
+        UnsafePickleError: the pickle names a global or opcode a dict of tensors never needs.
+        CorruptDataError: the archive is damaged or lies about its records.
+        BadInputError: the file is not a flat dict of tensors fisherstore can store.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -341,30 +372,27 @@ class LegacyPtSource:
         log.debug("%s: %d tensors (prefix %r)", self.path, len(self.infos), self.prefix)
 
     # -- low-level reads -------------------------------------------------------------------
-    def _pread_into(self, buf: memoryview, offset: int, what: str) -> None:
-        if self._fd is None:
-            raise BadInputError(f"{self.path}: reader is closed")
-        got, n = 0, len(buf)
-        while got < n:
-            k = os.preadv(self._fd, [buf[got : got + _IO_CAP]], offset + got)
-            if k == 0:
-                raise CorruptDataError(
-                    f"{self.path}: file ends at byte {offset + got} inside {what} (expected {n} bytes from {offset}); the file is truncated"
-                )
-            got += k
-
     def _pread(self, offset: int, n: int, what: str) -> bytes:
         buf = bytearray(n)
-        self._pread_into(memoryview(buf), offset, what)
+        pread_into(self._open_fd(), memoryview(buf), offset, f"{self.path}, {what}")
         return bytes(buf)
 
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise BadInputError(f"{self.path}: reader is closed")
+        return self._fd
+
     # -- ZIP directory ---------------------------------------------------------------------
-    def _central_directory(self) -> tuple[int, dict[str, _Entry]]:
-        """Locate the (ZIP64) end of central directory; return (directory offset, entries by name)."""
-        path, size = self.path, self._size
-        if size == 0:
+    def _central_directory(self) -> tuple[int, dict[str, zipfile.ZipInfo]]:
+        """Read the ZIP (ZIP64) central directory with :mod:`zipfile`: (directory offset, entries by name).
+
+        The directory offset bounds every record's data.  Stored records must
+        say the same size twice; a name listed twice is refused.
+        """
+        path = self.path
+        if self._size == 0:
             raise CorruptDataError(f"{path}: file is empty")
-        head = self._pread(0, min(size, 512), "the file header")
+        head = self._pread(0, min(self._size, 512), "the file header")
         if not head.startswith(b"PK\x03\x04"):
             if head[:1] == b"\x80" or head[257:262] == b"ustar":
                 raise BadInputError(
@@ -372,117 +400,68 @@ class LegacyPtSource:
                     "re-save it with a recent torch (torch.save) first"
                 )
             raise BadInputError(f"{path}: not a torch.save zip archive (it does not start with a ZIP local header)")
-        tail_len = min(size, _EOCD.size + _U16)
-        tail_start = size - tail_len
-        tail = self._pread(tail_start, tail_len, "the end of central directory")
-        pos = tail.rfind(b"PK\x05\x06")
-        while pos >= 0 and not (
-            pos + _EOCD.size <= tail_len and pos + _EOCD.size + _EOCD.unpack_from(tail, pos)[7] == tail_len
-        ):
-            pos = tail.rfind(b"PK\x05\x06", 0, pos)
-        if pos < 0:
+        try:
+            with (
+                _DirectoryFile(self._open_fd(), path) as fh,
+                zipfile.ZipFile(fh) as zf,
+            ):
+                limit, listed = zf.start_dir, zf.infolist()
+        except (FisherStoreError, OSError):
+            raise
+        except Exception as exc:  # BadZipFile, or what zipfile lets escape on damaged bytes (UnicodeDecodeError, ...)
             raise CorruptDataError(
-                f"{path}: no ZIP end-of-central-directory record; the file is truncated or not a zip"
-            )
-        eocd = tail_start + pos
-        _, disk, cd_disk, _, entries, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, pos)
-        end = eocd  # the central directory must end before this
-        if eocd >= _LOCATOR.size:
-            sig, _, eocd64, _ = _LOCATOR.unpack(self._pread(eocd - _LOCATOR.size, _LOCATOR.size, "the ZIP64 locator"))
-            if sig == _SIG_LOCATOR:
-                if eocd64 + _EOCD64.size > eocd - _LOCATOR.size:
-                    raise CorruptDataError(
-                        f"{path}: ZIP64 end of central directory offset {eocd64} is outside the file"
-                    )
-                rec = _EOCD64.unpack(self._pread(eocd64, _EOCD64.size, "the ZIP64 end of central directory"))
-                if rec[0] != _SIG_EOCD64:
-                    raise CorruptDataError(f"{path}: bad ZIP64 end-of-central-directory signature at byte {eocd64}")
-                disk, cd_disk, entries, cd_size, cd_offset = rec[4], rec[5], rec[7], rec[8], rec[9]
-                end = eocd64
-            elif entries == _U16 or _U32 in (cd_size, cd_offset):
-                raise CorruptDataError(
-                    f"{path}: the end of central directory needs ZIP64 fields but has no ZIP64 locator"
-                )
-        if disk or cd_disk:
-            raise BadInputError(f"{path}: multi-disk zip archives are not supported")
-        if cd_size > _MAX_CENTRAL_DIR or cd_offset + cd_size > end or entries > cd_size // _CENTRAL.size:
-            raise CorruptDataError(
-                f"{path}: central directory ({entries} entries, {cd_size} bytes at {cd_offset}) does not fit before byte {end}"
-            )
-        cd = self._pread(cd_offset, cd_size, "the central directory")
-        out: dict[str, _Entry] = {}
-        p = 0
-        for i in range(entries):
-            if p + _CENTRAL.size > cd_size or _CENTRAL.unpack_from(cd, p)[0] != _SIG_CENTRAL:
-                raise CorruptDataError(f"{path}: central directory entry {i} at byte {cd_offset + p} is malformed")
-            f = _CENTRAL.unpack_from(cd, p)
-            flags, method, csize, usize, nlen, elen, clen, header = f[3], f[4], f[8], f[9], f[10], f[11], f[12], f[16]
-            name_end = p + _CENTRAL.size + nlen
-            if name_end + elen + clen > cd_size:
-                raise CorruptDataError(f"{path}: central directory entry {i} runs past the directory")
-            try:
-                name = cd[p + _CENTRAL.size : name_end].decode("utf-8" if flags & _FLAG_UTF8 else "cp437")
-            except UnicodeDecodeError:
-                raise CorruptDataError(f"{path}: central directory entry {i} has an undecodable name") from None
-            usize, csize, header = self._zip64_fields(cd[name_end : name_end + elen], usize, csize, header, name)
+                f"{path}: the ZIP central directory is damaged or missing ({type(exc).__name__}: {exc}); "
+                "the file is truncated or not a zip"
+            ) from None
+        out: dict[str, zipfile.ZipInfo] = {}
+        for entry in listed:
+            name = entry.filename
+            if entry.volume:
+                raise BadInputError(f"{path}: multi-disk zip archives are not supported")
             if name in out:
                 raise CorruptDataError(f"{path}: record {name!r} is listed twice in the central directory")
-            if method == 0 and csize != usize:
-                raise CorruptDataError(f"{path}: record {name!r} is stored but its sizes differ ({csize} vs {usize})")
-            out[name] = _Entry(name, header, usize, method, flags)
-            p = name_end + elen + clen
-        return cd_offset, out
+            if entry.compress_type == zipfile.ZIP_STORED and entry.compress_size != entry.file_size:
+                raise CorruptDataError(
+                    f"{path}: record {name!r} is stored but its sizes differ "
+                    f"({entry.compress_size} vs {entry.file_size})"
+                )
+            out[name] = entry
+        return limit, out
 
-    def _zip64_fields(self, extra: bytes, usize: int, csize: int, header: int, name: str) -> tuple[int, int, int]:
-        """Replace saturated 32-bit fields by the values of the ZIP64 extra field (id 1)."""
-        q = 0
-        while q + 4 <= len(extra):
-            tag, n = struct.unpack_from("<HH", extra, q)
-            body = extra[q + 4 : q + 4 + n]
-            if tag == 1:
-                values = list(struct.unpack_from(f"<{len(body) // 8}Q", body))
-                fields = [usize, csize, header]
-                for j, v in enumerate(fields):
-                    if v == _U32:
-                        if not values:
-                            raise CorruptDataError(f"{self.path}: record {name!r} has a short ZIP64 extra field")
-                        fields[j] = values.pop(0)
-                return fields[0], fields[1], fields[2]
-            q += 4 + n
-        if _U32 in (usize, csize, header):
-            raise CorruptDataError(f"{self.path}: record {name!r} needs ZIP64 fields but has none")
-        return usize, csize, header
-
-    def _data_offset(self, entry: _Entry, limit: int) -> int:
-        """Absolute offset of a record's first data byte, checked to lie inside the file."""
-        path = self.path
-        if entry.method != 0:
+    def _data_offset(self, entry: zipfile.ZipInfo, limit: int) -> int:
+        """Absolute offset of a record's first data byte (one read of its local header), checked to lie in the file."""
+        path, name = self.path, entry.filename
+        if entry.compress_type != zipfile.ZIP_STORED:
             raise BadInputError(
-                f"{path}: record {entry.name!r} is compressed (method {entry.method}); fisherstore reads only stored "
+                f"{path}: record {name!r} is compressed (method {entry.compress_type}); fisherstore reads only stored "
                 "(uncompressed) records, as torch.save writes them: re-save the tensors with torch.save"
             )
-        if entry.flags & 1:
-            raise BadInputError(f"{path}: record {entry.name!r} is encrypted")
-        if entry.header + _LOCAL.size > limit:
+        if entry.flag_bits & 1:
+            raise BadInputError(f"{path}: record {name!r} is encrypted")
+        if not 0 <= entry.header_offset <= limit - _LOCAL_HEADER.size:
             raise CorruptDataError(
-                f"{path}: record {entry.name!r} has its header at byte {entry.header}, outside the file"
+                f"{path}: record {name!r} has its header at byte {entry.header_offset}, outside the file"
             )
-        local = _LOCAL.unpack(self._pread(entry.header, _LOCAL.size, f"the header of {entry.name!r}"))
-        if local[0] != _SIG_LOCAL:
-            raise CorruptDataError(f"{path}: no ZIP local header at byte {entry.header} for record {entry.name!r}")
-        start = entry.header + _LOCAL.size + local[9] + local[10]
-        if start + entry.size > limit:
+        sig, nlen, elen = _LOCAL_HEADER.unpack(
+            self._pread(entry.header_offset, _LOCAL_HEADER.size, f"the header of {name!r}")
+        )
+        if sig != _SIG_LOCAL:
+            raise CorruptDataError(f"{path}: no ZIP local header at byte {entry.header_offset} for record {name!r}")
+        start = entry.header_offset + _LOCAL_HEADER.size + nlen + elen
+        if start + entry.file_size > limit:
             raise CorruptDataError(
-                f"{path}: record {entry.name!r} ({entry.size} bytes at {start}) points outside the file data (which ends at {limit})"
+                f"{path}: record {name!r} ({entry.file_size} bytes at {start}) points outside the file data "
+                f"(which ends at {limit})"
             )
         return start
 
-    def _record(self, entry: _Entry, limit: int, cap: int) -> bytes:
-        if entry.size > cap:
+    def _record(self, entry: zipfile.ZipInfo, limit: int, cap: int) -> bytes:
+        if entry.file_size > cap:
             raise BadInputError(
-                f"{self.path}: record {entry.name!r} is {entry.size} bytes, over the {cap >> 20} MiB a fisher.pt needs"
+                f"{self.path}: record {entry.filename!r} is {entry.file_size} bytes, "
+                f"over the {cap >> 20} MiB a fisher.pt needs"
             )
-        return self._pread(self._data_offset(entry, limit), entry.size, f"record {entry.name!r}")
+        return self._pread(self._data_offset(entry, limit), entry.file_size, f"record {entry.filename!r}")
 
     # -- the pickle ------------------------------------------------------------------------
     def _load(self) -> dict[str, TensorInfo]:
@@ -491,9 +470,21 @@ class LegacyPtSource:
         if not isinstance(obj, dict):
             raise BadInputError(f"{self.path} holds {_describe(obj)}, expected a dict name -> tensor")
         storages: dict[str, tuple[_StorageRef, int]] = {}
-        return {name: self._info(name, value, storages, entries, limit) for name, value in obj.items()}
+        infos = {name: self._info(name, value, storages, entries, limit) for name, value in obj.items()}
+        self._check_disjoint(storages)
+        return infos
 
-    def _unpickle(self, entries: dict[str, _Entry], limit: int) -> Any:
+    def _check_disjoint(self, storages: dict[str, tuple[_StorageRef, int]]) -> None:
+        """Refuse storages whose bytes overlap: entries sharing data would let a small file claim huge tensors."""
+        spans = sorted((base, base + ref.numel * ITEMSIZES[ref.dtype], key) for key, (ref, base) in storages.items())
+        for (_, end, key), (start, _, other) in itertools.pairwise(spans):
+            if start < end:
+                raise CorruptDataError(
+                    f"{self.path}: the bytes of storages {key!r} and {other!r} overlap (at byte {start}); "
+                    "torch.save never shares a record's bytes"
+                )
+
+    def _unpickle(self, entries: dict[str, zipfile.ZipInfo], limit: int) -> Any:
         """Find ``<prefix>/data.pkl``, check the archive is a little-endian tensor archive, unpickle it safely."""
         path = self.path
         pickles = [n for n in entries if n == "data.pkl" or n.endswith("/data.pkl")]
@@ -523,7 +514,7 @@ class LegacyPtSource:
         name: Any,
         value: Any,
         storages: dict[str, tuple[_StorageRef, int]],
-        entries: dict[str, _Entry],
+        entries: dict[str, zipfile.ZipInfo],
         limit: int,
     ) -> TensorInfo:
         """Check one dict item of the pickle and describe where its bytes are."""
@@ -567,7 +558,11 @@ class LegacyPtSource:
         )
 
     def _storage(
-        self, ref: _StorageRef, seen: dict[str, tuple[_StorageRef, int]], entries: dict[str, _Entry], limit: int
+        self,
+        ref: _StorageRef,
+        seen: dict[str, tuple[_StorageRef, int]],
+        entries: dict[str, zipfile.ZipInfo],
+        limit: int,
     ) -> tuple[str, int]:
         """(record name, data offset) of a storage, checking its size once."""
         record = f"{self.prefix}data/{ref.key}"
@@ -579,9 +574,9 @@ class LegacyPtSource:
         entry = entries.get(record)
         if entry is None:
             raise CorruptDataError(f"{self.path}: record {record!r} (a tensor's bytes) is missing from the archive")
-        if entry.size != ref.numel * ITEMSIZES[ref.dtype]:
+        if entry.file_size != ref.numel * ITEMSIZES[ref.dtype]:
             raise CorruptDataError(
-                f"{self.path}: record {record!r} holds {entry.size} bytes, but the pickle says "
+                f"{self.path}: record {record!r} holds {entry.file_size} bytes, but the pickle says "
                 f"{ref.numel} x {ref.dtype} ({ref.numel * ITEMSIZES[ref.dtype]} bytes)"
             )
         base = self._data_offset(entry, limit)
@@ -595,12 +590,19 @@ class LegacyPtSource:
         Reads only the bytes of those rows (for a non-contiguous tensor: the
         span they cover).  0-d and 1-d tensors have one element per row; a 0-d
         tensor read as rows ``(0, 1)`` comes back 0-d.
+
+        Args:
+            info: one of :attr:`infos`.
+            start: first row.
+            stop: row after the last; ``0 <= start <= stop <= rows``.
+
+        Returns:
+            A tensor of shape ``(stop - start, *info.shape[1:])``.
         """
         if info.name not in self.infos:
             raise TensorNotFoundError(f"{self.path}: no tensor {info.name!r}")
         nrows, per_row = rows_of(info.shape)
-        if not 0 <= start <= stop <= nrows:
-            raise BadInputError(f"{self.path}: rows ({start}, {stop}) out of range for {info.name!r} with {nrows} rows")
+        check_rows(info.name, start, stop, nrows)
         import torch
 
         dtype = info.torch_dtype
@@ -620,12 +622,7 @@ class LegacyPtSource:
         return None if info.name in self._strides else (self.path, info.location["offset"])
 
     def _read_span(self, offset: int, nbytes: int, name: str) -> torch.Tensor:
-        import torch
-
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            self._pread_into(memoryview(out.numpy()), offset, f"tensor {name!r}")
-        return out
+        return pread_tensor(self._open_fd(), nbytes, offset, f"{self.path}, tensor {name!r}")
 
     def close(self) -> None:
         """Close the file; later reads raise."""
@@ -641,282 +638,3 @@ class LegacyPtSource:
 
     def __repr__(self) -> str:
         return f"LegacyPtSource({str(self.path)!r}, {len(getattr(self, 'infos', {}))} tensors)"
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-class _StorageStub:
-    """Stands for a tensor's storage while pickling; becomes a ``("storage", ...)`` persistent id."""
-
-    __slots__ = ("key", "spec")
-
-    def __init__(self, key: str, spec: TensorSpec) -> None:
-        self.key, self.spec = key, spec
-
-
-class _Global(NamedTuple):
-    """A global (``module.name``) that the pickle names without this process importing it.
-
-    torch.save's pickle names torch functions and storage classes; writing
-    their names directly keeps ``convert → fisher.pt`` free of the torch
-    import (seconds), while the bytes stay exactly what pickling the real
-    objects gives.
-    """
-
-    module: str
-    name: str
-
-    def __call__(self, *args: Any) -> Any:  # pickle requires a reduce function to be callable; this one never runs
-        raise TypeError(f"{self.module}.{self.name} is only named in a pickle here, never called")
-
-
-_REBUILD = _Global("torch._utils", "_rebuild_tensor_v2")
-_STORAGE_GLOBALS = {dtype: _Global("torch", cls) for dtype, cls in _STORAGE_CLASS.items()}
-
-
-class _TensorStub:
-    """Pickles exactly like a contiguous CPU tensor does under ``torch.save``."""
-
-    __slots__ = ("storage",)
-
-    def __init__(self, storage: _StorageStub) -> None:
-        self.storage = storage
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        shape = self.storage.spec.shape
-        args = (self.storage, 0, shape, _contiguous_strides(shape), False, collections.OrderedDict())
-        return (_REBUILD, args)
-
-
-class _StubPickler(pickle._Pickler):  # the Python pickler: its dispatch table can name a _Global
-    dispatch: ClassVar[dict[type, Any]] = dict(pickle._Pickler.dispatch)
-
-    def save_named_global(self, obj: _Global) -> None:
-        """Write ``obj`` as a protocol-2 GLOBAL (and memoize it), as ``save_global`` would for the real object."""
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-        self.memoize(obj)
-
-    dispatch[_Global] = save_named_global
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _StorageStub):
-            return ("storage", _STORAGE_GLOBALS[obj.spec.dtype], obj.key, "cpu", obj.spec.numel)
-        return None
-
-
-def _pickle_specs(specs: list[TensorSpec]) -> bytes:
-    """``data.pkl`` of ``{spec.name: tensor}``, storage keys ``"0".."n-1"`` in spec order (as torch.save numbers them)."""
-    buf = io.BytesIO()
-    _StubPickler(buf, protocol=2).dump({s.name: _TensorStub(_StorageStub(str(i), s)) for i, s in enumerate(specs)})
-    return buf.getvalue()
-
-
-def _zip64_extra(size: int, header: int) -> bytes:
-    """The ZIP64 extra field miniz writes (local and central alike): sizes if >= 4 GiB, header offset if past 4 GiB."""
-    values = ([size, size] if size >= _U32 else []) + ([header] if header >= _U32 else [])
-    return struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
-
-
-class _ZipStream:
-    """Writes a torch-style ZIP64 archive front to back, one record at a time, without seeking.
-
-    Small pieces (headers, small chunks) are gathered in a staging buffer;
-    large chunks are written straight from the caller's buffer while a helper
-    thread computes their CRC-32 (``zlib.crc32`` releases the GIL), so
-    checksumming overlaps the I/O instead of adding to it.
-    """
-
-    def __init__(self, fh: BinaryIO, prefix: str, crc_pool: concurrent.futures.Executor) -> None:
-        self._fh = fh
-        self._prefix = prefix
-        self._pool = crc_pool
-        self._stage = bytearray()
-        self._pos = 0  # bytes of the archive produced so far (written + staged)
-        self._central: list[bytes] = []
-        self._names: list[str] = []
-        self._crcs: list[int] = []
-        self._open: tuple[bytes, int, int, bool] | None = None  # name, header offset, size, zip64 extra
-        self._label = ""  # what error messages call the open record
-        self._crc = 0
-        self._left = self._done = 0  # bytes of the open record still due / received
-
-    # -- raw output ------------------------------------------------------------------------
-    def _put(self, data: Buffer) -> None:
-        self._stage += data
-        self._pos += len(data)
-        if len(self._stage) >= _STAGE_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._stage:
-            self._fh.write(self._stage)
-            self._stage = bytearray()
-
-    # -- records ---------------------------------------------------------------------------
-    def begin(self, name: str, size: int, label: str | None = None) -> None:
-        """Write a record's local header so that its data starts 64-byte aligned, as miniz does for torch."""
-        full = (self._prefix + name).encode("utf-8")
-        header = self._pos
-        z64 = _zip64_extra(size, header)
-        start = header + _LOCAL.size + len(full) + len(z64) + 4
-        pad = -start % ALIGNMENT
-        flags = _FLAG_UTF8 | (_FLAG_DESCRIPTOR if size else 0)
-        self._put(_LOCAL.pack(_SIG_LOCAL, 0, flags, 0, 0, 0, 0, 0, 0, len(full), len(z64) + 4 + pad))
-        self._put(full + z64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad)
-        self._open = (full, header, size, bool(z64))
-        self._label = label or f"record {name!r}"
-        self._names.append(name)
-        self._crc, self._left, self._done = 0, size, 0
-
-    def data(self, chunk: Buffer) -> None:
-        """Append bytes of the open record."""
-        try:
-            mv = memoryview(chunk).cast("B")
-        except TypeError as exc:
-            raise BadInputError(f"write_pt: {self._label} got a buffer that is not C-contiguous ({exc})") from None
-        n = mv.nbytes
-        self._take(n)
-        if n < _DIRECT_BYTES:
-            self._crc = zlib.crc32(mv, self._crc)
-            self._put(mv)
-            return
-        crc = self._pool.submit(zlib.crc32, mv, self._crc)
-        self._flush()
-        self._fh.write(mv)
-        self._pos += n
-        self._crc = crc.result()
-
-    def _take(self, n: int) -> None:
-        """Count ``n`` more bytes of the open record, refusing more than it declared."""
-        if n > self._left:
-            raise BadInputError(
-                f"write_pt: {self._label} got more bytes than the {self._left + self._done} its spec declares"
-            )
-        self._left -= n
-        self._done += n
-
-    def end(self) -> None:
-        """Close the open record: data descriptor and central-directory entry."""
-        assert self._open is not None
-        full, header, size, zip64 = self._open
-        if self._left:
-            raise BadInputError(f"write_pt: {self._label} got {self._done} bytes, but its spec declares {size}")
-        if size:
-            sizes = struct.pack("<QQ", size, size) if zip64 else struct.pack("<II", size, size)
-            self._put(struct.pack("<II", _SIG_DESCRIPTOR, self._crc) + sizes)
-        flags = _FLAG_UTF8 | (_FLAG_DESCRIPTOR if size else 0)
-        extra = _zip64_extra(size, header)
-        small = min(size, _U32)
-        fields = (
-            _SIG_CENTRAL,
-            0,
-            0,
-            flags,
-            0,
-            0,
-            0,
-            self._crc,
-            small,
-            small,
-            len(full),
-            len(extra),
-            0,
-            0,
-            0,
-            0,
-            min(header, _U32),
-        )
-        self._central.append(_CENTRAL.pack(*fields) + full + extra)
-        self._crcs.append(self._crc)
-        self._open = None
-
-    def record(self, name: str, data: bytes) -> None:
-        self.begin(name, len(data))
-        self.data(data)
-        self.end()
-
-    def finish(self) -> None:
-        """Write ``.data/serialization_id``, the central directory and the ZIP64 + classic end records."""
-        import hashlib  # only the writer needs it (its OpenSSL start-up costs every reader ~5 ms)
-
-        names = hashlib.blake2b("\0".join(self._names).encode(), digest_size=8).digest()
-        crcs = hashlib.blake2b(struct.pack(f"<{len(self._crcs)}I", *self._crcs), digest_size=8).digest()
-        sid = f"{int.from_bytes(names, 'little'):020d}{int.from_bytes(crcs, 'little'):020d}"
-        self.record(".data/serialization_id", sid.encode())
-        cd_offset = self._pos
-        for entry in self._central:
-            self._put(entry)
-        cd_size = self._pos - cd_offset
-        n = len(self._central)
-        eocd64 = self._pos
-        self._put(_EOCD64.pack(_SIG_EOCD64, _EOCD64.size - 12, 0x031E, 45, 0, 0, n, n, cd_size, cd_offset))
-        self._put(_LOCATOR.pack(_SIG_LOCATOR, 0, eocd64, 1))
-        self._put(_EOCD.pack(_SIG_EOCD, 0, 0, min(n, _U16), min(n, _U16), min(cd_size, _U32), min(cd_offset, _U32), 0))
-        self._flush()
-
-
-def write_pt(path: str | Path, specs: list[TensorSpec], items: Iterable[tuple[TensorSpec, Iterable[Buffer]]]) -> None:
-    """Stream a ``fisher.pt`` that stock ``torch.load(path, weights_only=True)`` (and ``mmap=True``) loads.
-
-    ``specs`` fixes the names, shapes and dtypes (and the pickle, written
-    first); ``items`` then yields ``(spec, chunks)`` in the same order, where
-    ``chunks`` are C-order little-endian byte buffers of any sizes summing to
-    the tensor's size.  Only the chunk in hand is held, so a 58 GB export
-    needs no 58 GB of RAM; chunks of ``_DIRECT_BYTES`` or more are written
-    without copying.
-    The file appears atomically (temporary file beside ``path``, fsync,
-    rename); on any error the temporary file is removed and ``path`` is
-    untouched.
-    """
-    path = Path(path)
-    specs = list(specs)
-    seen: set[str] = set()
-    for spec in specs:
-        if not isinstance(spec, TensorSpec):
-            raise BadInputError(f"write_pt: specs must be TensorSpec objects, got {type(spec).__name__}")
-        if spec.name in seen:
-            raise BadInputError(f"write_pt: tensor {spec.name!r} is listed twice")
-        seen.add(spec.name)
-    prefix = (path.stem or "archive") + "/"  # torch.save names the folder after the file, without extension
-    t0 = time.perf_counter()
-    total = 0
-    with (
-        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fisherstore-crc") as pool,
-        atomic_file(path) as fh,
-    ):
-        zs = _ZipStream(fh, prefix, pool)
-        zs.record("data.pkl", _pickle_specs(specs))
-        zs.record(".format_version", b"1")
-        zs.record(".storage_alignment", str(ALIGNMENT).encode())
-        zs.record("byteorder", b"little")
-        count = 0
-        for spec, chunks in items:
-            if count >= len(specs) or spec != specs[count]:
-                expected = repr(specs[count]) if count < len(specs) else "nothing more"
-                raise BadInputError(
-                    f"write_pt: item {count} is {spec!r}, expected {expected} (items must follow specs)"
-                )
-            zs.begin(f"data/{count}", spec.nbytes, f"tensor {spec.name!r}")
-            for chunk in chunks:
-                zs.data(chunk)
-            zs.end()
-            total += spec.nbytes
-            count += 1
-        if count != len(specs):
-            raise BadInputError(
-                f"write_pt: items stopped after {count} of {len(specs)} tensors; next was {specs[count].name!r}"
-            )
-        zs.record("version", b"3\n")
-        zs.finish()
-    dt = time.perf_counter() - t0
-    log.info(
-        "wrote %s: %d tensors, %.1f MB in %.2f s (%.0f MB/s)",
-        path,
-        len(specs),
-        total / 1e6,
-        dt,
-        total / 1e6 / max(dt, 1e-9),
-    )
