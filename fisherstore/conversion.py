@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_dir
-from ._tally import ReadAhead, Tally
+from ._readahead import ReadAhead
+from ._tally import Tally
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
-from .formats.base import Buffer, Chunk
+from .formats.base import Buffer, Piece
 from .manifest import GroupInfo, TensorInfo, now_iso
 from .progress import progress
-from .store import DEFAULT_CHUNK_BYTES, FisherStore, open_store
+from .store import DEFAULT_PIECE_BYTES, FisherStore, open_store
 from .writer import StoreWriter, plan_groups
 
 __all__ = ["TARGETS", "convert", "infer_target"]
@@ -50,7 +51,7 @@ def convert(
     backend_options: dict[str, Any] | None = None,
     group_size: int = 8,
     overwrite: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = DEFAULT_PIECE_BYTES,
 ) -> Path:
     """Convert ``src`` into a new ``dst`` of format ``to`` (inferred from ``dst`` when omitted).
 
@@ -144,8 +145,8 @@ def _to_store(
             writer.finish()
 
 
-def _stream(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[Chunk]:
-    """A tensor's chunks for the writer: raw file spans where the source has them (read straight into the read-ahead ring)."""
-    for chunk in store.iter_chunks(info.name, chunk_bytes):
-        bar.update(len(chunk))
-        yield chunk
+def _stream(store: FisherStore, info: TensorInfo, chunk_bytes: int, bar: Any) -> Iterator[Piece]:
+    """A tensor's pieces for the writer: raw file spans where the source has them (read into the read-ahead ring)."""
+    for piece in store.iter_pieces(info.name, chunk_bytes):
+        bar.update(len(piece))
+        yield piece

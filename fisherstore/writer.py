@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._io import TMP_PREFIX, write_json_atomic
-from ._tally import PIECE_BYTES, ReadAhead, Tally
+from ._readahead import PIECE_BYTES, ReadAhead
+from ._tally import Tally
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats import get_backend
-from .formats.base import Chunk
+from .formats.base import Piece
 from .importance import IMPORTANCE_NAME, importance_document
 from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo, TensorSpec, now_iso
 from .naming import parse_name
@@ -45,7 +46,7 @@ def plan_groups(specs: Sequence[TensorSpec], group_size: int) -> tuple[GroupInfo
     are 0-based and dense.
     """
     if group_size < 1:
-        raise BadInputError(f"group size must be >= 1, got {group_size}")
+        raise BadInputError(f"group size must be >= 1, got {group_size}", param="group_size")
     by_layer: dict[int, list[TensorSpec]] = {}
     other: list[TensorSpec] = []
     for spec in specs:
@@ -123,7 +124,8 @@ class StoreWriter:
             ]:
                 raise BadInputError(
                     f"{root}: cannot resume: the existing store was planned with a different backend, "
-                    "groups or tensors; write to a new path or pass --overwrite"
+                    "groups or tensors; write to a new path or pass overwrite=True",
+                    param="resume",
                 )
             for leftover in root.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
@@ -133,7 +135,8 @@ class StoreWriter:
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             if not overwrite:
                 raise BadInputError(
-                    f"{root} already exists; choose a new path, pass --resume to continue it, or --overwrite"
+                    f"{root} already exists; choose a new path, pass resume=True to continue it, or overwrite=True",
+                    param="overwrite",
                 )
             if root.is_dir() and not manifest_path.exists():
                 raise BadInputError(f"{root} is not empty and not a fisherstore store; refusing to overwrite it")
@@ -161,18 +164,6 @@ class StoreWriter:
         """Indices of the groups already written and committed."""
         return {g.index for g in self.manifest.groups if g.complete}
 
-    def set_attrs(self, **attrs: Any) -> None:
-        """Update manifest-level attributes (saved now)."""
-        with self._lock:
-            self.manifest = replace(self.manifest, attrs={**self.manifest.attrs, **attrs})
-            self._save_manifest()
-
-    def set_provenance(self, **provenance: Any) -> None:
-        """Update provenance fields (saved now)."""
-        with self._lock:
-            self.manifest = replace(self.manifest, provenance={**self.manifest.provenance, **provenance})
-            self._save_manifest()
-
     # -- writing ----------------------------------------------------------------------------
     def _group(self, index: int) -> GroupInfo:
         if not 0 <= index < len(self.manifest.groups):
@@ -185,7 +176,7 @@ class StoreWriter:
     def stream_group(
         self,
         index: int,
-        items: Iterable[tuple[TensorSpec, Iterable[Chunk]]],
+        items: Iterable[tuple[TensorSpec, Iterable[Piece]]],
         attrs: Mapping[str, dict[str, Any]] | None = None,
         expect: Mapping[str, str] | None = None,
         *,
@@ -218,14 +209,13 @@ class StoreWriter:
                     location = sink.write_tensor(spec, feed, held=held)
                 checksum = tally.checksum.hexdigest()
                 if expect and expect.get(spec.name) and expect[spec.name] != checksum:
-                    raise ChecksumMismatchError(
-                        f"tensor {spec.name!r}: source bytes hash to {checksum}, the source manifest says "
-                        f"{expect[spec.name]}; the source is corrupt (run fisherstore verify on it)"
+                    raise ChecksumMismatchError.for_tensor(
+                        spec.name, checksum, expect[spec.name], where="the source manifest"
                     )
                 if not math.isfinite(tally.sum):
                     raise BadInputError(
-                        f"tensor {spec.name!r} holds non-finite values, or values whose fp32 sum overflows (sum {tally.sum}); "
-                        "a Fisher estimate must be finite: check the run that produced it"
+                        f"tensor {spec.name!r} holds non-finite values, or values whose fp32 sum overflows "
+                        f"(sum {tally.sum}); a Fisher estimate must be finite: check the run that produced it"
                     )
                 layer, kind = parse_name(spec.name)
                 infos.append(
@@ -318,7 +308,7 @@ class StoreWriter:
         Raises :class:`IncompleteStoreError` if planned groups were never written.
         """
         self.wait()
-        missing = [g.index for g in self.manifest.groups if not g.complete]
+        missing = self.manifest.missing_groups
         if missing:
             raise IncompleteStoreError(f"{self.root}: groups {missing} were never written; the store is incomplete")
         if self.manifest.kind == "fisher":

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fisherstore._io import FileSpan
-from fisherstore._tally import PIECE_BYTES, ReadAhead, Tally
+from fisherstore._readahead import PIECE_BYTES, ReadAhead
+from fisherstore._tally import Tally
 from fisherstore.errors import CorruptDataError
 
 
@@ -24,7 +25,7 @@ def test_span_views_are_bounded_and_complete(source):
     path, data = source
     span = FileSpan(path, 5, len(data) - 5)
     sizes, got = [], b""
-    for view in span.views(chunk_bytes=4000):
+    for view in span.views(piece_bytes=4000):
         sizes.append(len(view))
         got += bytes(view)
     assert got == data[5:] and max(sizes) == 4000 and len(sizes) == 4

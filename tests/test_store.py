@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 
 from fisherstore import TensorNotFoundError, open_store
-from fisherstore._tally import PIECE_BYTES, Tally
+from fisherstore._readahead import PIECE_BYTES
+from fisherstore._tally import Tally
 from fisherstore.errors import BadInputError, StoreNotFoundError
 
 from .conftest import SHARED_SAMPLE
@@ -55,7 +56,7 @@ def test_iter_bytes_bounded_chunks(make_store, gemma_bf16, backend, options, chu
     name = "model.layers.0.mlp.down_proj.weight"  # 64 rows x 256 bytes
     with open_store(make_store(gemma_bf16, backend=backend, **options)) as store:
         sizes, data = [], b""
-        for chunk_view in store.iter_bytes(name, chunk_bytes=chunk):
+        for chunk_view in store.iter_bytes(name, piece_bytes=chunk):
             sizes.append(len(chunk_view))
             data += bytes(chunk_view)  # a view is valid only until the next one is asked for
     assert max(sizes) <= limit and len(sizes) == count

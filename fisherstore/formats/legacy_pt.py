@@ -322,6 +322,9 @@ class LegacyPtSource:
     non-contiguous strides; :meth:`read_rows` reads only the bytes the rows span.
     """
 
+    #: Optional capability of a tensor source (fisherstore.store.TensorSource): none, torch gathers strided views.
+    read_rows_into = None
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
