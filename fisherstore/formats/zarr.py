@@ -39,8 +39,6 @@ the root.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import logging
 import math
@@ -61,7 +59,6 @@ import numpy as np
 
 from .._io import (
     TMP_PREFIX,
-    c_function,
     fsync,
     fsync_dir,
     pread_bytes,
@@ -70,6 +67,7 @@ from .._io import (
     write_all,
     write_json_atomic,
 )
+from .._memory import tune_allocator
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import validate_name
@@ -361,25 +359,6 @@ def _split(pieces: Iterable[Buffer], total: int, step: int, name: str) -> Iterat
         raise CorruptDataError(f"tensor {name!r}: got {pos} bytes, expected {total}")
 
 
-@functools.cache
-def _retain_freed_buffers() -> None:
-    """Let glibc keep freed multi-MiB blocks for reuse instead of unmapping them (once per process).
-
-    Each compressed chunk comes back as a fresh ~4 MiB ``bytes``; by default
-    glibc maps and unmaps such blocks, so every chunk costs ~1,000 page faults:
-    measured on 2.2 GB, 305k faults and 3.5 s of system time, against 23k
-    faults and 1.9 s with this setting (the same as ``MALLOC_MMAP_THRESHOLD_``
-    = 32 MiB, ``MALLOC_TRIM_THRESHOLD_`` = 128 MiB in the environment).  A
-    no-op where the C library is not glibc.
-    """
-    mallopt = c_function(None, "mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
-    if mallopt is None:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 128 << 20)
-
-
 def _fsync_close(fd: int) -> None:
     try:
         fsync(fd)  # honours --no-fsync
@@ -500,8 +479,8 @@ class _ZarrGroupSink(GroupSink):
         pool and those buffers serve every group, so memory stays a few chunks
         whatever the tensor or file size (a pool per group meant fresh threads,
         and allocator arenas, per group: peak RSS grew 14-25% from 2.2 to 8.4
-        GB; with this and :func:`_retain_freed_buffers`, -2% to 4%:
-        benchmarks/results/store.md).  The tensor's last chunks are left in
+        GB; with this and the ``"reuse"`` malloc profile of
+        :mod:`fisherstore._memory`, -2% to 4%: benchmarks/results/store.md).  The tensor's last chunks are left in
         flight on return, so that compression does not wait for the next
         tensor's first bytes; whoever comes next writes them.
         """
@@ -611,7 +590,7 @@ class ZarrBackend(Backend):
     def _compression(self) -> tuple[ThreadPoolExecutor, list[np.ndarray]]:
         """The compression threads and free chunk buffers shared by this backend's group sinks."""
         if self._pool is None:
-            _retain_freed_buffers()
+            tune_allocator("reuse")  # each compressed chunk is a fresh multi-MiB bytes: keep freed ones for reuse
             self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="fisherstore-zarr-compress")
         return self._pool, self._free
 
