@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +148,7 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     os.fchmod(fd, 0o644)  # mkstemp creates 0600; published files are as readable as any other output
     try:
         with os.fdopen(fd, mode) as fh:
-            yield fh
+            yield cast(BinaryIO, fh)  # binary modes only
             fh.flush()
             fsync(fh.fileno())
         os.replace(tmp, path)
@@ -219,7 +219,7 @@ def pread_tensor(fd: int, nbytes: int, offset: int, where: str) -> torch.Tensor:
     import torch
 
     out = torch.empty(nbytes, dtype=torch.uint8)
-    pread_into(fd, memoryview(out.numpy()), offset, where)
+    pread_into(fd, out.numpy().data, offset, where)
     return out
 
 
@@ -300,7 +300,7 @@ class FileSpan:
         """
         if not self.nbytes:
             return
-        buf = memoryview(np.empty(min(self.nbytes, max(1, piece_bytes)), dtype=np.uint8))  # not zero-filled
+        buf = np.empty(min(self.nbytes, max(1, piece_bytes)), dtype=np.uint8).data  # not zero-filled
         with open(self.path, "rb") as src:
             for pos in range(0, self.nbytes, len(buf)):
                 view = buf[: min(len(buf), self.nbytes - pos)]

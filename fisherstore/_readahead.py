@@ -76,7 +76,7 @@ class _Ring:
         ring += [np.empty(size, dtype=np.uint8) for _ in range(count - len(ring))]
         self.buffers = ring + held_back
         self.active = feed
-        return [memoryview(b)[: max(cut, PIECE_BYTES)] for b in ring]
+        return [b.data[: max(cut, PIECE_BYTES)] for b in ring]
 
     def release(self, feed: Feed) -> None:
         """``feed`` has ended: the next feed may start."""

@@ -18,7 +18,7 @@ from ._io import VIEW_BYTES, FileSpan
 from ._tally import Tally
 from .errors import BadInputError, CorruptDataError, StoreNotFoundError, TensorNotFoundError
 from .formats import get_backend
-from .formats.base import Backend, Piece, RowsInto, check_rows, rows_of
+from .formats.base import Backend, RowsInto, check_rows, rows_of
 from .importance import importance_document, layer_sums
 from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo
 
@@ -287,7 +287,7 @@ class FisherStore:
             else:
                 yield piece
 
-    def iter_pieces(self, name: str, piece_bytes: int = DEFAULT_PIECE_BYTES) -> Iterator[Piece]:
+    def iter_pieces(self, name: str, piece_bytes: int = DEFAULT_PIECE_BYTES) -> Iterator[memoryview | FileSpan]:
         """Like :meth:`iter_bytes`, but raw contiguous bytes come as :class:`~fisherstore._io.FileSpan` s.
 
         A conversion's read-ahead thread reads a span straight into its own
@@ -327,9 +327,9 @@ class FisherStore:
         import torch  # strided fisher.pt views are gathered by torch
 
         for _, rows in self.iter_rows(name, block):
-            yield memoryview(rows.reshape(-1).view(torch.uint8).numpy())
+            yield rows.reshape(-1).view(torch.uint8).numpy().data
 
-    def iter_chunks(self, name: str, chunk_bytes: int = DEFAULT_PIECE_BYTES) -> Iterator[Piece]:
+    def iter_chunks(self, name: str, chunk_bytes: int = DEFAULT_PIECE_BYTES) -> Iterator[memoryview | FileSpan]:
         """Deprecated alias of :meth:`iter_pieces` (kept for one release: "chunk" now means only a zarr chunk)."""
         import warnings
 

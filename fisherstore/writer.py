@@ -53,10 +53,10 @@ def plan_groups(specs: Sequence[TensorSpec], group_size: int) -> tuple[GroupInfo
         layer = parse_name(spec.name)[0]
         (other if layer is None else by_layer.setdefault(layer, [])).append(spec)
     layers = sorted(by_layer)
-    groups = []
+    groups: list[GroupInfo] = []
     for i in range(0, len(layers), group_size):
-        chunk = layers[i : i + group_size]
-        groups.append(GroupInfo(len(groups), tuple(chunk), tuple(s for l in chunk for s in by_layer[l])))
+        batch = layers[i : i + group_size]
+        groups.append(GroupInfo(len(groups), tuple(batch), tuple(s for l in batch for s in by_layer[l])))
     if other:
         groups.append(GroupInfo(len(groups), (), tuple(other)))
     return tuple(groups)
@@ -69,7 +69,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 class StoreWriter:
@@ -83,7 +83,7 @@ class StoreWriter:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._slot = threading.Semaphore(1)
-        self._futures: list[Future[None]] = []
+        self._futures: list[Future[list[TensorInfo]]] = []
         self._read_ahead: ReadAhead | None = None
 
     # -- creation ---------------------------------------------------------------------------
@@ -262,7 +262,7 @@ class StoreWriter:
 
     def submit_group(
         self, index: int, tensors: Mapping[str, torch.Tensor], attrs: Mapping[str, dict[str, Any]] | None = None
-    ) -> Future[None]:
+    ) -> Future[list[TensorInfo]]:
         """Write a group on the background thread; blocks only while a previous group is still being written.
 
         The time spent blocked is added to :attr:`blocked_seconds`.  An error of

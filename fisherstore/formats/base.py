@@ -119,7 +119,7 @@ class Backend(abc.ABC):
         """
         import torch
 
-        out[:] = memoryview(self.read_rows(info, start, stop).reshape(-1).view(torch.uint8).numpy())
+        out[:] = self.read_rows(info, start, stop).reshape(-1).view(torch.uint8).numpy().data
 
     def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
         """``(file, offset)`` of a tensor's raw contiguous bytes, for zero-copy streaming; ``None`` if encoded."""

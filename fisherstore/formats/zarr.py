@@ -493,14 +493,15 @@ class _ZarrGroupSink(GroupSink):
             if len(self._pending) > _IN_FLIGHT:
                 self._write_oldest()
 
-        def take() -> np.ndarray:
+        def take() -> np.ndarray:  # a chunk buffer of whole MiB (so that buffers are reused); [:size] is the chunk
             while free:
                 whole = free.pop()
                 if len(whole) >= size:
-                    return whole[:size]
-            return np.empty(-(-size // _MIB) * _MIB, dtype=np.uint8)[:size]
+                    return whole
+            return np.empty(-(-size // _MIB) * _MIB, dtype=np.uint8)
 
-        buf, fill = None, 0
+        buf: np.ndarray | None = None
+        fill = 0
         try:
             for piece, ends in _split(pieces, spec.nbytes, max(1, size), spec.name):
                 if borrow and buf is None and len(piece) == size:  # a whole chunk, where it lies
@@ -511,12 +512,12 @@ class _ZarrGroupSink(GroupSink):
                 buf[fill : fill + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
                 fill += len(piece)
                 if ends:
-                    buf[fill:] = 0  # edge chunks hold the fill value past the last row
-                    submit(buf, buf)
+                    buf[fill:size] = 0  # edge chunks hold the fill value past the last row
+                    submit(buf[:size].data, buf)
                     buf = None
         finally:
             if buf is not None:
-                free.append(buf.base)
+                free.append(buf)
 
     def _write_oldest(self) -> None:
         """Write the oldest chunk in flight to its shard (waiting for its compression)."""
@@ -528,7 +529,7 @@ class _ZarrGroupSink(GroupSink):
             stream.close()  # abort() closes only the shards of chunks still in flight, and this one has left
             raise
         if own is not None:
-            self.backend._free.append(own.base)
+            self.backend._free.append(own)
 
     def _shutdown(self) -> None:
         self._sync_pool.shutdown(wait=True)
@@ -561,7 +562,7 @@ class _ZarrGroupSink(GroupSink):
         for _, stream, own in pending:
             stream.close()
             if own is not None:
-                self.backend._free.append(own.base)
+                self.backend._free.append(own)
         self._shutdown()
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
@@ -649,6 +650,8 @@ class ZarrBackend(Backend):
     def _layout(self, info: TensorInfo) -> tuple[Path, _Layout]:
         array = info.location.get("array")
         try:
+            if not isinstance(array, str):
+                raise BadInputError(f"{array!r} is not a string")
             validate_name(array)
         except BadInputError:
             raise CorruptDataError(
@@ -699,7 +702,7 @@ class ZarrBackend(Backend):
         import torch
 
         out = torch.empty((stop - start) * rows_of(info.shape)[1] * info.itemsize, dtype=torch.uint8)
-        self.read_rows_into(info, start, stop, memoryview(out.numpy()))
+        self.read_rows_into(info, start, stop, out.numpy().data)
         shape = (stop - start, *info.shape[1:]) if info.shape else (() if stop > start else (0,))
         return out.view(info.torch_dtype).reshape(shape)
 
@@ -743,7 +746,7 @@ class ZarrBackend(Backend):
                 elif codec is None:
                     pread_into(fd, dst, offset + skip, where)
                 else:
-                    blob = memoryview(np.empty(nbytes, dtype=np.uint8))  # not zero-filled: pread fills it
+                    blob = np.empty(nbytes, dtype=np.uint8).data  # not zero-filled: pread fills it
                     pread_into(fd, blob, offset, f"{where}: chunk {chunk}")
                     whole = len(dst) == layout.chunk_bytes  # decode in place; a partial chunk goes through scratch
                     scratch = dst if whole else memoryview(bytearray(layout.chunk_bytes))
