@@ -241,7 +241,7 @@ class FisherStore:
             start, stop = 0, nrows
         elif isinstance(rows, slice):
             if rows.step not in (None, 1):
-                raise BadInputError(f"row slices must have step 1, got {rows.step}")
+                raise BadInputError(f"row slices must have step 1, got {rows.step}", param="rows")
             start, stop, _ = rows.indices(nrows)
             stop = max(start, stop)
         else:
@@ -262,7 +262,7 @@ class FisherStore:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, rows)`` blocks of ``block_rows`` rows, one block in memory at a time."""
         if block_rows < 1:
-            raise BadInputError(f"block_rows must be >= 1, got {block_rows}")
+            raise BadInputError(f"block_rows must be >= 1, got {block_rows}", param="block_rows")
         nrows = rows_of(self.info(name).shape)[0]
         for start in range(0, nrows, block_rows):
             yield start, self.read(name, (start, min(nrows, start + block_rows)), dtype=dtype)

@@ -112,10 +112,10 @@ class StoreWriter:
         root = Path(path)
         plan = tuple(replace(g, complete=False) for g in plan)
         if [g.index for g in plan] != list(range(len(plan))):
-            raise BadInputError("group indices must be 0..N-1 in order")
+            raise BadInputError("group indices must be 0..N-1 in order", param="plan")
         names = [s.name for g in plan for s in g.tensors]
         if len(set(names)) != len(names):
-            raise BadInputError("the plan names a tensor twice")
+            raise BadInputError("the plan names a tensor twice", param="plan")
         manifest_path = root / MANIFEST_NAME
         if resume and manifest_path.exists():
             old = Manifest.load(manifest_path)
@@ -125,7 +125,7 @@ class StoreWriter:
                 raise BadInputError(
                     f"{root}: cannot resume: the existing store was planned with a different backend, "
                     "groups or tensors; write to a new path or pass overwrite=True",
-                    param="resume",
+                    param="plan",
                 )
             for leftover in root.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

@@ -92,9 +92,9 @@ class Backend(abc.ABC):
     def parse_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         """Validate and complete backend options (stored in the manifest); the default takes none."""
         if options:
-            from ..errors import BadInputError
-
-            raise BadInputError(f"backend {cls.name!r} takes no options, got {sorted(options)}")
+            raise BadInputError(
+                f"backend {cls.name!r} takes no options, got {sorted(options)}", param="backend_options"
+            )
         return {}
 
     @abc.abstractmethod
