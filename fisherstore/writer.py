@@ -182,15 +182,15 @@ class StoreWriter:
         *,
         stable: bool = False,
     ) -> list[TensorInfo]:
-        """Write group ``index`` from ``(spec, chunks)`` pairs in plan order, then commit it.
+        """Write group ``index`` from ``(spec, pieces)`` pairs in plan order, then commit it.
 
-        Chunks are byte buffers or :class:`~fisherstore._io.FileSpan` s (raw
-        bytes in a source file).  A helper thread reads them ahead of the
-        backend and adds them to the sum on the way; this thread hashes each
-        piece as it hands it to the backend
-        (:class:`~fisherstore._tally.ReadAhead`), so reading overlaps writing.
-        A buffer may be reused by its producer once the next chunk is asked
-        for, unless ``stable`` says they stay valid (whole tensors: no copy).
+        Pieces are byte buffers or :class:`~fisherstore._io.FileSpan` s (raw
+        bytes in a source file), of any sizes.  A helper thread reads them
+        ahead of the backend and adds them to the sum on the way; this thread
+        hashes each piece as it hands it to the backend
+        (:class:`~fisherstore._readahead.ReadAhead`), so reading overlaps
+        writing.  A buffer may be reused by its producer once the next piece is
+        asked for, unless ``stable`` says they stay valid (whole tensors: no copy).
         ``expect`` maps names to checksums the bytes must have (a conversion
         checks its source this way for free); a mismatch aborts the group.
         """
@@ -199,13 +199,13 @@ class StoreWriter:
         infos = []
         try:
             planned = iter(group.tensors)
-            for spec, chunks in items:
+            for spec, pieces in items:
                 want = next(planned, None)
                 if spec != want:
                     raise BadInputError(f"group {index}: got tensor {spec}, the plan expects {want}")
                 tally = Tally(spec.dtype)
                 cut, held = sink.pieces(spec) or (PIECE_BYTES, 0)
-                with self._reader().feed(chunks, tally, stable=stable, cut=cut, held=held) as feed:
+                with self._reader().feed(pieces, tally, stable=stable, cut=cut, held=held) as feed:
                     location = sink.write_tensor(spec, feed, held=held)
                 checksum = tally.checksum.hexdigest()
                 if expect and expect.get(spec.name) and expect[spec.name] != checksum:
