@@ -361,7 +361,7 @@ def _split(pieces: Iterable[Buffer], total: int, step: int, name: str) -> Iterat
 
 def _fsync_close(fd: int) -> None:
     try:
-        fsync(fd)  # honours --no-fsync
+        fsync(fd)  # honours set_durable(False) (--no-fsync)
     finally:
         os.close(fd)
 
@@ -480,9 +480,10 @@ class _ZarrGroupSink(GroupSink):
         whatever the tensor or file size (a pool per group meant fresh threads,
         and allocator arenas, per group: peak RSS grew 14-25% from 2.2 to 8.4
         GB; with this and the ``"reuse"`` malloc profile of
-        :mod:`fisherstore._memory`, -2% to 4%: benchmarks/results/store.md).  The tensor's last chunks are left in
-        flight on return, so that compression does not wait for the next
-        tensor's first bytes; whoever comes next writes them.
+        :mod:`fisherstore._memory`, -2% to 4%: benchmarks/results/store.md).
+        The tensor's last chunks are left in flight on return, so that
+        compression does not wait for the next tensor's first bytes; whoever
+        comes next writes them.
         """
         pool, free = self.backend._compression()
         codec, level, itemsize, size = layout.codec, layout.level, layout.itemsize, layout.chunk_bytes
