@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +36,7 @@ __all__ = [
     "c_function",
     "fsync",
     "fsync_dir",
+    "pread_bytes",
     "pread_into",
     "pread_tensor",
     "preallocate",
@@ -147,7 +148,7 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     os.fchmod(fd, 0o644)  # mkstemp creates 0600; published files are as readable as any other output
     try:
         with os.fdopen(fd, mode) as fh:
-            yield fh
+            yield cast(BinaryIO, fh)  # binary modes only
             fh.flush()
             fsync(fh.fileno())
         os.replace(tmp, path)
@@ -206,12 +207,19 @@ def pread_into(fd: int, view: memoryview, offset: int, where: str, *, beyond: in
         done += n
 
 
+def pread_bytes(fd: int, nbytes: int, offset: int, where: str) -> bytearray:
+    """Read exactly ``nbytes`` at ``offset`` into a fresh ``bytearray`` (headers, indexes); see :func:`pread_into`."""
+    out = bytearray(nbytes)
+    pread_into(fd, memoryview(out), offset, where)
+    return out
+
+
 def pread_tensor(fd: int, nbytes: int, offset: int, where: str) -> torch.Tensor:
     """Read exactly ``nbytes`` at ``offset`` into a fresh uint8 tensor (one copy, no mmap); see :func:`pread_into`."""
     import torch
 
     out = torch.empty(nbytes, dtype=torch.uint8)
-    pread_into(fd, memoryview(out.numpy()), offset, where)
+    pread_into(fd, out.numpy().data, offset, where)
     return out
 
 
@@ -269,7 +277,7 @@ VIEW_BYTES = 4 << 20
 
 @dataclass(frozen=True)
 class FileSpan:
-    """``nbytes`` raw bytes of the file ``path`` from ``offset``: a chunk not read yet.
+    """``nbytes`` raw bytes of the file ``path`` from ``offset``: a piece of a tensor not read yet.
 
     Sources whose bytes lie raw and contiguous in a file hand these out instead
     of buffers, so that the consumer reads them straight into buffers of its
@@ -283,8 +291,8 @@ class FileSpan:
     def __len__(self) -> int:
         return self.nbytes
 
-    def views(self, chunk_bytes: int = VIEW_BYTES) -> Iterator[memoryview]:
-        """The span's bytes, ``preadv`` into one reused buffer of ``chunk_bytes``; a view is valid until the next.
+    def views(self, piece_bytes: int = VIEW_BYTES) -> Iterator[memoryview]:
+        """The span's bytes, ``preadv`` into one reused buffer of ``piece_bytes``; a view is valid until the next.
 
         One copy out of the page cache into a buffer small enough to stay in
         the CPU cache for whatever reads it next (checksum, sum, compression);
@@ -292,7 +300,7 @@ class FileSpan:
         """
         if not self.nbytes:
             return
-        buf = memoryview(np.empty(min(self.nbytes, max(1, chunk_bytes)), dtype=np.uint8))  # not zero-filled
+        buf = np.empty(min(self.nbytes, max(1, piece_bytes)), dtype=np.uint8).data  # not zero-filled
         with open(self.path, "rb") as src:
             for pos in range(0, self.nbytes, len(buf)):
                 view = buf[: min(len(buf), self.nbytes - pos)]

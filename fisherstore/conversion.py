@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_dir
-from ._tally import ReadAhead, Tally
+from ._readahead import ReadAhead
+from ._tally import Tally
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
-from .formats.base import Buffer, Chunk
+from .formats.base import Buffer, Piece
 from .manifest import GroupInfo, TensorInfo, now_iso
 from .progress import progress
 from .store import FisherStore, open_store
@@ -166,9 +167,9 @@ def _to_store(
             writer.finish()
 
 
-def _stream(store: FisherStore, info: TensorInfo, buffer_bytes: int, bar: Any) -> Iterator[Chunk]:
-    """A tensor's bytes for the writer in buffers of ``buffer_bytes``: raw file spans where the source has them
+def _stream(store: FisherStore, info: TensorInfo, buffer_bytes: int, bar: Any) -> Iterator[Piece]:
+    """A tensor's bytes for the writer in pieces of ``buffer_bytes``: raw file spans where the source has them
     (read straight into the read-ahead ring)."""
-    for chunk in store.iter_chunks(info.name, buffer_bytes):
-        bar.update(len(chunk))
-        yield chunk
+    for piece in store.iter_pieces(info.name, buffer_bytes):
+        bar.update(len(piece))
+        yield piece

@@ -18,31 +18,46 @@ from ._io import VIEW_BYTES, FileSpan
 from ._tally import Tally
 from .errors import BadInputError, CorruptDataError, StoreNotFoundError, TensorNotFoundError
 from .formats import get_backend
-from .formats.base import Backend, Chunk, rows_of
+from .formats.base import Backend, RowsInto, check_rows, rows_of
 from .importance import importance_document, layer_sums
 from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "FisherStore", "TensorSource", "open_store"]
+__all__ = ["DEFAULT_PIECE_BYTES", "FisherStore", "TensorSource", "open_store"]
 
 #: Bounded buffer used when streaming a tensor's bytes (conversion, verify).
-DEFAULT_CHUNK_BYTES = 64 << 20
+DEFAULT_PIECE_BYTES = 64 << 20
 
 
 class TensorSource(Protocol):
-    """What :class:`FisherStore` reads through."""
+    """What :class:`FisherStore` reads through: a store directory, a ``fisher.pt``, a ``.safetensors`` file.
+
+    Required: :attr:`infos`, :meth:`read_rows`, :meth:`byte_span`, :meth:`close`.
+    Optional capabilities are declared, not probed: a source without one says
+    ``None`` (a class attribute ``read_rows_into = None`` will do).
+    """
 
     infos: dict[str, TensorInfo]
 
-    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor: ...
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor as a CPU tensor of the stored dtype."""
+        ...
 
     def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
         """``(file, offset)`` where the tensor's C-order bytes lie contiguous and raw, else ``None``."""
         ...
 
-    def close(self) -> None: ...
+    @property
+    def read_rows_into(self) -> RowsInto | None:
+        """Decoding rows straight into a caller's buffer (no tensor, no torch import), or ``None`` where the source
+        cannot; byte streaming (:meth:`FisherStore.iter_pieces`) then goes through :meth:`read_rows`."""
+        ...
+
+    def close(self) -> None:
+        """Release open files."""
+        ...
 
 
 class _BackendSource:
@@ -58,8 +73,10 @@ class _BackendSource:
     def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
         return self.backend.byte_span(info)
 
-    def read_rows_into(self, info: TensorInfo, start: int, stop: int, out: memoryview) -> None:
-        self.backend.read_rows_into(info, start, stop, out)
+    @property
+    def read_rows_into(self) -> RowsInto:
+        """Every backend decodes into a buffer (:meth:`~fisherstore.formats.base.Backend.read_rows_into`)."""
+        return self.backend.read_rows_into
 
     def close(self) -> None:
         self.backend.close()
@@ -100,7 +117,7 @@ def open_store(path: str | Path) -> FisherStore:
             f"{path} is a pre-1.6 (non-zip) torch file, which cannot be read lazily or safely; "
             "re-save it with a recent torch (torch.save) first"
         )
-    source: Any
+    source: TensorSource
     if kind == "legacy_pt":
         from .formats.legacy_pt import LegacyPtSource
 
@@ -224,13 +241,12 @@ class FisherStore:
             start, stop = 0, nrows
         elif isinstance(rows, slice):
             if rows.step not in (None, 1):
-                raise BadInputError(f"row slices must have step 1, got {rows.step}")
+                raise BadInputError(f"row slices must have step 1, got {rows.step}", param="rows")
             start, stop, _ = rows.indices(nrows)
             stop = max(start, stop)
         else:
             start, stop = rows
-            if not 0 <= start <= stop <= nrows:
-                raise BadInputError(f"rows ({start}, {stop}) out of range for {name!r} with {nrows} rows")
+            check_rows(name, start, stop, nrows)
         per_row = rows_of(info.shape)[1] * info.itemsize
         span = self._source.byte_span(info) if (stop - start) * per_row >= MAP_MIN_BYTES else None
         if span is not None:
@@ -246,31 +262,45 @@ class FisherStore:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, rows)`` blocks of ``block_rows`` rows, one block in memory at a time."""
         if block_rows < 1:
-            raise BadInputError(f"block_rows must be >= 1, got {block_rows}")
+            raise BadInputError(f"block_rows must be >= 1, got {block_rows}", param="block_rows")
         nrows = rows_of(self.info(name).shape)[0]
         for start in range(0, nrows, block_rows):
             yield start, self.read(name, (start, min(nrows, start + block_rows)), dtype=dtype)
 
-    def iter_bytes(self, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[memoryview]:
-        """Yield a tensor's C-order bytes in buffers of about ``chunk_bytes`` (at least one row).
+    def iter_bytes(self, name: str, piece_bytes: int = DEFAULT_PIECE_BYTES) -> Iterator[memoryview]:
+        """Yield a tensor's C-order bytes in buffers of about ``piece_bytes`` (at least one row).
 
         Where the bytes lie raw and contiguous in a file (safetensors shards, a
         ``fisher.pt``) they are read into one reused buffer; otherwise they are
         decoded row blocks.  A view is valid until the next item is requested.
-        """
-        for chunk in self.iter_chunks(name, chunk_bytes):
-            if isinstance(chunk, FileSpan):
-                yield from chunk.views(min(chunk_bytes, VIEW_BYTES))
-            else:
-                yield chunk
 
-    def iter_chunks(self, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+        Args:
+            name: the tensor.
+            piece_bytes: the size each buffer aims at (a buffer holds at least one row).
+
+        Returns:
+            An iterator of ``memoryview`` s of the bytes, in order.
+        """
+        for piece in self.iter_pieces(name, piece_bytes):
+            if isinstance(piece, FileSpan):
+                yield from piece.views(min(piece_bytes, VIEW_BYTES))
+            else:
+                yield piece
+
+    def iter_pieces(self, name: str, piece_bytes: int = DEFAULT_PIECE_BYTES) -> Iterator[memoryview | FileSpan]:
         """Like :meth:`iter_bytes`, but raw contiguous bytes come as :class:`~fisherstore._io.FileSpan` s.
 
         A conversion's read-ahead thread reads a span straight into its own
-        ring of buffers (:class:`~fisherstore._tally.ReadAhead`), so bytes that
-        lie raw in the source are copied out of the page cache once, with no
-        intermediate buffer.
+        ring of buffers (:class:`~fisherstore._readahead.ReadAhead`), so bytes
+        that lie raw in the source are copied out of the page cache once, with
+        no intermediate buffer.
+
+        Args:
+            name: the tensor.
+            piece_bytes: the size each piece aims at (a decoded piece holds at least one row).
+
+        Returns:
+            An iterator of buffers (valid until the next item) and file spans, in order.
         """
         info = self.info(name)
         if info.nbytes == 0:
@@ -278,25 +308,33 @@ class FisherStore:
         span = self._source.byte_span(info)
         if span is not None:
             path, offset = span
-            step = max(1, chunk_bytes)
+            step = max(1, piece_bytes)
             for pos in range(0, info.nbytes, step):
                 yield FileSpan(path, offset + pos, min(step, info.nbytes - pos))
             return
         row_bytes = rows_of(info.shape)[1] * info.itemsize
-        block = max(1, chunk_bytes // max(1, row_bytes))
+        block = max(1, piece_bytes // max(1, row_bytes))
         nrows = rows_of(info.shape)[0]
-        if isinstance(self._source, _BackendSource):  # decoded into one reused buffer, no tensors
+        read_into = self._source.read_rows_into
+        if read_into is not None:  # decoded into one reused buffer, no tensors
             buf = memoryview(bytearray(min(nrows, block) * row_bytes))
             for start in range(0, nrows, block):
                 stop = min(nrows, start + block)
                 view = buf[: (stop - start) * row_bytes]
-                self._source.read_rows_into(info, start, stop, view)
+                read_into(info, start, stop, view)
                 yield view
             return
         import torch  # strided fisher.pt views are gathered by torch
 
         for _, rows in self.iter_rows(name, block):
-            yield memoryview(rows.reshape(-1).view(torch.uint8).numpy())
+            yield rows.reshape(-1).view(torch.uint8).numpy().data
+
+    def iter_chunks(self, name: str, chunk_bytes: int = DEFAULT_PIECE_BYTES) -> Iterator[memoryview | FileSpan]:
+        """Deprecated alias of :meth:`iter_pieces` (kept for one release: "chunk" now means only a zarr chunk)."""
+        import warnings
+
+        warnings.warn("FisherStore.iter_chunks is renamed iter_pieces", DeprecationWarning, stacklevel=2)
+        return self.iter_pieces(name, chunk_bytes)
 
     def _missing_sums(self) -> dict[str, float] | None:
         """Per-tensor sums streamed from the bytes when the source recorded none (``fisher.pt``)."""
@@ -306,8 +344,8 @@ class FisherStore:
         for name, info in self._source.infos.items():
             if info.layer is not None:
                 tally = Tally(info.dtype)
-                for chunk in self.iter_bytes(name):
-                    tally.update(chunk)
+                for piece in self.iter_bytes(name):
+                    tally.update(piece)
                 sums[name] = tally.sum
         return sums
 

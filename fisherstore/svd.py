@@ -40,8 +40,6 @@ it from a store and spreads tensors over processes and torchrun ranks.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import logging
 import os
@@ -56,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import _svd_core as core
+from ._memory import prefer_huge_pages, tune_allocator
 from ._svd_core import TRANSFORMS, Blocks, RowReader
 from .dtypes import canonical_dtype
 from .errors import BadInputError, FisherStoreError
@@ -263,61 +262,8 @@ class SVDResult:
 def _empty_fp32(m: int, n: int, device: torch.device) -> torch.Tensor:
     a = torch.empty(m, n, dtype=torch.float32, device=device)
     if device.type == "cpu":
-        _prefer_huge_pages(a)
+        prefer_huge_pages(a.data_ptr(), a.nbytes)
     return a
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """The C library this process runs on (for two memory hints below), or ``None``."""
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
-
-
-_MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
-_HUGE_PAGE = 2 << 20
-
-
-def _prefer_huge_pages(t: torch.Tensor) -> None:
-    """Ask Linux to back a fresh, untouched CPU tensor with 2 MiB pages.
-
-    Filling a new 460 MB matrix takes ~110k page faults with 4 KiB pages,
-    which costs more than widening bf16 to fp32 (measured: 60 ms vs 16 ms
-    to load 64 MB).  With transparent huge pages in the common ``madvise``
-    mode, this hint cuts the faults 512-fold.  A no-op where madvise or THP
-    is unavailable.
-    """
-    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-    stop = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if stop <= start:
-        return
-    libc = _libc()
-    if libc is not None and hasattr(libc, "madvise"):
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), ctypes.c_int(_MADV_HUGEPAGE))
-
-
-_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
-
-
-@functools.cache
-def _return_freed_blocks_to_the_os() -> None:
-    """Make glibc serve every allocation of 256 KiB or more with mmap, so a freed row block leaves RSS.
-
-    By default glibc raises its mmap threshold to the size of each large block
-    freed, after which equal blocks come from the heap, where fragmentation
-    keeps stale pages resident: measured +25..35 MiB over a 32 MiB
-    ``max_memory`` while streaming.  Setting the threshold turns that
-    adjustment off; the extra page faults cost ~1 ms per 10 MB block, nothing
-    next to its matrix products.  Called only when a tensor is streamed
-    (the caller asked for bounded memory); a no-op off glibc.
-    """
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        log.debug("mallopt unavailable: freed row blocks may stay resident")
-        return
-    libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(256 << 10))
 
 
 def _decompose(read: RowReader, shape: tuple[int, ...], itemsize: int, cfg: SVDConfig, name: str) -> SVDResult:
@@ -336,8 +282,8 @@ def _decompose(read: RowReader, shape: tuple[int, ...], itemsize: int, cfg: SVDC
             pass
         blocks: Blocks = lambda: ((0, a),)  # noqa: E731 - one block: the whole matrix
     else:
-        if device.type == "cpu":
-            _return_freed_blocks_to_the_os()
+        if device.type == "cpu":  # the caller asked for bounded memory: freed row blocks must leave RSS
+            tune_allocator("bounded")
         buffer = _empty_fp32(plan.block_rows, n, device)
         blocks = lambda: core.widened(read, plan.block_rows, cfg.transform, buffer, in_place=False)  # noqa: E731
     try:

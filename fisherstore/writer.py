@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._io import TMP_PREFIX, write_json_atomic
-from ._tally import PIECE_BYTES, ReadAhead, Tally
+from ._readahead import PIECE_BYTES, ReadAhead
+from ._tally import Tally
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats import get_backend
-from .formats.base import Chunk
+from .formats.base import Piece
 from .importance import IMPORTANCE_NAME, importance_document
 from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo, TensorSpec, now_iso
 from .naming import parse_name
@@ -45,17 +46,17 @@ def plan_groups(specs: Sequence[TensorSpec], group_size: int) -> tuple[GroupInfo
     are 0-based and dense.
     """
     if group_size < 1:
-        raise BadInputError(f"group size must be >= 1, got {group_size}")
+        raise BadInputError(f"group size must be >= 1, got {group_size}", param="group_size")
     by_layer: dict[int, list[TensorSpec]] = {}
     other: list[TensorSpec] = []
     for spec in specs:
         layer = parse_name(spec.name)[0]
         (other if layer is None else by_layer.setdefault(layer, [])).append(spec)
     layers = sorted(by_layer)
-    groups = []
+    groups: list[GroupInfo] = []
     for i in range(0, len(layers), group_size):
-        chunk = layers[i : i + group_size]
-        groups.append(GroupInfo(len(groups), tuple(chunk), tuple(s for l in chunk for s in by_layer[l])))
+        batch = layers[i : i + group_size]
+        groups.append(GroupInfo(len(groups), tuple(batch), tuple(s for l in batch for s in by_layer[l])))
     if other:
         groups.append(GroupInfo(len(groups), (), tuple(other)))
     return tuple(groups)
@@ -68,7 +69,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 class StoreWriter:
@@ -82,7 +83,7 @@ class StoreWriter:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._slot = threading.Semaphore(1)
-        self._futures: list[Future[None]] = []
+        self._futures: list[Future[list[TensorInfo]]] = []
         self._read_ahead: ReadAhead | None = None
 
     # -- creation ---------------------------------------------------------------------------
@@ -111,10 +112,10 @@ class StoreWriter:
         root = Path(path)
         plan = tuple(replace(g, complete=False) for g in plan)
         if [g.index for g in plan] != list(range(len(plan))):
-            raise BadInputError("group indices must be 0..N-1 in order")
+            raise BadInputError("group indices must be 0..N-1 in order", param="plan")
         names = [s.name for g in plan for s in g.tensors]
         if len(set(names)) != len(names):
-            raise BadInputError("the plan names a tensor twice")
+            raise BadInputError("the plan names a tensor twice", param="plan")
         manifest_path = root / MANIFEST_NAME
         if resume and manifest_path.exists():
             old = Manifest.load(manifest_path)
@@ -123,7 +124,8 @@ class StoreWriter:
             ]:
                 raise BadInputError(
                     f"{root}: cannot resume: the existing store was planned with a different backend, "
-                    "groups or tensors; write to a new path or pass --overwrite"
+                    "groups or tensors; write to a new path or pass overwrite=True",
+                    param="plan",
                 )
             for leftover in root.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
@@ -133,7 +135,8 @@ class StoreWriter:
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             if not overwrite:
                 raise BadInputError(
-                    f"{root} already exists; choose a new path, pass --resume to continue it, or --overwrite"
+                    f"{root} already exists; choose a new path, pass resume=True to continue it, or overwrite=True",
+                    param="overwrite",
                 )
             if root.is_dir() and not manifest_path.exists():
                 raise BadInputError(f"{root} is not empty and not a fisherstore store; refusing to overwrite it")
@@ -161,18 +164,6 @@ class StoreWriter:
         """Indices of the groups already written and committed."""
         return {g.index for g in self.manifest.groups if g.complete}
 
-    def set_attrs(self, **attrs: Any) -> None:
-        """Update manifest-level attributes (saved now)."""
-        with self._lock:
-            self.manifest = replace(self.manifest, attrs={**self.manifest.attrs, **attrs})
-            self._save_manifest()
-
-    def set_provenance(self, **provenance: Any) -> None:
-        """Update provenance fields (saved now)."""
-        with self._lock:
-            self.manifest = replace(self.manifest, provenance={**self.manifest.provenance, **provenance})
-            self._save_manifest()
-
     # -- writing ----------------------------------------------------------------------------
     def _group(self, index: int) -> GroupInfo:
         if not 0 <= index < len(self.manifest.groups):
@@ -185,21 +176,21 @@ class StoreWriter:
     def stream_group(
         self,
         index: int,
-        items: Iterable[tuple[TensorSpec, Iterable[Chunk]]],
+        items: Iterable[tuple[TensorSpec, Iterable[Piece]]],
         attrs: Mapping[str, dict[str, Any]] | None = None,
         expect: Mapping[str, str] | None = None,
         *,
         stable: bool = False,
     ) -> list[TensorInfo]:
-        """Write group ``index`` from ``(spec, chunks)`` pairs in plan order, then commit it.
+        """Write group ``index`` from ``(spec, pieces)`` pairs in plan order, then commit it.
 
-        Chunks are byte buffers or :class:`~fisherstore._io.FileSpan` s (raw
-        bytes in a source file).  A helper thread reads them ahead of the
-        backend and adds them to the sum on the way; this thread hashes each
-        piece as it hands it to the backend
-        (:class:`~fisherstore._tally.ReadAhead`), so reading overlaps writing.
-        A buffer may be reused by its producer once the next chunk is asked
-        for, unless ``stable`` says they stay valid (whole tensors: no copy).
+        Pieces are byte buffers or :class:`~fisherstore._io.FileSpan` s (raw
+        bytes in a source file), of any sizes.  A helper thread reads them
+        ahead of the backend and adds them to the sum on the way; this thread
+        hashes each piece as it hands it to the backend
+        (:class:`~fisherstore._readahead.ReadAhead`), so reading overlaps
+        writing.  A buffer may be reused by its producer once the next piece is
+        asked for, unless ``stable`` says they stay valid (whole tensors: no copy).
         ``expect`` maps names to checksums the bytes must have (a conversion
         checks its source this way for free); a mismatch aborts the group.
         """
@@ -208,24 +199,23 @@ class StoreWriter:
         infos = []
         try:
             planned = iter(group.tensors)
-            for spec, chunks in items:
+            for spec, pieces in items:
                 want = next(planned, None)
                 if spec != want:
                     raise BadInputError(f"group {index}: got tensor {spec}, the plan expects {want}")
                 tally = Tally(spec.dtype)
                 cut, held = sink.pieces(spec) or (PIECE_BYTES, 0)
-                with self._reader().feed(chunks, tally, stable=stable, cut=cut, held=held) as feed:
+                with self._reader().feed(pieces, tally, stable=stable, cut=cut, held=held) as feed:
                     location = sink.write_tensor(spec, feed, held=held)
                 checksum = tally.checksum.hexdigest()
                 if expect and expect.get(spec.name) and expect[spec.name] != checksum:
-                    raise ChecksumMismatchError(
-                        f"tensor {spec.name!r}: source bytes hash to {checksum}, the source manifest says "
-                        f"{expect[spec.name]}; the source is corrupt (run fisherstore verify on it)"
+                    raise ChecksumMismatchError.for_tensor(
+                        spec.name, checksum, expect[spec.name], where="the source manifest"
                     )
                 if not math.isfinite(tally.sum):
                     raise BadInputError(
-                        f"tensor {spec.name!r} holds non-finite values, or values whose fp32 sum overflows (sum {tally.sum}); "
-                        "a Fisher estimate must be finite: check the run that produced it"
+                        f"tensor {spec.name!r} holds non-finite values, or values whose fp32 sum overflows "
+                        f"(sum {tally.sum}); a Fisher estimate must be finite: check the run that produced it"
                     )
                 layer, kind = parse_name(spec.name)
                 infos.append(
@@ -272,7 +262,7 @@ class StoreWriter:
 
     def submit_group(
         self, index: int, tensors: Mapping[str, torch.Tensor], attrs: Mapping[str, dict[str, Any]] | None = None
-    ) -> Future[None]:
+    ) -> Future[list[TensorInfo]]:
         """Write a group on the background thread; blocks only while a previous group is still being written.
 
         The time spent blocked is added to :attr:`blocked_seconds`.  An error of
@@ -318,7 +308,7 @@ class StoreWriter:
         Raises :class:`IncompleteStoreError` if planned groups were never written.
         """
         self.wait()
-        missing = [g.index for g in self.manifest.groups if not g.complete]
+        missing = self.manifest.missing_groups
         if missing:
             raise IncompleteStoreError(f"{self.root}: groups {missing} were never written; the store is incomplete")
         if self.manifest.kind == "fisher":

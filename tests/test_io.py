@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fisherstore._io import FileSpan
-from fisherstore._tally import PIECE_BYTES, ReadAhead, Tally
+from fisherstore._readahead import PIECE_BYTES, ReadAhead
+from fisherstore._tally import Tally
 from fisherstore.errors import CorruptDataError
 
 
@@ -24,7 +25,7 @@ def test_span_views_are_bounded_and_complete(source):
     path, data = source
     span = FileSpan(path, 5, len(data) - 5)
     sizes, got = [], b""
-    for view in span.views(chunk_bytes=4000):
+    for view in span.views(piece_bytes=4000):
         sizes.append(len(view))
         got += bytes(view)
     assert got == data[5:] and max(sizes) == 4000 and len(sizes) == 4
@@ -199,3 +200,16 @@ def test_checksum_equals_google_crc32c_whatever_the_update_sizes():
                 pos = min(pos + n, len(data))
             assert c.hexdigest() == expected, (cuts, kind)
     assert Checksum().hexdigest() == "crc32c:00000000"
+
+
+def test_feed_states_the_handshake_it_was_given():
+    """Feed.cut and Feed.held are what the consumer asked for, and the pieces keep to them."""
+    data = bytes(range(256)) * 8192  # 2 MiB
+    cut = PIECE_BYTES // 2
+    with ReadAhead() as ahead:
+        feed = ahead.feed([data], None, cut=cut, held=2)
+        assert (feed.cut, feed.held) == (cut, 2)
+        with feed:
+            pieces = [bytes(p) for p in feed]
+    assert [len(p) for p in pieces] == [cut] * (len(data) // cut) + [len(data) % cut]
+    assert b"".join(pieces) == data

@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 
 from fisherstore import TensorNotFoundError, open_store
-from fisherstore._tally import PIECE_BYTES, Tally
+from fisherstore._readahead import PIECE_BYTES
+from fisherstore._tally import Tally
 from fisherstore.errors import BadInputError, StoreNotFoundError
 
 from .conftest import SHARED_SAMPLE
@@ -55,7 +56,7 @@ def test_iter_bytes_bounded_chunks(make_store, gemma_bf16, backend, options, chu
     name = "model.layers.0.mlp.down_proj.weight"  # 64 rows x 256 bytes
     with open_store(make_store(gemma_bf16, backend=backend, **options)) as store:
         sizes, data = [], b""
-        for chunk_view in store.iter_bytes(name, chunk_bytes=chunk):
+        for chunk_view in store.iter_bytes(name, piece_bytes=chunk):
             sizes.append(len(chunk_view))
             data += bytes(chunk_view)  # a view is valid only until the next one is asked for
     assert max(sizes) <= limit and len(sizes) == count
@@ -194,3 +195,53 @@ def test_large_raw_reads_are_private_maps(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-4096])  # truncated: an error, never a SIGBUS
     with open_store(tmp_path / "s") as store, pytest.raises(Exception, match="truncated|file has"):
         store[name]
+
+
+def test_iter_chunks_is_a_deprecated_alias_of_iter_pieces(store):
+    name = store.names[1]
+    with pytest.warns(DeprecationWarning, match="iter_pieces"):
+        old = list(store.iter_chunks(name, chunk_bytes=1000))
+    assert old == list(store.iter_pieces(name, piece_bytes=1000)) and len(old) > 1
+
+
+class _MemorySource:
+    """A tensor source of in-memory tensors: no raw spans; ``read_rows_into`` only when ``decodes`` is set."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], decodes: bool) -> None:
+        from fisherstore.manifest import TensorInfo
+
+        self.tensors = tensors
+        self.infos = {n: TensorInfo(n, tuple(t.shape), "bfloat16", 0, {}, "", float("nan")) for n, t in tensors.items()}
+        self.decoded: list[tuple[str, int, int]] = []
+        self.read_rows_into = self._read_into if decodes else None
+
+    def read_rows(self, info, start, stop):
+        return self.tensors[info.name][start:stop]
+
+    def _read_into(self, info, start, stop, out):
+        self.decoded.append((info.name, start, stop))
+        out[:] = self.tensors[info.name][start:stop].contiguous().view(torch.uint8).numpy().reshape(-1).data
+
+    def byte_span(self, info):
+        return None
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("decodes", [False, True])
+def test_byte_streaming_uses_the_capabilities_a_source_declares(tmp_path, decodes):
+    from fisherstore.manifest import GroupInfo, Manifest
+    from fisherstore.store import FisherStore
+
+    t = torch.arange(6 * 5, dtype=torch.float32).reshape(6, 5).to(torch.bfloat16)
+    source = _MemorySource({"w": t}, decodes)
+    manifest = Manifest(
+        backend="memory",
+        groups=(GroupInfo(0, (), tuple(i.spec for i in source.infos.values()), complete=True),),
+        tensors=source.infos,
+    )
+    store = FisherStore(tmp_path, manifest, source)
+    pieces = [bytes(p) for p in store.iter_bytes("w", piece_bytes=2 * 5 * 2)]  # two rows a piece
+    assert b"".join(pieces) == t.view(torch.uint8).numpy().tobytes() and len(pieces) == 3
+    assert source.decoded == ([("w", 0, 2), ("w", 2, 4), ("w", 4, 6)] if decodes else [])

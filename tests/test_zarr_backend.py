@@ -551,7 +551,8 @@ def test_bfloat16_registration_is_idempotent_and_lets_zarr_python_write_it(tmp_p
 
 # -- raw spans of uncompressed arrays --------------------------------------------------------------------
 def test_uncompressed_single_shard_array_lies_raw_and_others_do_not(tmp_path, gemma_bf16):
-    """An uncompressed array in one shard is the tensor's bytes from offset 0: lazy reads map it, conversions stream it."""
+    """An uncompressed array in one shard is the tensor's bytes from offset 0: lazy reads map it, conversions
+    stream it."""
     t = gemma_bf16[NAME]
     backend, infos = write(tmp_path / "raw", {NAME: t}, chunk_mb=1000 / 2**20)  # many chunks, one shard
     (shard,) = shard_files(tmp_path / "raw", NAME)
@@ -563,7 +564,8 @@ def test_uncompressed_single_shard_array_lies_raw_and_others_do_not(tmp_path, ge
 
 
 def test_uncompressed_shard_with_chunks_out_of_order_is_read_chunk_by_chunk(tmp_path, gemma_bf16):
-    """The index decides: a shard whose chunks are not in order (another writer's) gets no raw span, and reads stay right."""
+    """The index decides: a shard whose chunks are not in order (another writer's) gets no raw span, and reads
+    stay right."""
     t = gemma_bf16[NAME]
     backend, infos = write(tmp_path, {NAME: t}, chunk_mb=1000 / 2**20)
     (shard,) = shard_files(tmp_path, NAME)

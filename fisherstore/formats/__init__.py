@@ -28,5 +28,5 @@ def get_backend(name: str, root: Path, options: dict[str, Any] | None = None) ->
     try:
         module, cls = BACKENDS[name]
     except KeyError:
-        raise BadInputError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+        raise BadInputError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}", param="backend") from None
     return getattr(importlib.import_module(module), cls)(root, options)

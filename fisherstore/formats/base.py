@@ -11,7 +11,7 @@ which keeps conversion and verify free of the torch import.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,11 +22,15 @@ from ..manifest import GroupInfo, TensorInfo, TensorSpec
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Backend", "Buffer", "Chunk", "FileSpan", "GroupSink", "check_rows", "rows_of"]
+__all__ = ["Backend", "Buffer", "FileSpan", "GroupSink", "Piece", "RowsInto", "check_rows", "rows_of"]
 
 Buffer = bytes | bytearray | memoryview
-#: What a source hands out: bytes, or raw bytes left in a file (read by whoever consumes them).
-Chunk = Buffer | FileSpan
+#: A piece of a tensor's bytes as a source hands it out: bytes, or raw bytes left in a file (read by whoever
+#: consumes them).  Pieces have any size; "chunk" means only a zarr chunk.
+Piece = Buffer | FileSpan
+#: ``read_rows_into(info, start, stop, out)``: rows ``[start, stop)``'s C-order bytes into ``out`` (exactly their
+#: size): :meth:`Backend.read_rows_into`, and the optional capability of a tensor source (``fisherstore.store``).
+RowsInto = Callable[[TensorInfo, int, int, memoryview], None]
 
 
 def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -49,7 +53,7 @@ class GroupSink(abc.ABC):
     """Receives one group's tensors, in the planned order, and commits them as a unit."""
 
     @abc.abstractmethod
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
+    def write_tensor(self, spec: TensorSpec, pieces: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
         """Write a tensor from C-order byte buffers of any sizes; return its manifest ``location``.
 
         A buffer is valid until ``held + 1`` further ones have been requested
@@ -88,9 +92,9 @@ class Backend(abc.ABC):
     def parse_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         """Validate and complete backend options (stored in the manifest); the default takes none."""
         if options:
-            from ..errors import BadInputError
-
-            raise BadInputError(f"backend {cls.name!r} takes no options, got {sorted(options)}")
+            raise BadInputError(
+                f"backend {cls.name!r} takes no options, got {sorted(options)}", param="backend_options"
+            )
         return {}
 
     @abc.abstractmethod
@@ -115,7 +119,7 @@ class Backend(abc.ABC):
         """
         import torch
 
-        out[:] = memoryview(self.read_rows(info, start, stop).reshape(-1).view(torch.uint8).numpy())
+        out[:] = self.read_rows(info, start, stop).reshape(-1).view(torch.uint8).numpy().data
 
     def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
         """``(file, offset)`` of a tensor's raw contiguous bytes, for zero-copy streaming; ``None`` if encoded."""

@@ -353,6 +353,9 @@ class LegacyPtSource:
         BadInputError: the file is not a flat dict of tensors fisherstore can store.
     """
 
+    #: Optional capability of a tensor source (fisherstore.store.TensorSource): none, torch gathers strided views.
+    read_rows_into = None
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:

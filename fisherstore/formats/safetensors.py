@@ -24,11 +24,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import TMP_PREFIX, fsync, fsync_dir, pread_tensor, preallocate, write_all, write_json_atomic
+from .._io import TMP_PREFIX, fsync, fsync_dir, pread_bytes, pread_tensor, preallocate, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import parse_name, validate_name
-from .base import Backend, Buffer, GroupSink, rows_of
+from .base import Backend, Buffer, GroupSink, check_rows, rows_of
 
 if TYPE_CHECKING:
     import torch
@@ -63,13 +63,13 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
     size = os.fstat(fd).st_size
     if size < 8:
         raise CorruptDataError(f"{where}: {size} bytes is too short for a safetensors file")
-    n = int.from_bytes(os.pread(fd, 8, 0), "little", signed=True)
+    n = int.from_bytes(pread_bytes(fd, 8, 0, where), "little", signed=True)
     if n <= 0 or n > _HEADER_CAP or 8 + n > size:
         raise CorruptDataError(
             f"{where}: header length {n} is invalid for a {size}-byte file (truncated or not safetensors)"
         )
     try:
-        header = json.loads(os.pread(fd, n, 8))
+        header = json.loads(pread_bytes(fd, n, 8, where))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptDataError(f"{where}: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
@@ -146,11 +146,11 @@ class _ShardSink(GroupSink):
         preallocate(self.fd, self.data_start + pos, self.final)
         write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0, self.final)
 
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
+    def write_tensor(self, spec: TensorSpec, pieces: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
         begin = self.offsets[spec.name]
         pos = begin
-        for chunk in chunks:
-            pos = write_all(self.fd, chunk, pos, self.final)
+        for piece in pieces:
+            pos = write_all(self.fd, piece, pos, self.final)
         if pos - begin != spec.nbytes:
             raise CorruptDataError(f"tensor {spec.name!r}: got {pos - begin} bytes, expected {spec.nbytes}")
         self.pending.discard(spec.name)
@@ -206,8 +206,7 @@ class _ShardReader:
     def read(self, path: Path, name: str, dtype: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         fd, offset = self.entry(path, name, dtype, shape)
         nrows, per_row = rows_of(shape)
-        if not 0 <= start <= stop <= nrows:
-            raise BadInputError(f"rows [{start}, {stop}) out of range for {name!r} with {nrows} rows")
+        check_rows(name, start, stop, nrows)
         itemsize = ITEMSIZES[dtype]
         raw = pread_tensor(
             fd, (stop - start) * per_row * itemsize, offset + start * per_row * itemsize, f"{path} tensor {name!r}"
@@ -235,10 +234,14 @@ class SafetensorsBackend(Backend):
     def parse_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         unknown = set(options) - {"prefix"}
         if unknown:
-            raise BadInputError(f"safetensors backend options are 'prefix'; got unknown {sorted(unknown)}")
+            raise BadInputError(
+                f"safetensors backend options are 'prefix'; got unknown {sorted(unknown)}", param="backend_options"
+            )
         prefix = options.get("prefix", "fisher")
         if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
-            raise BadInputError(f"safetensors shard prefix {prefix!r} must be 1-64 letters, digits, '_' or '-'")
+            raise BadInputError(
+                f"safetensors shard prefix {prefix!r} must be 1-64 letters, digits, '_' or '-'", param="prefix"
+            )
         return {"prefix": prefix}
 
     def shard_name(self, index: int, num_groups: int) -> str:
@@ -283,6 +286,9 @@ class SafetensorsBackend(Backend):
 
 class SafetensorsFileSource:
     """A bare ``.safetensors`` file read lazily as a tensor source (no manifest, no checksums)."""
+
+    #: Its bytes always lie raw in the file (:meth:`byte_span`), so nothing is decoded into buffers.
+    read_rows_into = None
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -39,8 +39,6 @@ the root.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import logging
 import math
@@ -59,11 +57,21 @@ from typing import TYPE_CHECKING, Any, Literal
 import google_crc32c
 import numpy as np
 
-from .._io import TMP_PREFIX, c_function, fsync, fsync_dir, pread_into, preallocate, write_all, write_json_atomic
+from .._io import (
+    TMP_PREFIX,
+    fsync,
+    fsync_dir,
+    pread_bytes,
+    pread_into,
+    preallocate,
+    write_all,
+    write_json_atomic,
+)
+from .._memory import tune_allocator
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import validate_name
-from .base import Backend, Buffer, GroupSink, rows_of
+from .base import Backend, Buffer, GroupSink, check_rows, rows_of
 
 if TYPE_CHECKING:
     import torch
@@ -132,7 +140,7 @@ COMPRESSIONS: dict[str, _Compression | None] = {
 _DEFAULTS: dict[str, Any] = {"compression": "none", "level": None, "chunk_mb": 4, "shard_mb": 256}
 
 
-def _decoded_size(codec: str, data: bytes) -> int:
+def _decoded_size(codec: str, data: Buffer) -> int:
     """The size a zstd frame or blosc buffer says it decodes to, read from its header.
 
     Checked before decoding, so that a lying header can neither make the
@@ -153,7 +161,7 @@ def _decoded_size(codec: str, data: bytes) -> int:
     return int.from_bytes(data[pos : pos + size_bytes], "little") + (256 if size_bytes == 2 else 0)
 
 
-def _decode_into(codec: str, data: bytes, out: memoryview) -> None:
+def _decode_into(codec: str, data: Buffer, out: memoryview) -> None:
     """Decompress one inner chunk into ``out``, which must be exactly its decoded size."""
     size = _decoded_size(codec, data)
     if size != len(out):
@@ -169,7 +177,7 @@ def _decode_into(codec: str, data: bytes, out: memoryview) -> None:
 def _number(options: dict[str, Any], key: str, low: float, high: float) -> float:
     value = options[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
-        raise BadInputError(f"zarr option {key}={value!r} must be a number > {low} and <= {high}")
+        raise BadInputError(f"zarr option {key}={value!r} must be a number > {low} and <= {high}", param=key)
     return value
 
 
@@ -332,10 +340,10 @@ class _Layout:
 
 
 # -- writing ------------------------------------------------------------------------------------------
-def _split(chunks: Iterable[Buffer], total: int, step: int, name: str) -> Iterator[tuple[memoryview, bool]]:
+def _split(pieces: Iterable[Buffer], total: int, step: int, name: str) -> Iterator[tuple[memoryview, bool]]:
     """A byte stream cut at every multiple of ``step``; the flag marks a piece that ends a step or the stream."""
     pos = 0
-    for buf in chunks:
+    for buf in pieces:
         item = memoryview(buf).cast("B")
         done, size = 0, len(item)
         while done < size:
@@ -351,28 +359,9 @@ def _split(chunks: Iterable[Buffer], total: int, step: int, name: str) -> Iterat
         raise CorruptDataError(f"tensor {name!r}: got {pos} bytes, expected {total}")
 
 
-@functools.cache
-def _retain_freed_buffers() -> None:
-    """Let glibc keep freed multi-MiB blocks for reuse instead of unmapping them (once per process).
-
-    Each compressed chunk comes back as a fresh ~4 MiB ``bytes``; by default
-    glibc maps and unmaps such blocks, so every chunk costs ~1,000 page faults:
-    measured on 2.2 GB, 305k faults and 3.5 s of system time, against 23k
-    faults and 1.9 s with this setting (the same as ``MALLOC_MMAP_THRESHOLD_``
-    = 32 MiB, ``MALLOC_TRIM_THRESHOLD_`` = 128 MiB in the environment).  A
-    no-op where the C library is not glibc.
-    """
-    mallopt = c_function(None, "mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
-    if mallopt is None:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 128 << 20)
-
-
 def _fsync_close(fd: int) -> None:
     try:
-        fsync(fd)  # honours --no-fsync
+        fsync(fd)  # honours set_durable(False) (--no-fsync)
     finally:
         os.close(fd)
 
@@ -451,7 +440,7 @@ class _ZarrGroupSink(GroupSink):
         layout = _Layout.plan(spec, self.backend.options)
         return None if layout.codec is None else (max(1, layout.chunk_bytes), _IN_FLIGHT)
 
-    def write_tensor(self, spec: TensorSpec, chunks: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
+    def write_tensor(self, spec: TensorSpec, pieces: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
         if spec.name in self.arrays:
             raise BadInputError(f"tensor {spec.name!r} was already written in group {self.group.index}")
         layout = _Layout.plan(spec, self.backend.options)
@@ -462,12 +451,12 @@ class _ZarrGroupSink(GroupSink):
         try:
             if layout.codec is None:
                 # Uncompressed inner chunks are the tensor's bytes in order: pass them straight through.
-                for piece, ends in _split(chunks, spec.nbytes, max(1, layout.chunk_bytes), spec.name):
+                for piece, ends in _split(pieces, spec.nbytes, max(1, layout.chunk_bytes), spec.name):
                     stream.write(piece)
                     if ends:
                         stream.end_chunk(pad_to=layout.chunk_bytes)
             else:  # its last chunks may still be compressing on return: the next tensor or commit writes them
-                self._write_compressed(stream, layout, spec, chunks, borrow=held >= _IN_FLIGHT)
+                self._write_compressed(stream, layout, spec, pieces, borrow=held >= _IN_FLIGHT)
         except BaseException:
             stream.close()
             raise
@@ -478,7 +467,7 @@ class _ZarrGroupSink(GroupSink):
         return {"array": spec.name}
 
     def _write_compressed(
-        self, stream: _ShardStream, layout: _Layout, spec: TensorSpec, chunks: Iterable[Buffer], borrow: bool
+        self, stream: _ShardStream, layout: _Layout, spec: TensorSpec, pieces: Iterable[Buffer], borrow: bool
     ) -> None:
         """Compress whole chunks on the pool, at most :data:`_IN_FLIGHT` at a time, and write them in order.
 
@@ -490,10 +479,11 @@ class _ZarrGroupSink(GroupSink):
         pool and those buffers serve every group, so memory stays a few chunks
         whatever the tensor or file size (a pool per group meant fresh threads,
         and allocator arenas, per group: peak RSS grew 14-25% from 2.2 to 8.4
-        GB; with this and :func:`_retain_freed_buffers`, -2% to 4%:
-        benchmarks/results/store.md).  The tensor's last chunks are left in
-        flight on return, so that compression does not wait for the next
-        tensor's first bytes; whoever comes next writes them.
+        GB; with this and the ``"reuse"`` malloc profile of
+        :mod:`fisherstore._memory`, -2% to 4%: benchmarks/results/store.md).
+        The tensor's last chunks are left in flight on return, so that
+        compression does not wait for the next tensor's first bytes; whoever
+        comes next writes them.
         """
         pool, free = self.backend._compression()
         codec, level, itemsize, size = layout.codec, layout.level, layout.itemsize, layout.chunk_bytes
@@ -504,16 +494,17 @@ class _ZarrGroupSink(GroupSink):
             if len(self._pending) > _IN_FLIGHT:
                 self._write_oldest()
 
-        def take() -> np.ndarray:
+        def take() -> np.ndarray:  # a chunk buffer of whole MiB (so that buffers are reused); [:size] is the chunk
             while free:
                 whole = free.pop()
                 if len(whole) >= size:
-                    return whole[:size]
-            return np.empty(-(-size // _MIB) * _MIB, dtype=np.uint8)[:size]
+                    return whole
+            return np.empty(-(-size // _MIB) * _MIB, dtype=np.uint8)
 
-        buf, fill = None, 0
+        buf: np.ndarray | None = None
+        fill = 0
         try:
-            for piece, ends in _split(chunks, spec.nbytes, max(1, size), spec.name):
+            for piece, ends in _split(pieces, spec.nbytes, max(1, size), spec.name):
                 if borrow and buf is None and len(piece) == size:  # a whole chunk, where it lies
                     submit(piece, None)
                     continue
@@ -522,12 +513,12 @@ class _ZarrGroupSink(GroupSink):
                 buf[fill : fill + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
                 fill += len(piece)
                 if ends:
-                    buf[fill:] = 0  # edge chunks hold the fill value past the last row
-                    submit(buf, buf)
+                    buf[fill:size] = 0  # edge chunks hold the fill value past the last row
+                    submit(buf[:size].data, buf)
                     buf = None
         finally:
             if buf is not None:
-                free.append(buf.base)
+                free.append(buf)
 
     def _write_oldest(self) -> None:
         """Write the oldest chunk in flight to its shard (waiting for its compression)."""
@@ -539,7 +530,7 @@ class _ZarrGroupSink(GroupSink):
             stream.close()  # abort() closes only the shards of chunks still in flight, and this one has left
             raise
         if own is not None:
-            self.backend._free.append(own.base)
+            self.backend._free.append(own)
 
     def _shutdown(self) -> None:
         self._sync_pool.shutdown(wait=True)
@@ -572,7 +563,7 @@ class _ZarrGroupSink(GroupSink):
         for _, stream, own in pending:
             stream.close()
             if own is not None:
-                self.backend._free.append(own.base)
+                self.backend._free.append(own)
         self._shutdown()
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
@@ -601,7 +592,7 @@ class ZarrBackend(Backend):
     def _compression(self) -> tuple[ThreadPoolExecutor, list[np.ndarray]]:
         """The compression threads and free chunk buffers shared by this backend's group sinks."""
         if self._pool is None:
-            _retain_freed_buffers()
+            tune_allocator("reuse")  # each compressed chunk is a fresh multi-MiB bytes: keep freed ones for reuse
             self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="fisherstore-zarr-compress")
         return self._pool, self._free
 
@@ -615,25 +606,31 @@ class ZarrBackend(Backend):
     def parse_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         unknown = set(options) - set(_DEFAULTS)
         if unknown:
-            raise BadInputError(f"zarr backend options are {sorted(_DEFAULTS)}; got unknown {sorted(unknown)}")
+            raise BadInputError(
+                f"zarr backend options are {sorted(_DEFAULTS)}; got unknown {sorted(unknown)}", param="backend_options"
+            )
         opts = {**_DEFAULTS, **options}
         compression = opts["compression"]
         if not isinstance(compression, str) or compression not in COMPRESSIONS:
-            raise BadInputError(f"zarr compression {compression!r} is not one of {sorted(COMPRESSIONS)}")
+            raise BadInputError(
+                f"zarr compression {compression!r} is not one of {sorted(COMPRESSIONS)}", param="compression"
+            )
         codec, level = COMPRESSIONS[compression], opts["level"]
         if codec is None and level is not None:
-            raise BadInputError(f"zarr level={level!r} needs a compression; compression is 'none'")
+            raise BadInputError(f"zarr level={level!r} needs a compression; compression is 'none'", param="level")
         if codec is not None:
             level = codec.default_level if level is None else level
             if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= codec.max_level:
                 raise BadInputError(
-                    f"zarr level={level!r} for {compression!r} must be an integer in 1..{codec.max_level}"
+                    f"zarr level={level!r} for {compression!r} must be an integer in 1..{codec.max_level}",
+                    param="level",
                 )
         chunk_mb = _number(opts, "chunk_mb", 0, 1024)
         shard_mb = _number(opts, "shard_mb", 0, 64 * 1024)
         if shard_mb < chunk_mb:
             raise BadInputError(
-                f"zarr shard_mb={shard_mb!r} must be >= chunk_mb={chunk_mb!r} (a shard holds whole chunks)"
+                f"zarr shard_mb={shard_mb!r} must be >= chunk_mb={chunk_mb!r} (a shard holds whole chunks)",
+                param="shard_mb",
             )
         return {"compression": compression, "level": level, "chunk_mb": chunk_mb, "shard_mb": shard_mb}
 
@@ -654,6 +651,8 @@ class ZarrBackend(Backend):
     def _layout(self, info: TensorInfo) -> tuple[Path, _Layout]:
         array = info.location.get("array")
         try:
+            if not isinstance(array, str):
+                raise BadInputError(f"{array!r} is not a string")
             validate_name(array)
         except BadInputError:
             raise CorruptDataError(
@@ -704,18 +703,18 @@ class ZarrBackend(Backend):
         import torch
 
         out = torch.empty((stop - start) * rows_of(info.shape)[1] * info.itemsize, dtype=torch.uint8)
-        self.read_rows_into(info, start, stop, memoryview(out.numpy()))
+        self.read_rows_into(info, start, stop, out.numpy().data)
         shape = (stop - start, *info.shape[1:]) if info.shape else (() if stop > start else (0,))
         return out.view(info.torch_dtype).reshape(shape)
 
     def read_rows_into(self, info: TensorInfo, start: int, stop: int, out: memoryview) -> None:
         array_dir, layout = self._layout(info)
-        rows = rows_of(info.shape)[0]
-        if not 0 <= start <= stop <= rows:
-            raise BadInputError(f"rows [{start}, {stop}) out of range for {info.name!r} with {rows} rows")
+        check_rows(info.name, start, stop, rows_of(info.shape)[0])
         row_bytes, cr, cps = layout.row_bytes, layout.chunk_rows, layout.chunks_per_shard
         if len(out) != (stop - start) * row_bytes:
-            raise BadInputError(f"{info.name!r}: a buffer of {len(out)} bytes cannot hold rows [{start}, {stop})")
+            raise BadInputError(
+                f"{info.name!r}: a buffer of {len(out)} bytes cannot hold rows [{start}, {stop})", param="out"
+            )
         if len(out):
             first, last = start // cr, (stop - 1) // cr
             for shard in range(first // cps, last // cps + 1):
@@ -748,9 +747,8 @@ class ZarrBackend(Backend):
                 elif codec is None:
                     pread_into(fd, dst, offset + skip, where)
                 else:
-                    blob = os.pread(fd, nbytes, offset)
-                    if len(blob) != nbytes:
-                        raise CorruptDataError(f"{where}: chunk {chunk} is cut short (truncated?)")
+                    blob = np.empty(nbytes, dtype=np.uint8).data  # not zero-filled: pread fills it
+                    pread_into(fd, blob, offset, f"{where}: chunk {chunk}")
                     whole = len(dst) == layout.chunk_bytes  # decode in place; a partial chunk goes through scratch
                     scratch = dst if whole else memoryview(bytearray(layout.chunk_bytes))
                     try:
@@ -777,8 +775,7 @@ def _open_shard(path: Path, where: str) -> Iterator[int]:
 def _read_index(fd: int, layout: _Layout, where: str) -> tuple[np.ndarray, int]:
     """A shard's ``(offset, nbytes)`` index rows, checked against their crc32c, and where its data ends."""
     data_end = os.fstat(fd).st_size - layout.index_bytes
-    raw = os.pread(fd, layout.index_bytes, max(0, data_end))
-    crc = int.from_bytes(raw[-4:], "little")
-    if data_end < 0 or len(raw) != layout.index_bytes or google_crc32c.value(raw[:-4]) != crc:
+    raw = pread_bytes(fd, layout.index_bytes, data_end, where) if data_end >= 0 else b""
+    if not raw or google_crc32c.value(bytes(raw[:-4])) != int.from_bytes(raw[-4:], "little"):
         raise CorruptDataError(f"{where}: shard index is truncated or its crc32c does not match")
     return np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2), data_end

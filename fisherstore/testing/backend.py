@@ -220,13 +220,13 @@ class BackendTests:
                     assert torch.equal(store.read(name, rows=(start, stop)), t[start:stop]), (name, start, stop)
 
     def test_chunks_carry_exactly_the_tensor_bytes(self, tmp_path: Path, tensors_bf16: dict[str, torch.Tensor]) -> None:
-        """iter_chunks: buffers or file spans, either way the C-order bytes, bounded in size."""
+        """iter_pieces: buffers or file spans, either way the C-order bytes, bounded in size."""
         w, _ = self.write(tmp_path / "s", tensors_bf16)
         w.finish()
         with open_store(tmp_path / "s") as store:
             for name, t in tensors_bf16.items():
                 data = b""
-                for chunk in store.iter_chunks(name, chunk_bytes=4096):
+                for chunk in store.iter_pieces(name, piece_bytes=4096):
                     assert len(chunk) <= max(4096, t[0].numel() * 2)
                     parts = chunk.views() if isinstance(chunk, FileSpan) else [chunk]
                     data += b"".join(bytes(p) for p in parts)
@@ -299,7 +299,7 @@ class BackendTests:
                 _assert_rows(store[name], t, 0, rows_of(t.shape)[0], name)
                 for start, stop in row_ranges(rows_of(t.shape)[0]):
                     _assert_rows(store.read(name, rows=(start, stop)), t, start, stop, (name, start, stop))
-                chunks = store.iter_chunks(name, chunk_bytes=64)
+                chunks = store.iter_pieces(name, piece_bytes=64)
                 data = b"".join(bytes(p) for c in chunks for p in (c.views() if isinstance(c, FileSpan) else [c]))
                 assert data == bytes(tensor_bytes(t)), name
         with self.opened(root) as (backend, infos):
