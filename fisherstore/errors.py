@@ -52,12 +52,16 @@ class ChecksumMismatchError(CorruptDataError):
     """A tensor's bytes do not match the checksum recorded in the manifest."""
 
     @classmethod
-    def for_tensor(cls, name: str, got: str, recorded: str, where: str = "the manifest") -> ChecksumMismatchError:
-        """The one wording of a mismatch: what the bytes hash to, what ``where`` recorded, what to do."""
-        return cls(
-            f"tensor {name!r}: bytes hash to {got}, {where} says {recorded}; the source is corrupt "
-            "(run fisherstore verify on it)"
-        )
+    def for_tensor(
+        cls,
+        name: str,
+        got: str,
+        recorded: str,
+        where: str = "the manifest",
+        advice: str = "the source is corrupt (run fisherstore verify on it)",
+    ) -> ChecksumMismatchError:
+        """The one wording of a mismatch: what the bytes hash to, what ``where`` recorded, and ``advice``."""
+        return cls(f"tensor {name!r}: bytes hash to {got}, {where} says {recorded}" + (f"; {advice}" if advice else ""))
 
 
 class UnsafePickleError(BadInputError):
