@@ -32,6 +32,7 @@ import torch
 
 from ._io import TMP_PREFIX, fsync_dir, write_json_atomic
 from .digests import sha256_tag
+from .dtypes import canonical_dtype
 from .errors import BadInputError
 
 __all__ = [
@@ -57,7 +58,8 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SOURCE_FILE = "fisherstore-source.json"
 _CACHE_LAYOUT = 1  # bump when the converted directory's contents change meaning
 
-_DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16}
+#: Compute dtypes a model loads in, by canonical name (``"auto"``: the checkpoint's).
+_DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -155,18 +157,20 @@ def load_model(
     ``device`` moves the model after loading; ``device_map`` (e.g. ``"auto"``,
     needs ``accelerate``) places it across devices while loading instead.
     ``dtype`` is ``"auto"`` (the checkpoint's dtype; fp32 for GGUF and
-    tiny-gemma4), ``"fp32"`` or ``"bf16"``.  All parameters come back with
+    tiny-gemma4), ``"float32"`` or ``"bfloat16"`` (or an alias such as
+    ``"fp32"``, ``"bf16"``).  All parameters come back with
     ``requires_grad=False``; :func:`fisherstore.extraction.extract` turns it on
     group by group.
     """
-    if dtype not in _DTYPES:
-        raise BadInputError(f"model dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    dtype = _model_dtype(dtype)
     if device is not None and device_map is not None:
-        raise BadInputError("give either a device or a device map, not both")
+        raise BadInputError("give either device or device_map, not both", param="device_map")
     name = SMOLLM2 if spec is None else os.fspath(spec)
     if name.lower() == TINY_GEMMA4:
         if device_map is not None:
-            raise BadInputError("tiny-gemma4 is built in memory and takes no --device-map; use --device")
+            raise BadInputError(
+                "tiny-gemma4 is built in memory and takes no device_map; pass device instead", param="device_map"
+            )
         from .testing import tiny_gemma4_model
 
         model, tokenizer = tiny_gemma4_model(), tiny_tokenizer()
@@ -206,6 +210,13 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, provenance)
+
+
+def _model_dtype(dtype: Any) -> str:
+    """``"auto"`` or the canonical name of a compute dtype (``bf16``/``bfloat16``, ``fp32``/``float32``)."""
+    if str(dtype).strip().lower() == "auto":
+        return "auto"
+    return canonical_dtype(dtype, param="dtype", allowed=[d for d in _DTYPES if d != "auto"])
 
 
 def _load_hf_dir(directory: Path, *, device_map: Any, dtype: Any) -> tuple[Any, Any]:
