@@ -112,11 +112,13 @@ def blend_adapter(
     """
     src, out = Path(adapter_dir), Path(out_dir)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
-        raise BadInputError(f"blend alpha must be a finite number, got {alpha!r}")
+        raise BadInputError(f"alpha must be a finite number, got {alpha!r}", param="alpha")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BadInputError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise BadInputError(f"{out} exists and is not empty; pass overwrite=True to replace it", param="overwrite")
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
-        raise BadInputError(f"output {out} is or contains the adapter directory {src}; choose another --out")
+        raise BadInputError(
+            f"out_dir {out} is or contains the adapter directory {src}; choose another out_dir", param="out_dir"
+        )
     rule = rule or ScaleRule()
     tensors = _load_adapter(src)
     values = load_importance(importance)

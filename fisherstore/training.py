@@ -255,22 +255,22 @@ class ProjectorConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise BadInputError(f"projection mode {self.mode!r} is not one of {MODES}")
+            raise BadInputError(f"mode {self.mode!r} is not one of {MODES}", param="mode")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise BadInputError(f"projection rank must be a positive integer, got {self.rank!r}")
+            raise BadInputError(f"rank must be a positive integer, got {self.rank!r}", param="rank")
         if not (isinstance(self.strength, (int, float)) and 0.0 <= self.strength <= 1.0):
-            raise BadInputError(f"projection strength must be a number in [0, 1], got {self.strength!r}")
+            raise BadInputError(f"strength must be a number in [0, 1], got {self.strength!r}", param="strength")
         if self.kinds is not None:
             kinds = self.kinds.split(",") if isinstance(self.kinds, str) else self.kinds
             kinds = tuple(k.strip() for k in kinds)
             bad = [k for k in kinds if k not in (*KINDS, "other")]
             if bad or not kinds:
-                raise BadInputError(f"projection kinds {self.kinds!r}: {bad or 'empty'} not in {(*KINDS, 'other')}")
+                raise BadInputError(f"kinds {self.kinds!r}: {bad or 'empty'} not in {(*KINDS, 'other')}", param="kinds")
             object.__setattr__(self, "kinds", kinds)
         if self.layers is not None:
             layers = tuple(self.layers)
             if any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in layers):
-                raise BadInputError(f"projection layers must be non-negative integers, got {self.layers!r}")
+                raise BadInputError(f"layers must be non-negative integers, got {self.layers!r}", param="layers")
             object.__setattr__(self, "layers", layers)
         if self.adapters is not None:
             object.__setattr__(
@@ -355,7 +355,7 @@ class SubspaceProjector:
         store = _open_masks(masks)
         stored = int(store.rank)
         if self.config.rank is not None and self.config.rank > stored:
-            raise BadInputError(f"projection rank {self.config.rank} exceeds the mask store's rank k={stored}")
+            raise BadInputError(f"rank {self.config.rank} exceeds the mask store's rank k={stored}", param="rank")
         #: Modes used per tensor (a tensor smaller than k holds min(k, m, n) modes; all of them are used).
         self.rank = self.config.rank or stored
         self.coverage = Coverage()
@@ -500,9 +500,9 @@ class ScaleRule:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.power, (int, float)) and math.isfinite(self.power)):
-            raise BadInputError(f"scale power must be a finite number, got {self.power!r}")
+            raise BadInputError(f"power must be a finite number, got {self.power!r}", param="power")
         if self.reference not in REFERENCES:
-            raise BadInputError(f"scale reference {self.reference!r} is not one of {REFERENCES}")
+            raise BadInputError(f"reference {self.reference!r} is not one of {REFERENCES}", param="reference")
         lo, hi = self.min_factor, self.max_factor
         if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(hi) and 0 <= lo <= hi):
             raise BadInputError(
@@ -538,7 +538,8 @@ class ScaleRule:
 
     def describe(self) -> str:
         """The formula with this rule's numbers, for tables and logs."""
-        return f"factor = clip((importance / {self.reference}) ** -{self.power:g}, {self.min_factor:g}, {self.max_factor:g})"
+        bounds = f"{self.min_factor:g}, {self.max_factor:g}"
+        return f"factor = clip((importance / {self.reference}) ** -{self.power:g}, {bounds})"
 
     def to_dict(self) -> dict[str, Any]:
         """The rule's fields, for provenance records."""
