@@ -26,6 +26,7 @@ __all__ = [
     "DTYPES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "IMPORTANCE_NAME",
     "ITEMSIZES",
     "MANIFEST_NAME",
     "GroupInfo",
@@ -33,6 +34,8 @@ __all__ = [
     "TensorInfo",
     "TensorSpec",
     "dtype_name",
+    "importance_document",
+    "layer_sums",
     "now_iso",
     "torch_dtype",
 ]
@@ -40,6 +43,8 @@ __all__ = [
 FORMAT_NAME = "fisherstore"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "fisherstore.json"
+#: The per-layer importance document a store keeps beside its manifest (:func:`importance_document`).
+IMPORTANCE_NAME = "layer_importance.json"
 
 #: Storable dtypes, by the name the manifest uses, with their sizes in bytes.
 #: Plain data, so that code which only moves bytes never has to import torch.
@@ -331,7 +336,8 @@ class Manifest:
         if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
             raise _bad(
                 where,
-                f"version {version!r} is not supported (this fisherstore reads 1..{FORMAT_VERSION}); upgrade fisherstore",
+                f"version {version!r} is not supported (this fisherstore reads 1..{FORMAT_VERSION}); "
+                "upgrade fisherstore",
             )
         backend = d.get("backend")
         if not isinstance(backend, str):
@@ -376,6 +382,60 @@ class Manifest:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptDataError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, str(path))
+
+
+def layer_sums(
+    infos: Mapping[str, TensorInfo], sums: Mapping[str, float] | None = None
+) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
+    """Per-layer totals and per-layer-per-kind totals of tensor infos' recorded sums.
+
+    Args:
+        infos: tensor infos by name (a manifest's ``tensors``).
+        sums: sums that replace the recorded ones (for sources that record none).
+
+    Returns:
+        ``({layer: total}, {layer: {kind: total}})``, in layer order.
+    """
+    totals: dict[int, float] = {}
+    by_kind: dict[int, dict[str, float]] = {}
+    for name, info in infos.items():
+        if info.layer is None:
+            continue
+        value = (sums or {}).get(name, info.sum)
+        totals[info.layer] = totals.get(info.layer, 0.0) + value
+        kinds = by_kind.setdefault(info.layer, {})
+        kinds[info.kind] = kinds.get(info.kind, 0.0) + value
+    order = sorted(totals)
+    return {l: totals[l] for l in order}, {l: by_kind[l] for l in order}
+
+
+def importance_document(manifest: Manifest, sums: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The ``layer_importance.json`` document for a store's manifest.
+
+    ``layers`` maps each layer index (as a string, JSON keys are strings) to
+    the sum of every stored Fisher value of that layer; ``vector`` lists the
+    same numbers in layer order; ``by_kind`` splits each layer by projection.
+    It lives with the manifest because it is a view of it: the writer stores it
+    and a store serves it without any tensor being read.
+
+    Args:
+        manifest: the store's manifest.
+        sums: sums that replace the recorded ones (see :func:`layer_sums`).
+
+    Returns:
+        The JSON-ready document.
+    """
+    totals, by_kind = layer_sums(manifest.tensors, sums)
+    return {
+        "format": "fisherstore-layer-importance",
+        "version": 1,
+        "layers": {str(l): v for l, v in totals.items()},
+        "vector": list(totals.values()),
+        "by_kind": {str(l): k for l, k in by_kind.items()},
+        "provenance": {
+            k: manifest.provenance[k] for k in ("model", "estimator", "num_prompts") if k in manifest.provenance
+        },
+    }
 
 
 def now_iso() -> str:
