@@ -62,7 +62,7 @@ import math
 import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "LORA_VARIANTS",
     "MODES",
     "REFERENCES",
     "Coverage",
@@ -89,6 +90,7 @@ __all__ = [
     "attach_training",
     "format_factor_table",
     "lora_modules",
+    "lora_variant_of_config",
     "project_lora_",
     "subspace_leak",
 ]
@@ -184,11 +186,64 @@ def _unsupported(module: nn.Module, adapters: Sequence[str]) -> str | None:
         return "no active adapter with lora_A/lora_B on this module"
     if any(not isinstance(module.lora_A[a], nn.Linear) for a in adapters):
         return f"{type(module).__name__} is not a Linear LoRA layer (conv LoRA is not supported)"
-    if any(module.use_dora.get(a, False) for a in adapters):
-        return "DoRA rescales W+ΔW by a learned magnitude, so ΔW is not B·A; not supported"
+    variants = getattr(module, "lora_variant", {})
+    for a in adapters:
+        if a in variants:
+            return (
+                f"the {_variant_name(module, variants[a])} LoRA variant does not update W by B·A alone; not supported"
+            )
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out (Conv1D) layers store W transposed; not supported"
     return None
+
+
+#: LoRA variants by what enables them in a ``LoraConfig``: a field PEFT tags ``is_lora_variant``, or
+#: (``mica``) a value of ``init_lora_weights``.  PEFT applies each through a ``LoraVariant`` whose
+#: forward pass is not ΔW = B·A, so neither the projector nor a per-layer blend can handle it.
+LORA_VARIANTS: dict[str, str] = {
+    "use_dora": "DoRA",
+    "kasa_config": "KaSA",
+    "alora_invocation_tokens": "aLoRA",
+    "velora_config": "VeLoRA",
+    "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow",
+    "monteclora_config": "MonteCLoRA",
+    "mica": "MiCA",
+}
+
+
+def lora_variant_of_config(config: Mapping[str, Any]) -> str | None:
+    """The LoRA variant a saved adapter config (``adapter_config.json``) enables, or ``None`` for plain LoRA.
+
+    Besides :data:`LORA_VARIANTS`, any field the installed PEFT's ``LoraConfig``
+    tags as a variant counts, so variants newer than this table are refused too.
+
+    Args:
+        config: the adapter config as a mapping.
+
+    Returns:
+        The variant's name (``"DoRA"``, ``"KaSA"``, ... or the field's name), or ``None``.
+    """
+    keys = dict(LORA_VARIANTS)
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        pass
+    else:
+        keys.update({f.name: keys.get(f.name, f.name) for f in fields(LoraConfig) if f.metadata.get("is_lora_variant")})
+    init = config.get("init_lora_weights")
+    for key, name in keys.items():
+        if config.get(key) or (isinstance(init, str) and init == key):
+            return name
+    return None
+
+
+def _variant_name(module: nn.Module, variant: object) -> str:
+    """The name of the variant a LoRA layer applies to an adapter, from the layer's own variant table."""
+    for keys, cls in getattr(module, "lora_variants", {}).items():
+        if cls is not None and type(variant) is cls:
+            return "+".join(LORA_VARIANTS.get(k, k) for k in keys)
+    return type(variant).__name__
 
 
 def _module_adapters(module: nn.Module, wanted: Sequence[str] | None) -> tuple[str, ...]:
