@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -309,7 +309,8 @@ def extract(
         "tokens": tokens,
     }
     attrs = {"estimator": cfg.estimator, "num_samples": len(prompt_set), "tokens": tokens}
-    input_device = model.get_input_embeddings().weight.device
+    # a transformers model (get_input_embeddings); torch's stubs type unknown attributes as Tensor | Module
+    input_device = cast(Any, model).get_input_embeddings().weight.device
     inputs = [ids.to(input_device) for ids in inputs]
     peak_device = _reset_device_peaks(params.values())
     group_seconds: list[float] = []
@@ -322,7 +323,7 @@ def extract(
             out,
             plan,
             backend=cfg.backend,
-            backend_options=cfg.backend_options,
+            backend_options=dict(cfg.backend_options) if cfg.backend_options is not None else None,
             kind="fisher",
             provenance=prov,
             attrs=attrs,
@@ -425,7 +426,7 @@ def _square_into(acc: torch.Tensor) -> Callable[[torch.Tensor], None]:
     """A post-accumulate-grad hook: ``acc += grad.float()**2``, then free the gradient."""
 
     def hook(param: torch.Tensor) -> None:
-        grad = param.grad.float()
+        grad = cast(torch.Tensor, param.grad).float()  # set: the hook runs after accumulation
         acc.addcmul_(grad, grad)
         param.grad = None
 

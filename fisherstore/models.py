@@ -273,7 +273,7 @@ def _converted_gguf(gguf: Path, root: Path) -> tuple[Path, dict[str, Any]]:
         kwargs = {"gguf_file": gguf.name, "local_files_only": True}
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+            model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
         except (OSError, ValueError) as exc:
             raise BadInputError(f"{gguf}: cannot load it as a GGUF causal LM ({exc})") from None
         # The weights are already dequantized to fp32; transformers only refuses to

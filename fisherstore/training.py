@@ -63,6 +63,7 @@ import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -106,8 +107,11 @@ REFERENCES: tuple[str, ...] = ("geomean", "mean", "median", "max")
 class MaskSource(Protocol):
     """What the projector reads masks through (``fisherstore.masks.open_masks`` returns one)."""
 
-    names: Sequence[str]
-    rank: int
+    @property
+    def names(self) -> Sequence[str]: ...
+
+    @property
+    def rank(self) -> int: ...
 
     def __contains__(self, name: object) -> bool: ...
 
@@ -164,7 +168,12 @@ def _orthonormal(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- model inspection
 
 
-def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+#: A PEFT ``LoraLayer``.  Typed ``Any``: its ``lora_A``/``lora_B`` are ``ModuleDict`` attributes, which
+#: torch's stubs type as ``Tensor | Module`` on an ``nn.Module``, so every use would need a cast.
+LoraModule = Any
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoraModule]]:
     """Every PEFT LoRA layer of ``model`` as ``(module name, module)``, in model order.
 
     Raises :class:`BadInputError` when there is none: the hooks need a model
@@ -180,7 +189,7 @@ def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _unsupported(module: nn.Module, adapters: Sequence[str]) -> str | None:
+def _unsupported(module: LoraModule, adapters: Sequence[str]) -> str | None:
     """Why the projector cannot keep this LoRA layer's ΔW out of a subspace, or ``None`` if it can."""
     if not adapters:
         return "no active adapter with lora_A/lora_B on this module"
@@ -238,7 +247,7 @@ def lora_variant_of_config(config: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _variant_name(module: nn.Module, variant: object) -> str:
+def _variant_name(module: LoraModule, variant: object) -> str:
     """The name of the variant a LoRA layer applies to an adapter, from the layer's own variant table."""
     for keys, cls in getattr(module, "lora_variants", {}).items():
         if cls is not None and type(variant) is cls:
@@ -246,7 +255,7 @@ def _variant_name(module: nn.Module, variant: object) -> str:
     return type(variant).__name__
 
 
-def _module_adapters(module: nn.Module, wanted: Sequence[str] | None) -> tuple[str, ...]:
+def _module_adapters(module: LoraModule, wanted: Sequence[str] | None) -> tuple[str, ...]:
     names = wanted if wanted is not None else module.active_adapters
     return tuple(a for a in names if a in module.lora_A)
 
@@ -347,18 +356,18 @@ class _Target:
 
     name: str
     fisher: str
-    module: nn.Module
+    module: LoraModule
     adapters: tuple[str, ...]
     by_layer_kind: bool
-    U: torch.Tensor | None = None
-    V: torch.Tensor | None = None
+    U: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # set by SubspaceProjector._load
+    V: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 def _open_masks(masks: str | os.PathLike[str] | MaskSource) -> MaskSource:
     if isinstance(masks, (str, os.PathLike)):
         from .masks import open_masks
 
-        return open_masks(masks)
+        return open_masks(Path(masks))
     return masks
 
 
@@ -752,7 +761,7 @@ def _callback_class() -> type:
             if self.hooks is None:
                 if model is None:
                     raise BadInputError("FisherTrainerCallback got no model from the Trainer")
-                options = {"config": self.config} if self.masks is not None else {}
+                options: dict[str, Any] = {"config": self.config} if self.masks is not None else {}
                 self.hooks = attach_training(
                     model, masks=self.masks, importance=self.importance, rule=self.rule, **options
                 )
