@@ -76,9 +76,10 @@ print(json.dumps({"seconds": seconds, "groups": len(plan), "tokens_per_pass": su
 EXTRACT = (
     SETUP
     + r"""
-from fisherstore.extraction import extract
+from fisherstore.extraction import ExtractConfig, extract
 start = time.perf_counter()
-summary = extract(smol.model, smol.tokenizer, prompts, out, group_size=group_size, dtype="bf16", provenance=smol.provenance)
+config = ExtractConfig(group_size=group_size, dtype="bfloat16")
+summary = extract(smol.model, smol.tokenizer, prompts, out, config, provenance=smol.provenance)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, **summary.to_dict()}))
 """
@@ -121,7 +122,8 @@ def main() -> None:
                     }
                 )
                 print(
-                    f"{label}: {runs[label][-1]['seconds']:.1f} s (child {child.wall_s:.1f} s, peak RSS {child.peak_rss_mb:.0f} MiB)",
+                    f"{label}: {runs[label][-1]['seconds']:.1f} s "
+                    f"(child {child.wall_s:.1f} s, peak RSS {child.peak_rss_mb:.0f} MiB)",
                     flush=True,
                 )
     finally:
@@ -158,10 +160,13 @@ def main() -> None:
         )
     table = "\n".join(rows) + (
         f"\n\nSettings: {settings}.\n\n"
-        f"- overhead extract / bare = **{overhead:.3f}x** (target <= 1.10x): {'PASS' if verdict['overhead_ok'] else 'FAIL'}\n"
-        f"- compute blocked on the writer: {ext['writer_blocked_seconds']:.2f} s = **{100 * blocked:.1f}%** of the extraction "
+        f"- overhead extract / bare = **{overhead:.3f}x** (target <= 1.10x): "
+        f"{'PASS' if verdict['overhead_ok'] else 'FAIL'}\n"
+        f"- compute blocked on the writer: {ext['writer_blocked_seconds']:.2f} s = "
+        f"**{100 * blocked:.1f}%** of the extraction "
         f"(target <= 5%): {'PASS' if verdict['writer_blocked_ok'] else 'FAIL'}\n"
-        f"- extraction: {ext['tokens_per_second']:.0f} tokens/s, per group {', '.join(f'{s:.1f}' for s in ext['group_seconds'])} s\n"
+        f"- extraction: {ext['tokens_per_second']:.0f} tokens/s, "
+        f"per group {', '.join(f'{s:.1f}' for s in ext['group_seconds'])} s\n"
         "\nWork time excludes imports and model loading (the same for both); peak RSS is the whole child's."
     )
     write_results(args.name, this_command(), {"settings": settings, "runs": runs, "verdict": verdict}, table)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from typing import Any
 
-from fisherstore.extraction import DEFAULT_GROUP_SIZE, ESTIMATORS, extract, parse_bytes, parse_group_size, storage_dtype
+from fisherstore.extraction import ESTIMATORS, ExtractConfig, extract
 from fisherstore.formats import BACKENDS
 from fisherstore.models import SMOLLM2, TINY_GEMMA4, load_model
 from fisherstore.prompts import load_prompts
@@ -57,74 +59,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", help="prompt file or dataset folder (default: the 200 packaged IFEval-style prompts)")
     g.add_argument("--num-prompts", type=int, default=200, help="use the first N prompts (default 200)")
-    g.add_argument(
-        "--max-length", type=int, default=256, help="truncate each templated prompt to this many tokens (default 256)"
-    )
-    g.add_argument(
-        "--no-chat-template",
-        dest="chat_template",
-        action="store_false",
-        help="tokenize prompts as raw text (required when the tokenizer has no chat template)",
-    )
+    g.add_argument("--max-length", type=int, **_field("max_length"))
+    g.add_argument("--no-chat-template", dest="chat_template", action="store_false", **_field("chat_template"))
     g = p.add_argument_group("estimation")
-    g.add_argument(
-        "--estimator",
-        choices=ESTIMATORS,
-        default="empirical",
-        help="labels: the prompt's own next tokens (empirical, default) or samples from the model (sampled)",
-    )
-    g.add_argument(
-        "--targets",
-        help="weights to estimate: a regex, or kinds like q,k,v (default: q/k/v/o/gate/up/down in decoder layers)",
-    )
-    g.add_argument(
-        "--group-size",
-        default="auto",
-        help=f"decoder layers per group, or auto (default): the largest group whose fp32 accumulators fit --max-memory, else {DEFAULT_GROUP_SIZE}",
-    )
-    g.add_argument(
-        "--max-memory",
-        help="budget for one group's fp32 accumulators, e.g. 40GiB (used by --group-size auto); K/M/G and KiB/MiB/GiB are binary, KB/MB/GB decimal",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampled estimator's labels (default 0)")
+    g.add_argument("--estimator", choices=ESTIMATORS, **_field("estimator"))
+    g.add_argument("--targets", **_field("targets"))
+    g.add_argument("--group-size", **_field("group_size"))
+    g.add_argument("--max-memory", **_field("max_memory"))
+    g.add_argument("--seed", type=int, **_field("seed"))
     g = p.add_argument_group("model placement")
     g.add_argument("--device", help="compute device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     g.add_argument("--device-map", help="place the model across devices while loading, e.g. auto (needs accelerate)")
     g.add_argument(
         "--model-dtype",
-        choices=("auto", "fp32", "bf16"),
+        choices=("auto", "bf16", "bfloat16", "fp32", "float32"),
         default="auto",
         help="compute dtype of the weights (default auto: the checkpoint's; GGUF is dequantized to fp32)",
     )
     g = p.add_argument_group("store")
-    g.add_argument(
-        "--backend", choices=sorted(BACKENDS), default="safetensors", help="container format (default safetensors)"
-    )
-    g.add_argument(
-        "--dtype",
-        choices=("bf16", "fp32", "fp16"),
-        default="bf16",
-        help="storage dtype (default bf16; fp16 is refused: Fisher values span ~20 decades)",
-    )
+    g.add_argument("--backend", choices=sorted(BACKENDS), **_field("backend"))
+    g.add_argument("--dtype", choices=("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"), **_field("dtype"))
     add_zarr_options(g)
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted store: skip the groups its manifest marks complete",
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    g.add_argument("--resume", action="store_true", **_field("resume"))
+    g.add_argument("--overwrite", action="store_true", **_field("overwrite"))
     g.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=run)
 
 
+def _field(name: str) -> dict[str, Any]:
+    """The default and help line of an :class:`~fisherstore.extraction.ExtractConfig` field, for its option."""
+    default = next(f.default for f in dataclasses.fields(ExtractConfig) if f.name == name)
+    return {"default": default, "help": ExtractConfig.help(name)}
+
+
 def run(args: argparse.Namespace) -> int:
     options = zarr_options(args, args.backend)
-    # Check cheap options before the model loads (tens of seconds for a large or GGUF model).
-    storage_dtype(args.dtype)
-    if args.group_size != "auto":
-        parse_group_size(args.group_size)
-    if args.max_memory is not None:
-        parse_bytes(args.max_memory)
+    # Validated before the model loads (tens of seconds for a large or GGUF model).
+    config = ExtractConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ExtractConfig) if f.name != "backend_options"},
+        backend_options=options or None,
+    )
     device = args.device
     if device is None and args.device_map is None:
         import torch
@@ -132,25 +106,7 @@ def run(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     loaded = load_model(args.model, device=device, device_map=args.device_map, dtype=args.model_dtype)
-    summary = extract(
-        loaded.model,
-        loaded.tokenizer,
-        prompts,
-        args.out,
-        group_size=args.group_size,
-        targets=args.targets,
-        backend=args.backend,
-        backend_options=options or None,
-        dtype=args.dtype,
-        estimator=args.estimator,
-        max_length=args.max_length,
-        chat_template=args.chat_template,
-        max_memory=args.max_memory,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        seed=args.seed,
-        provenance=loaded.provenance,
-    )
+    summary = extract(loaded.model, loaded.tokenizer, prompts, args.out, config, provenance=loaded.provenance)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=1))
         return 0
@@ -161,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote {args.out}: {summary.groups_run} of {summary.groups_total} groups x {summary.num_prompts} prompts "
-        f"({summary.tokens_per_pass} tokens per pass) in {summary.seconds:.1f} s, {summary.tokens_per_second:.0f} tokens/s, "
+        f"({summary.tokens_per_pass} tokens per pass) in {summary.seconds:.1f} s, "
+        f"{summary.tokens_per_second:.0f} tokens/s, "
         f"writer blocked {summary.writer_blocked_seconds:.2f} s, peak RSS {human_bytes(summary.peak_rss_bytes)}{peak}"
     )
     return 0

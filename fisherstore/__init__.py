@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "GroupInfo": "manifest",
     # extraction
     "extract": "extraction",
+    "ExtractConfig": "extraction",
     "ExtractSummary": "extraction",
     "load_model": "models",
     "LoadedModel": "models",
@@ -93,7 +94,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers see the eager imports
     from .blend import BlendReport, blend_adapter
     from .conversion import convert
-    from .extraction import ExtractSummary, extract
+    from .extraction import ExtractConfig, ExtractSummary, extract
     from .importance import load_importance
     from .manifest import GroupInfo, Manifest, TensorInfo, TensorSpec
     from .masks import MaskStore, describe_masks, open_masks, write_masks

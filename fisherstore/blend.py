@@ -28,7 +28,7 @@ from ._io import atomic_dir, atomic_file, write_json_atomic
 from .errors import BadInputError
 from .importance import load_importance
 from .naming import parse_name
-from .training import ScaleRule
+from .training import ScaleRule, lora_variant_of_config
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BLEND_RECORD", "BlendReport", "blend_adapter"]
 
@@ -59,7 +59,7 @@ class BlendReport:
 
 
 def _load_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA adapter directory, after checking its config says LoRA without DoRA."""
+    """The tensors of a LoRA adapter directory, after checking its config says plain LoRA (no variant)."""
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.is_file():
         raise BadInputError(f"{adapter_dir}: no {ADAPTER_CONFIG}; give the directory a PEFT save_pretrained wrote")
@@ -70,9 +70,10 @@ def _load_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         peft_type = config.get("peft_type") if isinstance(config, dict) else None
         raise BadInputError(f"{config_path}: peft_type is {peft_type!r}; only LoRA adapters can be blended")
-    if config.get("use_dora"):
+    variant = lora_variant_of_config(config)
+    if variant is not None:
         raise BadInputError(
-            f"{config_path}: DoRA adapters rescale W+ΔW by learned magnitudes; their ΔW cannot be scaled per layer"
+            f"{config_path}: {variant} adapters do not update W by B·A alone; their ΔW cannot be scaled per layer"
         )
     weights = adapter_dir / ADAPTER_WEIGHTS
     if weights.is_file():
@@ -112,11 +113,13 @@ def blend_adapter(
     """
     src, out = Path(adapter_dir), Path(out_dir)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
-        raise BadInputError(f"blend alpha must be a finite number, got {alpha!r}")
+        raise BadInputError(f"alpha must be a finite number, got {alpha!r}", param="alpha")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BadInputError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise BadInputError(f"{out} exists and is not empty; pass overwrite=True to replace it", param="overwrite")
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
-        raise BadInputError(f"output {out} is or contains the adapter directory {src}; choose another --out")
+        raise BadInputError(
+            f"out_dir {out} is or contains the adapter directory {src}; choose another out_dir", param="out_dir"
+        )
     rule = rule or ScaleRule()
     tensors = _load_adapter(src)
     values = load_importance(importance)

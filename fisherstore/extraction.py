@@ -33,13 +33,15 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
+from .digests import sha256_tag
+from .dtypes import canonical_dtype
 from .errors import BadInputError
 from .manifest import GroupInfo, TensorSpec, dtype_name
 from .models import config_hash
@@ -53,6 +55,7 @@ __all__ = [
     "DEFAULT_GROUP_SIZE",
     "ESTIMATORS",
     "STORAGE_DTYPES",
+    "ExtractConfig",
     "ExtractSummary",
     "auto_group_size",
     "extract",
@@ -67,14 +70,9 @@ log = logging.getLogger(__name__)
 #: Fisher estimators: labels from the data, or sampled from the model.
 ESTIMATORS = ("empirical", "sampled")
 
-#: Storage dtypes.  fp16 is refused: Fisher values span ~20 decades (2e-20 .. 3 on
-#: SmolLM2) and ~8% of them flush to zero in fp16, whose range ends at 6e-8.
-STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
+#: Storage dtypes, by canonical name.  fp16 is refused: Fisher values span ~20 decades
+#: (2e-20 .. 3 on SmolLM2) and ~8% of them flush to zero in fp16, whose range ends at 6e-8.
+STORAGE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 #: Group size used by ``group_size="auto"`` when no memory budget is given.  It
 #: does not depend on the machine, so a resumed run plans the same groups.
@@ -93,6 +91,101 @@ _RESUME_KEYS = (
     "tokenizer_vocab_size",
     "tokens",
 )
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What :func:`extract` estimates and how it stores it.
+
+    Every field is validated on construction (the error names the field and
+    quotes the value); aliases are read once here, so ``dtype`` is canonical
+    (``"bfloat16"`` or ``"float32"``) and ``group_size`` is ``"auto"`` or an
+    int.  :meth:`help` gives each field's help line, which the CLI shows for
+    the matching option.
+    """
+
+    group_size: int | str = field(
+        default="auto",
+        metadata={
+            "help": "decoder layers per group, or auto (default): the largest group whose fp32 accumulators fit the "
+            f"memory budget, else {DEFAULT_GROUP_SIZE}"
+        },
+    )
+    targets: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "weights to estimate: a regex, or kinds like q,k,v "
+            "(default: q/k/v/o/gate/up/down in decoder layers)"
+        },
+    )
+    backend: str = field(
+        default="safetensors",
+        metadata={"help": "container format (default safetensors)"},
+    )
+    backend_options: Mapping[str, Any] | None = field(
+        default=None,
+        metadata={"help": "options of the backend, e.g. zarr compression"},
+    )
+    dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "storage dtype (default bfloat16; fp16 is refused: Fisher values span ~20 decades)"},
+    )
+    estimator: str = field(
+        default="empirical",
+        metadata={
+            "help": "labels: the prompt's own next tokens (empirical, default) or samples from the model (sampled)"
+        },
+    )
+    max_length: int = field(
+        default=256,
+        metadata={"help": "truncate each templated prompt to this many tokens (default 256)"},
+    )
+    chat_template: bool = field(
+        default=True,
+        metadata={
+            "help": "apply the tokenizer's chat template "
+            "(turn it off to tokenize prompts as raw text, required when the tokenizer has none)"
+        },
+    )
+    max_memory: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "budget for one group's fp32 accumulators, e.g. 40GiB (used by group size auto); "
+            "K/M/G and KiB/MiB/GiB are binary, KB/MB/GB decimal"
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue an interrupted store: skip the groups its manifest marks complete"},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace an existing store at the output path"},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of the sampled estimator's labels (default 0)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise BadInputError(
+                f"estimator {self.estimator!r} is not one of {', '.join(ESTIMATORS)}", param="estimator"
+            )
+        object.__setattr__(self, "dtype", _storage_dtype_name(self.dtype))
+        if self.group_size != "auto":
+            object.__setattr__(self, "group_size", parse_group_size(self.group_size))
+        if self.max_memory is not None:
+            _max_memory_bytes(self.max_memory)
+        for name, bound in (("max_length", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < bound:
+                raise BadInputError(f"{name} must be an integer >= {bound}, got {value!r}", param=name)
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help line of field ``name``."""
+        return str(next(f for f in fields(cls) if f.name == name).metadata["help"])
 
 
 @dataclass(frozen=True)
@@ -121,12 +214,14 @@ class ExtractSummary:
 
 
 def target_parameters(model: torch.nn.Module, targets: str | list[str] | None = None) -> dict[str, torch.nn.Parameter]:
-    """The model's parameters whose names match ``targets`` (:func:`~fisherstore.naming.target_regex`), in model order."""
+    """The model's parameters whose names match ``targets`` (:func:`~fisherstore.naming.target_regex`), in order."""
     pattern = target_regex(targets)
     params = {n: p for n, p in model.named_parameters() if pattern.search(n)}
     if not params:
         some = [n for n, _ in model.named_parameters()][:6]
-        raise BadInputError(f"--targets {pattern.pattern!r} matches no parameter of the model (names look like {some})")
+        raise BadInputError(
+            f"targets {pattern.pattern!r} matches no parameter of the model (names look like {some})", param="targets"
+        )
     return params
 
 
@@ -141,7 +236,7 @@ def auto_group_size(specs: Sequence[TensorSpec], max_memory: int | str | None) -
     num_layers = len(plan_groups(specs, 1))
     if max_memory is None:
         return min(DEFAULT_GROUP_SIZE, num_layers)
-    budget = parse_bytes(max_memory)
+    budget = _max_memory_bytes(max_memory)
 
     def need(size: int) -> int:
         plan = plan_groups(specs, size)
@@ -149,9 +244,17 @@ def auto_group_size(specs: Sequence[TensorSpec], max_memory: int | str | None) -
 
     if need(1) > budget:
         raise BadInputError(
-            f"--max-memory {max_memory}: one layer's fp32 accumulators need {need(1)} bytes; raise the budget"
+            f"max_memory {max_memory}: one layer's fp32 accumulators need {need(1)} bytes; raise the budget",
+            param="max_memory",
         )
     return max(size for size in range(1, num_layers + 1) if need(size) <= budget)
+
+
+def _max_memory_bytes(value: int | str) -> int:
+    try:
+        return parse_bytes(value)
+    except BadInputError as exc:
+        raise BadInputError(f"max_memory: {exc}", param="max_memory") from None
 
 
 def extract(
@@ -159,58 +262,55 @@ def extract(
     tokenizer: Any,
     prompts: PromptSet | Sequence[str | Sequence[dict[str, str]]],
     out: str | Path,
+    config: ExtractConfig | None = None,
     *,
-    group_size: int | str = "auto",
-    targets: str | list[str] | None = None,
-    backend: str = "safetensors",
-    backend_options: dict[str, Any] | None = None,
-    dtype: str = "bf16",
-    estimator: str = "empirical",
-    max_length: int = 256,
-    chat_template: bool = True,
-    max_memory: int | str | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    seed: int = 0,
     provenance: Mapping[str, Any] | None = None,
 ) -> ExtractSummary:
     """Estimate the diagonal Fisher of ``model``'s target weights over ``prompts`` into a store at ``out``.
 
-    ``group_size`` is a number of decoder layers per group or ``"auto"``
-    (:func:`auto_group_size` with ``max_memory``).  ``dtype`` is the storage
-    dtype, ``"bf16"`` or ``"fp32"``.  ``provenance`` (e.g.
-    :attr:`fisherstore.models.LoadedModel.provenance`) is merged into the
-    manifest's provenance.  With ``resume`` the groups the store's manifest
-    marks complete are skipped; the run must use the same model, prompts and
-    options (checked), and gives the same store as an uninterrupted run.
-    The model stays where it is (one device or an accelerate device map) and
-    is left with ``requires_grad=False`` everywhere.
+    With ``config.resume`` the groups the store's manifest marks complete are
+    skipped; the run must use the same model, prompts and options (checked),
+    and gives the same store as an uninterrupted run.  The model stays where
+    it is (one device or an accelerate device map) and is left with
+    ``requires_grad=False`` everywhere.
+
+    Args:
+        model: a causal LM (e.g. :attr:`fisherstore.models.LoadedModel.model`).
+        tokenizer: its tokenizer.
+        prompts: a :class:`~fisherstore.prompts.PromptSet`, or prompts as strings or chat message lists.
+        out: the store directory to write.
+        config: what to estimate and how to store it (default: ``ExtractConfig()``).
+        provenance: merged into the manifest's provenance (e.g.
+            :attr:`fisherstore.models.LoadedModel.provenance`).
+
+    Returns:
+        What the run did and what it cost.
     """
+    cfg = ExtractConfig() if config is None else config
     start = time.perf_counter()
-    if estimator not in ESTIMATORS:
-        raise BadInputError(f"estimator {estimator!r} is not one of {ESTIMATORS}")
-    store_dtype = storage_dtype(dtype)
+    store_dtype = storage_dtype(cfg.dtype)
     prompt_set = as_prompt_set(prompts)
-    inputs = encode_prompts(tokenizer, prompt_set, max_length=max_length, chat_template=chat_template)
+    inputs = encode_prompts(tokenizer, prompt_set, max_length=cfg.max_length, chat_template=cfg.chat_template)
     tokens = sum(ids.shape[1] for ids in inputs)
-    params = target_parameters(model, targets)
+    params = target_parameters(model, cfg.targets)
     specs = [TensorSpec(n, tuple(p.shape), dtype_name(store_dtype)) for n, p in params.items()]
-    if group_size != "auto" and max_memory is not None:
-        log.warning("group size %s is given, so the memory budget %s is not used", group_size, max_memory)
-    size = auto_group_size(specs, max_memory) if group_size == "auto" else parse_group_size(group_size)
+    if cfg.group_size != "auto" and cfg.max_memory is not None:
+        log.warning("group size %s is given, so the memory budget %s is not used", cfg.group_size, cfg.max_memory)
+    size = auto_group_size(specs, cfg.max_memory) if cfg.group_size == "auto" else int(cfg.group_size)
     plan = plan_groups(specs, size)
     prov = {
         **dict(provenance or {}),
-        **_provenance(model, tokenizer, prompt_set, chat_template),
-        "max_length": max_length,
-        "estimator": estimator,
+        **_provenance(model, tokenizer, prompt_set, cfg.chat_template),
+        "max_length": cfg.max_length,
+        "estimator": cfg.estimator,
         "group_size": size,
-        "targets": target_regex(targets).pattern,
-        "seed": seed,
+        "targets": target_regex(cfg.targets).pattern,
+        "seed": cfg.seed,
         "tokens": tokens,
     }
-    attrs = {"estimator": estimator, "num_samples": len(prompt_set), "tokens": tokens}
-    input_device = model.get_input_embeddings().weight.device
+    attrs = {"estimator": cfg.estimator, "num_samples": len(prompt_set), "tokens": tokens}
+    # a transformers model (get_input_embeddings); torch's stubs type unknown attributes as Tensor | Module
+    input_device = cast(Any, model).get_input_embeddings().weight.device
     inputs = [ids.to(input_device) for ids in inputs]
     peak_device = _reset_device_peaks(params.values())
     group_seconds: list[float] = []
@@ -222,13 +322,13 @@ def extract(
         StoreWriter.create(
             out,
             plan,
-            backend=backend,
-            backend_options=backend_options,
+            backend=cfg.backend,
+            backend_options=dict(cfg.backend_options) if cfg.backend_options is not None else None,
             kind="fisher",
             provenance=prov,
             attrs=attrs,
-            resume=resume,
-            overwrite=overwrite,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
         ) as writer,
     ):
         _check_resumable(writer.manifest.provenance, prov, out)
@@ -238,7 +338,9 @@ def extract(
         for group in progress(todo, desc="groups", unit="group"):
             t0 = time.perf_counter()
             group_params = {t.name: params[t.name] for t in group.tensors}
-            fisher = _group_fisher(model, group_params, inputs, estimator, seed, desc=_describe(group, len(plan)))
+            fisher = _group_fisher(
+                model, group_params, inputs, cfg.estimator, cfg.seed, desc=_describe(group, len(plan))
+            )
             writer.submit_group(group.index, {n: f.to(store_dtype).cpu() for n, f in fisher.items()})
             del fisher
             group_seconds.append(time.perf_counter() - t0)
@@ -250,7 +352,7 @@ def extract(
     processed = tokens * len(todo)
     summary = ExtractSummary(
         store=str(out),
-        estimator=estimator,
+        estimator=cfg.estimator,
         group_size=size,
         groups_total=len(plan),
         groups_run=len(todo),
@@ -265,7 +367,8 @@ def extract(
         peak_device_bytes=peak_device(),
     )
     log.info(
-        "extracted %d groups x %d prompts (%d tokens per pass) in %.1f s: %.0f tokens/s, writer blocked %.2f s, peak RSS %.0f MiB",
+        "extracted %d groups x %d prompts (%d tokens per pass) in %.1f s: %.0f tokens/s, "
+        "writer blocked %.2f s, peak RSS %.0f MiB",
         summary.groups_run,
         summary.num_prompts,
         tokens,
@@ -323,7 +426,7 @@ def _square_into(acc: torch.Tensor) -> Callable[[torch.Tensor], None]:
     """A post-accumulate-grad hook: ``acc += grad.float()**2``, then free the gradient."""
 
     def hook(param: torch.Tensor) -> None:
-        grad = param.grad.float()
+        grad = cast(torch.Tensor, param.grad).float()  # set: the hook runs after accumulation
         acc.addcmul_(grad, grad)
         param.grad = None
 
@@ -337,17 +440,28 @@ def _sampled_labels(logits: torch.Tensor, seed: int, index: int) -> torch.Tensor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def storage_dtype(dtype: str) -> torch.dtype:
-    """The torch dtype of a storage dtype name (``bf16`` or ``fp32``); fp16 is refused, saying why."""
-    if dtype in ("fp16", "float16", "half"):
+def storage_dtype(dtype: Any) -> torch.dtype:
+    """The torch dtype of a storage dtype (``bfloat16``/``bf16`` or ``float32``/``fp32``); fp16 is refused, saying why.
+
+    Args:
+        dtype: a dtype name or alias (:func:`fisherstore.dtypes.canonical_dtype`).
+
+    Returns:
+        ``torch.bfloat16`` or ``torch.float32``.
+    """
+    return STORAGE_DTYPES[_storage_dtype_name(dtype)]
+
+
+def _storage_dtype_name(dtype: Any) -> str:
+    # float16 is named among the choices only to be refused with the reason
+    name = canonical_dtype(dtype, param="dtype", allowed=(*STORAGE_DTYPES, "float16"))
+    if name == "float16":
         raise BadInputError(
             "storage dtype fp16 is refused: Fisher values span ~20 decades and ~8% of them flush to zero "
-            "in fp16 (its smallest value is 6e-8); use bf16 (same range as fp32) or fp32"
+            "in fp16 (its smallest value is 6e-8); use bfloat16 (same range as float32) or float32",
+            param="dtype",
         )
-    try:
-        return STORAGE_DTYPES[dtype]
-    except KeyError:
-        raise BadInputError(f"storage dtype {dtype!r} is not one of bf16, fp32") from None
+    return name
 
 
 def parse_group_size(value: int | str) -> int:
@@ -355,9 +469,11 @@ def parse_group_size(value: int | str) -> int:
     try:
         size = int(value)
     except (TypeError, ValueError):
-        raise BadInputError(f"group size {value!r} is neither 'auto' nor a positive integer") from None
+        raise BadInputError(
+            f"group_size {value!r} is neither 'auto' nor a positive integer", param="group_size"
+        ) from None
     if size < 1:
-        raise BadInputError(f"group size must be >= 1, got {value!r}")
+        raise BadInputError(f"group_size must be >= 1, got {value!r}", param="group_size")
     return size
 
 
@@ -386,7 +502,7 @@ def _provenance(model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, chat
         "tokenizer_vocab_size": len(tokenizer),
         **prompts.provenance(),
         "chat_template": chat_template,
-        "chat_template_sha256": "sha256:" + hashlib.sha256(template.encode()).hexdigest() if template else None,
+        "chat_template_sha256": sha256_tag(hashlib.sha256(template.encode())) if template else None,
         "versions": _versions(),
     }
 

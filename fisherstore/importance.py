@@ -3,59 +3,24 @@
 Users scale each layer's LoRA updates (or merge-time blend factor) by it.  The
 sums come from the manifest, which recorded each tensor's sum as its bytes
 were written, so computing importance never re-reads a store.  Only a source
-without recorded sums (a legacy ``fisher.pt``) is streamed once.
+without recorded sums (a legacy ``fisher.pt``) is streamed once.  The
+per-layer sums and the ``layer_importance.json`` document are views of a
+manifest and live in :mod:`fisherstore.manifest`, below the store; this
+module sits above the store and opens stores.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-from .manifest import Manifest
-
-if TYPE_CHECKING:
-    pass
+from .errors import BadInputError
+from .manifest import IMPORTANCE_NAME, importance_document, layer_sums
+from .store import open_store
 
 __all__ = ["IMPORTANCE_NAME", "importance_document", "layer_sums", "load_importance"]
-
-IMPORTANCE_NAME = "layer_importance.json"
-
-
-def layer_sums(
-    infos: dict, sums: dict[str, float] | None = None
-) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
-    """Per-layer totals and per-layer-per-kind totals from tensor infos (and optional override sums)."""
-    totals: dict[int, float] = {}
-    by_kind: dict[int, dict[str, float]] = {}
-    for name, info in infos.items():
-        if info.layer is None:
-            continue
-        value = (sums or {}).get(name, info.sum)
-        totals[info.layer] = totals.get(info.layer, 0.0) + value
-        kinds = by_kind.setdefault(info.layer, {})
-        kinds[info.kind] = kinds.get(info.kind, 0.0) + value
-    order = sorted(totals)
-    return {l: totals[l] for l in order}, {l: by_kind[l] for l in order}
-
-
-def importance_document(manifest: Manifest, sums: dict[str, float] | None = None) -> dict[str, Any]:
-    """The ``layer_importance.json`` document for a store's manifest.
-
-    ``layers`` maps each layer index (as a string, JSON keys are strings) to
-    the sum of every stored Fisher value of that layer; ``vector`` lists the
-    same numbers in layer order; ``by_kind`` splits each layer by projection.
-    """
-    totals, by_kind = layer_sums(manifest.tensors, sums)
-    return {
-        "format": "fisherstore-layer-importance",
-        "version": 1,
-        "layers": {str(l): v for l, v in totals.items()},
-        "vector": list(totals.values()),
-        "by_kind": {str(l): k for l, k in by_kind.items()},
-        "provenance": {
-            k: manifest.provenance[k] for k in ("model", "estimator", "num_prompts") if k in manifest.provenance
-        },
-    }
 
 
 def load_importance(source: str | Any) -> dict[int, float]:
@@ -64,11 +29,6 @@ def load_importance(source: str | Any) -> dict[int, float]:
     Accepts this project's document (``{"layers": {...}}``), a plain
     ``{layer: value}`` mapping and a plain list in layer order.
     """
-    import json
-    from pathlib import Path
-
-    from .errors import BadInputError
-
     if hasattr(source, "layer_importance"):
         return source.layer_importance()
     data: Any = source
@@ -82,8 +42,6 @@ def load_importance(source: str | Any) -> dict[int, float]:
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise BadInputError(f"{path}: not valid JSON ({exc})") from None
         else:
-            from .store import open_store
-
             with open_store(path) as store:
                 return store.layer_importance()
     if isinstance(data, dict) and "layers" in data:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ __all__ = [
     "DTYPES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "IMPORTANCE_NAME",
     "ITEMSIZES",
     "MANIFEST_NAME",
     "GroupInfo",
@@ -33,6 +35,8 @@ __all__ = [
     "TensorInfo",
     "TensorSpec",
     "dtype_name",
+    "importance_document",
+    "layer_sums",
     "now_iso",
     "torch_dtype",
 ]
@@ -40,6 +44,13 @@ __all__ = [
 FORMAT_NAME = "fisherstore"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "fisherstore.json"
+#: The per-layer importance document a store keeps beside its manifest (:func:`importance_document`).
+IMPORTANCE_NAME = "layer_importance.json"
+
+#: What a store's tensors are (the manifest's ``kind``).
+STORE_KINDS = ("fisher", "masks")
+
+_CHECKSUM_RE = re.compile(r"crc32c:[0-9a-fA-F]{8}")
 
 #: Storable dtypes, by the name the manifest uses, with their sizes in bytes.
 #: Plain data, so that code which only moves bytes never has to import torch.
@@ -102,6 +113,12 @@ def _dtype(value: Any) -> str:
     """Validate a manifest dtype name and return it."""
     if not isinstance(value, str) or value not in ITEMSIZES:
         raise CorruptDataError(f"unknown dtype {value!r}; expected one of {sorted(ITEMSIZES)}")
+    return value
+
+
+def _bool(value: Any, where: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(where, f"{key} must be true or false, got {value!r}")
     return value
 
 
@@ -219,7 +236,7 @@ class TensorInfo:
             raise _bad(where, f"group must be a non-negative integer, got {group!r}")
         if not isinstance(d["location"], dict):
             raise _bad(where, f"location must be an object, got {d['location']!r}")
-        if not isinstance(d["checksum"], str) or not d["checksum"].startswith("crc32c:"):
+        if not isinstance(d["checksum"], str) or not _CHECKSUM_RE.fullmatch(d["checksum"]):
             raise _bad(where, f"checksum must look like 'crc32c:xxxxxxxx', got {d['checksum']!r}")
         if not isinstance(d["sum"], (int, float)) or isinstance(d["sum"], bool):
             raise _bad(where, f"sum must be a number, got {d['sum']!r}")
@@ -271,8 +288,43 @@ class GroupInfo:
             index=index,
             layers=_shape(d.get("layers", []), where),
             tensors=tuple(TensorSpec.from_dict(t, f"{where} tensor {i}") for i, t in enumerate(tensors)),
-            complete=bool(d.get("complete", False)),
+            complete=_bool(d.get("complete", False), where, "complete"),
         )
+
+
+def _check_plan(groups: tuple[GroupInfo, ...], tensors: Mapping[str, TensorInfo], where: str) -> None:
+    """Enforce the plan's MUSTs of docs/FORMAT.md §2, as the writer does when it creates a store.
+
+    Group indices are ``0..N-1`` in order; a tensor is planned once; every
+    entry of ``tensors`` is planned in the group it names, with the planned
+    shape and dtype; a complete group has an entry for each of its tensors.
+    """
+    indices = [g.index for g in groups]
+    if indices != list(range(len(groups))):
+        raise _bad(where, f"groups: indices must be 0..N-1 in order, got {indices}")
+    planned: dict[str, tuple[int, TensorSpec]] = {}
+    for g in groups:
+        for spec in g.tensors:
+            if spec.name in planned:
+                raise _bad(
+                    where, f"groups: tensor {spec.name!r} is planned in group {planned[spec.name][0]} and {g.index}"
+                )
+            planned[spec.name] = (g.index, spec)
+    for info in tensors.values():
+        entry = planned.get(info.name)
+        if entry is None or entry[0] != info.group:
+            raise _bad(where, f"tensors: {info.name!r} names group {info.group}, whose plan does not list it")
+        spec = entry[1]
+        if spec != info.spec:
+            raise _bad(
+                where,
+                f"tensors: {info.name!r} is {list(info.shape)} {info.dtype}, "
+                f"its group's plan says {list(spec.shape)} {spec.dtype}",
+            )
+    for g in groups:
+        missing = [s.name for s in g.tensors if s.name not in tensors]
+        if g.complete and missing:
+            raise _bad(where, f"groups: group {g.index} is complete but tensors has no entry for {missing[0]!r}")
 
 
 @dataclass(frozen=True)
@@ -331,7 +383,8 @@ class Manifest:
         if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
             raise _bad(
                 where,
-                f"version {version!r} is not supported (this fisherstore reads 1..{FORMAT_VERSION}); upgrade fisherstore",
+                f"version {version!r} is not supported (this fisherstore reads 1..{FORMAT_VERSION}); "
+                "upgrade fisherstore",
             )
         backend = d.get("backend")
         if not isinstance(backend, str):
@@ -343,17 +396,22 @@ class Manifest:
         for key in ("backend_options", "provenance", "attrs"):
             if not isinstance(d.get(key, {}), dict):
                 raise _bad(where, f"{key!r} must be an object")
+        kind = d.get("kind", "fisher")
+        if kind not in STORE_KINDS:
+            raise _bad(where, f"kind must be one of {', '.join(STORE_KINDS)}, got {kind!r}")
+        for key in ("created", "updated"):
+            if not isinstance(d.get(key, ""), str):
+                raise _bad(where, f"{key} must be an ISO-8601 string, got {d[key]!r}")
+        if "complete" in d:
+            _bool(d["complete"], where, "complete")
         parsed_groups = tuple(GroupInfo.from_dict(g, f"{where} group {i}") for i, g in enumerate(groups))
         parsed = {n: TensorInfo.from_dict(n, t) for n, t in tensors.items()}
-        indices = {g.index for g in parsed_groups}
-        for info in parsed.values():
-            if info.group not in indices:
-                raise _bad(where, f"tensor {info.name!r} names group {info.group}, which is not planned")
+        _check_plan(parsed_groups, parsed, where)
         return cls(
             backend=backend,
             groups=parsed_groups,
             tensors=parsed,
-            kind=str(d.get("kind", "fisher")),
+            kind=kind,
             backend_options=d.get("backend_options", {}),
             provenance=d.get("provenance", {}),
             attrs=d.get("attrs", {}),
@@ -376,6 +434,60 @@ class Manifest:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptDataError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, str(path))
+
+
+def layer_sums(
+    infos: Mapping[str, TensorInfo], sums: Mapping[str, float] | None = None
+) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
+    """Per-layer totals and per-layer-per-kind totals of tensor infos' recorded sums.
+
+    Args:
+        infos: tensor infos by name (a manifest's ``tensors``).
+        sums: sums that replace the recorded ones (for sources that record none).
+
+    Returns:
+        ``({layer: total}, {layer: {kind: total}})``, in layer order.
+    """
+    totals: dict[int, float] = {}
+    by_kind: dict[int, dict[str, float]] = {}
+    for name, info in infos.items():
+        if info.layer is None:
+            continue
+        value = (sums or {}).get(name, info.sum)
+        totals[info.layer] = totals.get(info.layer, 0.0) + value
+        kinds = by_kind.setdefault(info.layer, {})
+        kinds[info.kind] = kinds.get(info.kind, 0.0) + value
+    order = sorted(totals)
+    return {l: totals[l] for l in order}, {l: by_kind[l] for l in order}
+
+
+def importance_document(manifest: Manifest, sums: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The ``layer_importance.json`` document for a store's manifest.
+
+    ``layers`` maps each layer index (as a string, JSON keys are strings) to
+    the sum of every stored Fisher value of that layer; ``vector`` lists the
+    same numbers in layer order; ``by_kind`` splits each layer by projection.
+    It lives with the manifest because it is a view of it: the writer stores it
+    and a store serves it without any tensor being read.
+
+    Args:
+        manifest: the store's manifest.
+        sums: sums that replace the recorded ones (see :func:`layer_sums`).
+
+    Returns:
+        The JSON-ready document.
+    """
+    totals, by_kind = layer_sums(manifest.tensors, sums)
+    return {
+        "format": "fisherstore-layer-importance",
+        "version": 1,
+        "layers": {str(l): v for l, v in totals.items()},
+        "vector": list(totals.values()),
+        "by_kind": {str(l): k for l, k in by_kind.items()},
+        "provenance": {
+            k: manifest.provenance[k] for k in ("model", "estimator", "num_prompts") if k in manifest.provenance
+        },
+    }
 
 
 def now_iso() -> str:

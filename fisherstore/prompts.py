@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .digests import sha256_tag
 from .errors import BadInputError
 
 __all__ = ["DEFAULT_PROMPTS", "Messages", "PromptSet", "as_prompt_set", "encode_prompts", "load_prompts"]
@@ -59,7 +60,7 @@ class PromptSet:
     def head(self, n: int) -> PromptSet:
         """The first ``n`` prompts (all of them, with a warning, when there are fewer)."""
         if n < 1:
-            raise BadInputError(f"number of prompts must be >= 1, got {n}")
+            raise BadInputError(f"number of prompts (limit) must be >= 1, got {n}", param="limit")
         if n > len(self.prompts):
             log.warning(
                 "%s holds %d prompts, fewer than the %d asked for; using all of them", self.source, len(self.prompts), n
@@ -122,11 +123,14 @@ def encode_prompts(
     tokenized as raw text with the tokenizer's special tokens.
     """
     if max_length < 2:
-        raise BadInputError(f"max length must be >= 2 (a next-token loss needs two tokens), got {max_length}")
+        raise BadInputError(
+            f"max_length must be >= 2 (a next-token loss needs two tokens), got {max_length}", param="max_length"
+        )
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise BadInputError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
-            "pass --no-chat-template to use the prompts as raw text"
+            "pass chat_template=False to use the prompts as raw text",
+            param="chat_template",
         )
     out = []
     for i, messages in enumerate(prompts.prompts):
@@ -137,7 +141,8 @@ def encode_prompts(
             if len(messages) != 1 or messages[0]["role"] != "user":
                 raise BadInputError(
                     f"{prompts.source}: prompt {i} is a {len(messages)}-message conversation; "
-                    "conversations need the chat template (drop --no-chat-template)"
+                    "conversations need the chat template (do not pass chat_template=False)",
+                    param="chat_template",
                 )
             ids = tokenizer(messages[0]["content"])["input_ids"]
         ids = ids[:max_length]
@@ -153,7 +158,7 @@ def encode_prompts(
 
 
 def _sha256(raw: bytes) -> str:
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return sha256_tag(hashlib.sha256(raw))
 
 
 def _sha256_tree(path: Path) -> str:
@@ -165,7 +170,7 @@ def _sha256_tree(path: Path) -> str:
         if f != path:
             h.update(str(f.relative_to(path)).encode() + b"\0")
         h.update(f.read_bytes())
-    return "sha256:" + h.hexdigest()
+    return sha256_tag(h)
 
 
 def _lines(raw: bytes, where: str) -> Iterator[tuple[int, str]]:

@@ -19,8 +19,7 @@ from ._tally import Tally
 from .errors import BadInputError, CorruptDataError, StoreNotFoundError, TensorNotFoundError
 from .formats import get_backend
 from .formats.base import Backend, RowsInto, check_rows, rows_of
-from .importance import importance_document, layer_sums
-from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo
+from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo, importance_document, layer_sums
 
 if TYPE_CHECKING:
     import torch

@@ -62,7 +62,8 @@ import math
 import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "LORA_VARIANTS",
     "MODES",
     "REFERENCES",
     "Coverage",
@@ -89,6 +91,7 @@ __all__ = [
     "attach_training",
     "format_factor_table",
     "lora_modules",
+    "lora_variant_of_config",
     "project_lora_",
     "subspace_leak",
 ]
@@ -104,8 +107,11 @@ REFERENCES: tuple[str, ...] = ("geomean", "mean", "median", "max")
 class MaskSource(Protocol):
     """What the projector reads masks through (``fisherstore.masks.open_masks`` returns one)."""
 
-    names: Sequence[str]
-    rank: int
+    @property
+    def names(self) -> Sequence[str]: ...
+
+    @property
+    def rank(self) -> int: ...
 
     def __contains__(self, name: object) -> bool: ...
 
@@ -162,7 +168,12 @@ def _orthonormal(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- model inspection
 
 
-def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+#: A PEFT ``LoraLayer``.  Typed ``Any``: its ``lora_A``/``lora_B`` are ``ModuleDict`` attributes, which
+#: torch's stubs type as ``Tensor | Module`` on an ``nn.Module``, so every use would need a cast.
+LoraModule = Any
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoraModule]]:
     """Every PEFT LoRA layer of ``model`` as ``(module name, module)``, in model order.
 
     Raises :class:`BadInputError` when there is none: the hooks need a model
@@ -178,20 +189,73 @@ def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _unsupported(module: nn.Module, adapters: Sequence[str]) -> str | None:
+def _unsupported(module: LoraModule, adapters: Sequence[str]) -> str | None:
     """Why the projector cannot keep this LoRA layer's ΔW out of a subspace, or ``None`` if it can."""
     if not adapters:
         return "no active adapter with lora_A/lora_B on this module"
     if any(not isinstance(module.lora_A[a], nn.Linear) for a in adapters):
         return f"{type(module).__name__} is not a Linear LoRA layer (conv LoRA is not supported)"
-    if any(module.use_dora.get(a, False) for a in adapters):
-        return "DoRA rescales W+ΔW by a learned magnitude, so ΔW is not B·A; not supported"
+    variants = getattr(module, "lora_variant", {})
+    for a in adapters:
+        if a in variants:
+            return (
+                f"the {_variant_name(module, variants[a])} LoRA variant does not update W by B·A alone; not supported"
+            )
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out (Conv1D) layers store W transposed; not supported"
     return None
 
 
-def _module_adapters(module: nn.Module, wanted: Sequence[str] | None) -> tuple[str, ...]:
+#: LoRA variants by what enables them in a ``LoraConfig``: a field PEFT tags ``is_lora_variant``, or
+#: (``mica``) a value of ``init_lora_weights``.  PEFT applies each through a ``LoraVariant`` whose
+#: forward pass is not ΔW = B·A, so neither the projector nor a per-layer blend can handle it.
+LORA_VARIANTS: dict[str, str] = {
+    "use_dora": "DoRA",
+    "kasa_config": "KaSA",
+    "alora_invocation_tokens": "aLoRA",
+    "velora_config": "VeLoRA",
+    "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow",
+    "monteclora_config": "MonteCLoRA",
+    "mica": "MiCA",
+}
+
+
+def lora_variant_of_config(config: Mapping[str, Any]) -> str | None:
+    """The LoRA variant a saved adapter config (``adapter_config.json``) enables, or ``None`` for plain LoRA.
+
+    Besides :data:`LORA_VARIANTS`, any field the installed PEFT's ``LoraConfig``
+    tags as a variant counts, so variants newer than this table are refused too.
+
+    Args:
+        config: the adapter config as a mapping.
+
+    Returns:
+        The variant's name (``"DoRA"``, ``"KaSA"``, ... or the field's name), or ``None``.
+    """
+    keys = dict(LORA_VARIANTS)
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        pass
+    else:
+        keys.update({f.name: keys.get(f.name, f.name) for f in fields(LoraConfig) if f.metadata.get("is_lora_variant")})
+    init = config.get("init_lora_weights")
+    for key, name in keys.items():
+        if config.get(key) or (isinstance(init, str) and init == key):
+            return name
+    return None
+
+
+def _variant_name(module: LoraModule, variant: object) -> str:
+    """The name of the variant a LoRA layer applies to an adapter, from the layer's own variant table."""
+    for keys, cls in getattr(module, "lora_variants", {}).items():
+        if cls is not None and type(variant) is cls:
+            return "+".join(LORA_VARIANTS.get(k, k) for k in keys)
+    return type(variant).__name__
+
+
+def _module_adapters(module: LoraModule, wanted: Sequence[str] | None) -> tuple[str, ...]:
     names = wanted if wanted is not None else module.active_adapters
     return tuple(a for a in names if a in module.lora_A)
 
@@ -255,22 +319,22 @@ class ProjectorConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise BadInputError(f"projection mode {self.mode!r} is not one of {MODES}")
+            raise BadInputError(f"mode {self.mode!r} is not one of {MODES}", param="mode")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise BadInputError(f"projection rank must be a positive integer, got {self.rank!r}")
+            raise BadInputError(f"rank must be a positive integer, got {self.rank!r}", param="rank")
         if not (isinstance(self.strength, (int, float)) and 0.0 <= self.strength <= 1.0):
-            raise BadInputError(f"projection strength must be a number in [0, 1], got {self.strength!r}")
+            raise BadInputError(f"strength must be a number in [0, 1], got {self.strength!r}", param="strength")
         if self.kinds is not None:
             kinds = self.kinds.split(",") if isinstance(self.kinds, str) else self.kinds
             kinds = tuple(k.strip() for k in kinds)
             bad = [k for k in kinds if k not in (*KINDS, "other")]
             if bad or not kinds:
-                raise BadInputError(f"projection kinds {self.kinds!r}: {bad or 'empty'} not in {(*KINDS, 'other')}")
+                raise BadInputError(f"kinds {self.kinds!r}: {bad or 'empty'} not in {(*KINDS, 'other')}", param="kinds")
             object.__setattr__(self, "kinds", kinds)
         if self.layers is not None:
             layers = tuple(self.layers)
             if any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in layers):
-                raise BadInputError(f"projection layers must be non-negative integers, got {self.layers!r}")
+                raise BadInputError(f"layers must be non-negative integers, got {self.layers!r}", param="layers")
             object.__setattr__(self, "layers", layers)
         if self.adapters is not None:
             object.__setattr__(
@@ -292,18 +356,18 @@ class _Target:
 
     name: str
     fisher: str
-    module: nn.Module
+    module: LoraModule
     adapters: tuple[str, ...]
     by_layer_kind: bool
-    U: torch.Tensor | None = None
-    V: torch.Tensor | None = None
+    U: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # set by SubspaceProjector._load
+    V: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 def _open_masks(masks: str | os.PathLike[str] | MaskSource) -> MaskSource:
     if isinstance(masks, (str, os.PathLike)):
         from .masks import open_masks
 
-        return open_masks(masks)
+        return open_masks(Path(masks))
     return masks
 
 
@@ -355,7 +419,7 @@ class SubspaceProjector:
         store = _open_masks(masks)
         stored = int(store.rank)
         if self.config.rank is not None and self.config.rank > stored:
-            raise BadInputError(f"projection rank {self.config.rank} exceeds the mask store's rank k={stored}")
+            raise BadInputError(f"rank {self.config.rank} exceeds the mask store's rank k={stored}", param="rank")
         #: Modes used per tensor (a tensor smaller than k holds min(k, m, n) modes; all of them are used).
         self.rank = self.config.rank or stored
         self.coverage = Coverage()
@@ -500,9 +564,9 @@ class ScaleRule:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.power, (int, float)) and math.isfinite(self.power)):
-            raise BadInputError(f"scale power must be a finite number, got {self.power!r}")
+            raise BadInputError(f"power must be a finite number, got {self.power!r}", param="power")
         if self.reference not in REFERENCES:
-            raise BadInputError(f"scale reference {self.reference!r} is not one of {REFERENCES}")
+            raise BadInputError(f"reference {self.reference!r} is not one of {REFERENCES}", param="reference")
         lo, hi = self.min_factor, self.max_factor
         if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(hi) and 0 <= lo <= hi):
             raise BadInputError(
@@ -538,7 +602,8 @@ class ScaleRule:
 
     def describe(self) -> str:
         """The formula with this rule's numbers, for tables and logs."""
-        return f"factor = clip((importance / {self.reference}) ** -{self.power:g}, {self.min_factor:g}, {self.max_factor:g})"
+        bounds = f"{self.min_factor:g}, {self.max_factor:g}"
+        return f"factor = clip((importance / {self.reference}) ** -{self.power:g}, {bounds})"
 
     def to_dict(self) -> dict[str, Any]:
         """The rule's fields, for provenance records."""
@@ -696,7 +761,7 @@ def _callback_class() -> type:
             if self.hooks is None:
                 if model is None:
                     raise BadInputError("FisherTrainerCallback got no model from the Trainer")
-                options = {"config": self.config} if self.masks is not None else {}
+                options: dict[str, Any] = {"config": self.config} if self.masks is not None else {}
                 self.hooks = attach_training(
                     model, masks=self.masks, importance=self.importance, rule=self.rule, **options
                 )

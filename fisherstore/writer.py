@@ -27,8 +27,16 @@ from ._tally import Tally
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats import get_backend
 from .formats.base import Piece
-from .importance import IMPORTANCE_NAME, importance_document
-from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo, TensorSpec, now_iso
+from .manifest import (
+    IMPORTANCE_NAME,
+    MANIFEST_NAME,
+    GroupInfo,
+    Manifest,
+    TensorInfo,
+    TensorSpec,
+    importance_document,
+    now_iso,
+)
 from .naming import parse_name
 
 if TYPE_CHECKING:

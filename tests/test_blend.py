@@ -9,13 +9,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.config import KasaConfig
 
 from fisherstore.blend import ADAPTER_WEIGHTS, BLEND_RECORD, blend_adapter
 from fisherstore.cli import cmd_blend
 from fisherstore.errors import BadInputError
 from fisherstore.naming import parse_name
 from fisherstore.testing import tiny_gemma4_model
-from fisherstore.training import ScaleRule
+from fisherstore.training import ScaleRule, lora_variant_of_config
 
 from .conftest import tree_digest
 
@@ -147,3 +148,18 @@ def test_cli_blend_and_dry_run(tmp_path, adapter, capsys):
     torch.testing.assert_close(blended[name], original[name] * 2 * factors[2], rtol=1e-5, atol=1e-6)
     with pytest.raises(BadInputError, match="not empty"):
         _cli(str(src), "--importance", str(imp), "--out", str(tmp_path / "o"))
+
+
+def test_refuses_adapters_of_every_lora_variant(tmp_path):
+    imp = importance_file(tmp_path)
+    kasa = get_peft_model(tiny_gemma4_model(0), LoraConfig(r=4, target_modules=["q_proj"], kasa_config=KasaConfig()))
+    kasa.save_pretrained(tmp_path / "kasa")
+    with pytest.raises(BadInputError, match="KaSA adapters do not update W by B·A alone"):
+        blend_adapter(tmp_path / "kasa", imp, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    plain = {"peft_type": "LORA", "use_dora": False, "kasa_config": None, "init_lora_weights": True}
+    assert lora_variant_of_config(plain) is None
+    assert [
+        lora_variant_of_config({**plain, **extra})
+        for extra in ({"use_dora": True}, {"alora_invocation_tokens": [3]}, {"init_lora_weights": "mica"})
+    ] == ["DoRA", "aLoRA", "MiCA"]

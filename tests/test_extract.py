@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from fisherstore import open_store
 from fisherstore.errors import BadInputError
 from fisherstore.extraction import (
     DEFAULT_GROUP_SIZE,
+    ExtractConfig,
     _sampled_labels,
     auto_group_size,
     extract,
@@ -53,7 +56,7 @@ def prompts():
 def run(tiny, prompts, out, **kwargs):
     kwargs.setdefault("max_length", MAX_LENGTH)
     kwargs.setdefault("dtype", "fp32")
-    summary = extract(tiny.model, tiny.tokenizer, prompts, out, provenance=tiny.provenance, **kwargs)
+    summary = extract(tiny.model, tiny.tokenizer, prompts, out, ExtractConfig(**kwargs), provenance=tiny.provenance)
     with open_store(out) as store:
         return summary, {n: store[n] for n in store.names}
 
@@ -207,9 +210,9 @@ def test_bad_options(tiny, prompts, tmp_path):
         run(tiny, prompts, tmp_path / "a", dtype="fp16")
     with pytest.raises(BadInputError, match="estimator 'fisher'"):
         run(tiny, prompts, tmp_path / "b", estimator="fisher")
-    with pytest.raises(BadInputError, match="group size 'many'"):
+    with pytest.raises(BadInputError, match="group_size 'many'"):
         run(tiny, prompts, tmp_path / "c", group_size="many")
-    with pytest.raises(BadInputError, match="group size must be >= 1"):
+    with pytest.raises(BadInputError, match="group_size must be >= 1"):
         run(tiny, prompts, tmp_path / "d", group_size=0)
     assert not any((tmp_path / x).exists() for x in "abcd")
 
@@ -247,9 +250,7 @@ def test_device_map_loaded_model_gives_the_same_fisher(tiny, prompts, reference,
         mapped.tokenizer,
         prompts,
         tmp_path / "s",
-        group_size=2,
-        dtype="fp32",
-        max_length=MAX_LENGTH,
+        ExtractConfig(group_size=2, dtype="fp32", max_length=MAX_LENGTH),
         provenance=mapped.provenance,
     )
     on_gpu = next(mapped.model.parameters()).device.type == "cuda"  # "auto" maps onto a GPU where there is one
@@ -357,9 +358,7 @@ def test_smollm2_matches_torch_func_reference(tmp_path):
         smol.tokenizer,
         prompts,
         tmp_path / "s",
-        group_size=8,
-        dtype="fp32",
-        max_length=24,
+        ExtractConfig(group_size=8, dtype="fp32", max_length=24),
         provenance=smol.provenance,
     )
     assert (summary.groups_total, summary.group_size) == (4, 8)
@@ -369,3 +368,44 @@ def test_smollm2_matches_torch_func_reference(tmp_path):
     with open_store(tmp_path / "s") as store:
         assert store.manifest.provenance["model_format"] == "gguf"
         assert_matches({n: store[n] for n in store.names}, reference)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("estimator", "fisher", "estimator 'fisher' is not one of empirical, sampled"),
+        ("dtype", "int8", "dtype must be one of bfloat16, float32, float16, got 'int8'"),
+        ("dtype", "float16", "storage dtype fp16 is refused"),
+        ("group_size", "many", "group_size 'many' is neither 'auto' nor a positive integer"),
+        ("group_size", 0, "group_size must be >= 1, got 0"),
+        ("max_memory", "lots", "max_memory: size 'lots'"),
+        ("max_length", 0, "max_length must be an integer >= 1, got 0"),
+        ("seed", -1, "seed must be an integer >= 0, got -1"),
+    ],
+)
+def test_extract_config_refuses_bad_fields_naming_them(field, value, message):
+    with pytest.raises(BadInputError, match=re.escape(message)) as info:
+        ExtractConfig(**{field: value})
+    assert info.value.param == field
+
+
+def test_extract_config_reads_aliases_once_and_has_one_help_line_per_field():
+    config = ExtractConfig(dtype="bf16", group_size="3")
+    assert (config.dtype, config.group_size) == ("bfloat16", 3)
+    assert (ExtractConfig(dtype="fp32").dtype, ExtractConfig().dtype, ExtractConfig().group_size) == (
+        "float32",
+        "bfloat16",
+        "auto",
+    )
+    helps = {f.name: ExtractConfig.help(f.name) for f in dataclasses.fields(ExtractConfig)}
+    assert len(helps) == 12 and all(isinstance(h, str) and h for h in helps.values())
+    assert helps["seed"] == "seed of the sampled estimator's labels (default 0)"
+
+
+def test_cli_extract_help_comes_from_the_config_and_errors_name_flags(cli, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli("extract", "--help")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "-o OUT, --out OUT" in out and " ".join(ExtractConfig.help("estimator").split()) in out
+    code, _, err = cli("extract", TINY_GEMMA4, "-o", tmp_path / "x", "--dtype", "bf16", "--max-length", "0")
+    assert code == 2 and "--max-length must be an integer >= 1, got 0" in err and not (tmp_path / "x").exists()

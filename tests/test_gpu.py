@@ -172,7 +172,8 @@ def test_cuda_bf16_store_is_the_rounded_fp32_mean(extracted, tmp_path):
         for name in fp32.names:
             f, b = fp32[name], bf16[name]
             assert b.dtype == torch.bfloat16
-            # bf16 keeps 8 significant bits: at most half an ulp (2^-9) from the fp32 value it rounds, plus run-to-run noise
+            # bf16 keeps 8 significant bits: at most half an ulp (2^-9) from the fp32 value it rounds,
+            # plus run-to-run noise
             torch.testing.assert_close(b.float(), f, rtol=2**-8, atol=ELEM_ATOL * float(f.max()), msg=name)
             exact += int((b == f.to(torch.bfloat16)).sum())
             total += f.numel()
@@ -186,13 +187,13 @@ class _Interrupted(Exception):
 
 
 def test_cuda_interrupted_extraction_resumes_to_the_uninterrupted_store(extracted, tmp_path):
-    """The documented resume contract on the device: an interrupted run plus ``resume`` gives the same store, bit for bit."""
-    from fisherstore import extract, load_prompts
+    """The resume contract on the device: an interrupted run plus ``resume`` gives the same store, bit for bit."""
+    from fisherstore import ExtractConfig, extract, load_prompts
     from fisherstore.models import TINY_GEMMA4, load_model
 
     loaded = load_model(TINY_GEMMA4, device=DEVICE)
     prompts = load_prompts(limit=NUM_PROMPTS)
-    kwargs = dict(group_size=2, max_length=MAX_LENGTH, dtype="fp32", provenance=loaded.provenance)  # as the CLI run
+    kwargs = dict(group_size=2, max_length=MAX_LENGTH, dtype="fp32")  # as the CLI run
     calls = 0
 
     def interrupt(module, args):
@@ -203,11 +204,19 @@ def test_cuda_interrupted_extraction_resumes_to_the_uninterrupted_store(extracte
 
     handle = loaded.model.get_input_embeddings().register_forward_pre_hook(interrupt)
     with pytest.raises(_Interrupted):
-        extract(loaded.model, loaded.tokenizer, prompts, tmp_path / "r", **kwargs)
+        extract(
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            tmp_path / "r",
+            ExtractConfig(**kwargs),
+            provenance=loaded.provenance,
+        )
     handle.remove()
     state = json.loads((tmp_path / "r" / "fisherstore.json").read_text())
     assert state["complete"] is False and [g["complete"] for g in state["groups"]] == [True, False]
-    summary = extract(loaded.model, loaded.tokenizer, prompts, tmp_path / "r", resume=True, **kwargs)
+    config = ExtractConfig(resume=True, **kwargs)
+    summary = extract(loaded.model, loaded.tokenizer, prompts, tmp_path / "r", config, provenance=loaded.provenance)
     assert (summary.groups_total, summary.groups_run) == (2, 1)
     assert verify(tmp_path / "r") == []
     whole_path, _ = extracted["gpu"]
@@ -227,7 +236,7 @@ def test_cuda_interrupted_extraction_resumes_to_the_uninterrupted_store(extracte
 
 def test_cuda_extraction_python_api_sampled_estimator(tmp_path):
     """Sampled labels come from a per-prompt CUDA generator: every group sees the same labels."""
-    from fisherstore import extract, load_prompts
+    from fisherstore import ExtractConfig, extract, load_prompts
     from fisherstore.models import TINY_GEMMA4, load_model
 
     loaded = load_model(TINY_GEMMA4, device=DEVICE)
@@ -244,10 +253,8 @@ def test_cuda_extraction_python_api_sampled_estimator(tmp_path):
             loaded.tokenizer,
             prompts,
             tmp_path / label,
-            max_length=MAX_LENGTH,
-            dtype="fp32",
+            ExtractConfig(max_length=MAX_LENGTH, dtype="fp32", **kwargs),
             provenance=loaded.provenance,
-            **kwargs,
         )
         with open_store(tmp_path / label) as s:
             stores[label] = {n: s[n] for n in s.names}

@@ -164,10 +164,10 @@ def test_encode_errors():
     no_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
     with pytest.raises(BadInputError, match="prompt 1 has 1 token"):
         encode_prompts(no_bos, as_prompt_set(["ab", "a"]), max_length=16, chat_template=False)
-    with pytest.raises(BadInputError, match="max length must be >= 2"):
+    with pytest.raises(BadInputError, match="max_length must be >= 2"):
         encode_prompts(tok, convo, max_length=1)
     tok.chat_template = None
-    with pytest.raises(BadInputError, match="no chat template; pass --no-chat-template"):
+    with pytest.raises(BadInputError, match="no chat template; pass chat_template=False"):
         encode_prompts(tok, convo, max_length=16)
 
 

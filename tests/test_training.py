@@ -14,6 +14,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.config import KasaConfig
 
 from fisherstore.errors import BadInputError
 from fisherstore.masks import write_masks
@@ -333,6 +334,24 @@ def test_dora_is_reported_unsupported(masks):
     projector = SubspaceProjector(lora_model(use_dora=True), masks[0])
     assert len(projector.coverage.missing) == 26 and not projector.coverage.covered
     assert all("DoRA" in why for why in projector.coverage.missing.values())
+
+
+@pytest.mark.parametrize(
+    ("config", "name"),
+    [
+        (lambda: {"kasa_config": KasaConfig()}, "KaSA"),
+        (lambda: {"alora_invocation_tokens": [5, 6]}, "aLoRA"),
+    ],
+)
+def test_other_lora_variants_are_reported_unsupported(masks, config, name):
+    """PEFT applies these through lora_variant (use_dora stays False), so the projector looks there."""
+    model = lora_model(**config())
+    assert all(not m.use_dora["default"] and "default" in m.lora_variant for _, m in adapted(model))
+    projector = SubspaceProjector(model, masks[0])
+    assert len(projector.coverage.missing) == 26 and not projector.coverage.covered
+    assert set(projector.coverage.missing.values()) == {
+        f"the {name} LoRA variant does not update W by B·A alone; not supported"
+    }
 
 
 def test_not_a_peft_model(masks):
