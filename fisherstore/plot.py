@@ -9,6 +9,7 @@ picture is drawn; the data functions work without it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ def energy_curves(masks: MaskStore) -> dict[str, torch.Tensor]:
     return out
 
 
-def _figure_class():
+def _figure_class() -> type[Any]:
     try:
         from matplotlib.figure import Figure
     except ImportError:

@@ -22,7 +22,7 @@ __all__ = ["BFloat16", "register_bfloat16"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class BFloat16(BaseFloat[Any, Any]):  # type: ignore[type-var]
+class BFloat16(BaseFloat[Any, Any]):
     """The zarr-extensions ``bfloat16`` data type for zarr-python (numpy dtype ``ml_dtypes.bfloat16``).
 
     It behaves like the core float types (fill values, JSON) except that only
@@ -30,7 +30,7 @@ class BFloat16(BaseFloat[Any, Any]):  # type: ignore[type-var]
     """
 
     dtype_cls = type(np.dtype(ml_dtypes.bfloat16))
-    _zarr_v3_name: ClassVar[Literal["bfloat16"]] = "bfloat16"  # type: ignore[assignment]
+    _zarr_v3_name: ClassVar[Literal["bfloat16"]] = "bfloat16"
     _zarr_v2_names: ClassVar[tuple[str, ...]] = ()  # zarr v2 has no bfloat16
 
     @property

@@ -9,15 +9,19 @@ tensor shapes differ from layer to layer.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..naming import DEFAULT_TARGETS, parse_name
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 __all__ = ["fisher_like", "fisher_like_tensors", "tiny_gemma4_config", "tiny_gemma4_model"]
 
 
-def tiny_gemma4_config(num_layers: int = 4, hidden: int = 64, vocab: int = 256):
+def tiny_gemma4_config(num_layers: int = 4, hidden: int = 64, vocab: int = 256) -> PretrainedConfig:
     """A random-init Gemma-4 text config, sliding and full attention alternating."""
     from transformers import Gemma4TextConfig
 
@@ -41,7 +45,7 @@ def tiny_gemma4_config(num_layers: int = 4, hidden: int = 64, vocab: int = 256):
     )
 
 
-def tiny_gemma4_model(seed: int = 0, **config_kwargs):
+def tiny_gemma4_model(seed: int = 0, **config_kwargs: Any) -> torch.nn.Module:
     """A tiny random Gemma-4 causal LM (fp32, eval mode), deterministic for ``seed``."""
     from transformers import AutoModelForCausalLM
 
@@ -99,7 +103,9 @@ def fisher_like(
     return (r * c * noise).reshape(shape).to(dtype)
 
 
-def fisher_like_tensors(config=None, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+def fisher_like_tensors(
+    config: PretrainedConfig | None = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Fisher-like tensors for every default target weight of a (tiny Gemma-4) model, in model order."""
     import re
 
