@@ -96,19 +96,18 @@ def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.Ar
 def in_cli_words(message: str, param: str | None, parser: argparse.ArgumentParser) -> str:
     """A library message with parameter names rewritten as the command's flags.
 
-    ``overwrite=True`` becomes ``--overwrite`` for any boolean flag of the
-    command; the error's own parameter (``rank must be >= 1``) becomes its
-    flag wherever it stands as a word (``--rank must be >= 1``), and
-    ``param=value`` becomes ``--flag value``.  Parameters the command has no
-    flag for are left as they are.
+    For the command's switches ``overwrite=True`` becomes ``--overwrite`` and
+    ``chat_template=False`` becomes ``--no-chat-template``; the error's own
+    parameter (``rank must be >= 1``) becomes its flag wherever it stands as
+    a word (``--rank must be >= 1``), and ``param=value`` becomes ``--flag
+    value``.  Parameters the command has no visible flag for are left as
+    they are.
     """
-    flags = {  # hidden aliases (old spellings) are not named
-        a.dest: max(a.option_strings, key=len)
-        for a in parser._actions
-        if a.option_strings and a.help != argparse.SUPPRESS
-    }
-    for dest, option in flags.items():
-        message = re.sub(rf"(?<![\w.-]){re.escape(dest)}=True\b", option, message)
+    actions = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS]  # no hidden aliases
+    flags = {a.dest: max(a.option_strings, key=len) for a in actions}
+    for a in actions:  # a switch: store_true answers dest=True, store_false (--no-x) answers dest=False
+        if isinstance(a, argparse._StoreConstAction) and isinstance(a.const, bool):
+            message = re.sub(rf"(?<![\w.-]){re.escape(a.dest)}={a.const}\b", max(a.option_strings, key=len), message)
     flag = flags.get(param) if param else None
     if flag is not None and param is not None:
         message = re.sub(rf"(?<![\w.-]){re.escape(param)}=", flag + " ", message)

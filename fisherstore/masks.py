@@ -357,7 +357,7 @@ def open_masks(path: str | Path) -> MaskStore:
         kind = store.manifest.kind
         store.close()
         raise BadInputError(
-            f"{path} is a {kind!r} store, not a mask store; make one with 'fisherstore svd {path} --rank K --out MASKS'"
+            f"{path} is a {kind!r} store, not a mask store; make one with 'fisherstore svd {path} --rank K -o MASKS'"
         )
     if "rank" not in store.manifest.attrs:
         store.close()

@@ -98,5 +98,5 @@ def target_regex(targets: str | list[str] | None) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as exc:
         raise BadInputError(
-            f"--targets {targets!r} is neither a list of kinds {KINDS} nor a valid regex: {exc}"
+            f"targets={targets!r} is neither a list of kinds {KINDS} nor a valid regex: {exc}", param="targets"
         ) from None

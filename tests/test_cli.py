@@ -218,3 +218,25 @@ def test_svd_writes_a_compressed_zarr_mask_store(cli, make_store, gemma_bf16, tm
                 assert torch.equal(a, b)
     code, _, err = cli(*args, "-o", tmp_path / "m2", "--compression", "zstd")
     assert code == 2 and "--compression applies to zarr targets only (target is safetensors)" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "message", "param", "expected"),
+    [
+        ("svd", "rank must be an integer >= 1, got 0", "rank", "--rank must be an integer >= 1, got 0"),
+        ("svd", "max_memory=5 is below one row", "max_memory", "--max-memory 5 is below one row"),
+        ("svd", "out/ exists: pass overwrite=True to replace it", None, "out/ exists: pass --overwrite to replace it"),
+        ("extract", "chat_template=False: pass it", None, "--no-chat-template: pass it"),
+        ("extract", "targets='(' is no regex", "targets", "--targets '(' is no regex"),
+        # a parameter the command has no flag for, and a word that only contains the parameter's name
+        ("svd", "workers_total must be 1", "workers_total", "workers_total must be 1"),
+        ("svd", "the ranks differ", "rank", "the ranks differ"),
+        # convert's hidden alias --buffer-mb is never named; the visible flag is
+        ("convert", "buffer_bytes must be positive", "buffer_bytes", "--buffer-size must be positive"),
+    ],
+)
+def test_library_words_become_the_commands_flags(command, message, param, expected):
+    from fisherstore.cli.main import build_parser, command_parser, in_cli_words
+
+    parser = command_parser(build_parser(command), command)
+    assert in_cli_words(message, param, parser) == expected
