@@ -8,6 +8,7 @@ closes at run time still ties two modules into one.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,42 @@ def test_the_library_logs_instead_of_printing(path):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
     ]
     assert calls == [], f"{path.name}: print() at lines {calls}; use logging (the CLI prints)"
+
+
+def architecture_order() -> list[str]:
+    """The package's modules in the order ARCHITECTURE.md's layer tree lists them, top to bottom."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    tree = text[text.index("fisherstore/__init__.py") : text.index("```", text.index("fisherstore/__init__.py"))]
+    order, folder = [], ""
+    for line in tree.splitlines():
+        entry = re.match(r"\s*(?:├─|└─)\s+(\S+)", line)
+        nested = re.match(r"\s*│\s{2,}(\w+\.py)\b", line)
+        if entry:
+            path = entry.group(1)
+            folder = path.rstrip("/") if path.endswith("/") else ""
+            name = path.rstrip("/").removesuffix(".py").replace("/", ".")
+        elif nested and folder:
+            name = f"{folder}.{nested.group(1).removesuffix('.py')}"
+        else:
+            continue
+        order.append(f"fisherstore.{name}")
+    return order
+
+
+def test_architecture_md_lists_every_module_above_what_it_imports():
+    graph = import_graph(PACKAGE)
+    order = architecture_order()
+    # fisherstore.testing stands where synthetic.py does; its lazy re-export of backend.py is no layer edge.
+    position = {name: i for i, name in enumerate(order)}
+    position["fisherstore.testing"] = position["fisherstore.testing.synthetic"]
+    assert sorted(set(graph) - set(position) - {"fisherstore", "fisherstore.data"}) == []
+    upward = [
+        f"{module} -> {dep}"
+        for module, deps in graph.items()
+        for dep in deps
+        if module in position
+        and dep in position
+        and position[dep] < position[module]
+        and not dep.startswith(module + ".")
+    ]
+    assert upward == [], "ARCHITECTURE.md lists these imports' targets above the importer"

@@ -507,30 +507,19 @@ def test_two_workers_match_one(tmp_path, multi_group_store):
     _same_masks(tmp_path / "one", tmp_path / "two", exact=False)
 
 
+def _torchrun_svd(store: object, *options: str) -> list[str]:
+    """``fisherstore svd STORE OPTIONS...`` under torchrun with 2 CPU ranks (the DRIVER runs the CLI)."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
+    return [*run, sys.executable, "-c", DRIVER, "svd", str(store), *options]
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_split_the_tensors(tmp_path, multi_group_store):
     src = tmp_path / "src4"
     with open_store(multi_group_store) as s:
         _store_of(src, {n: s[n] for n in s.names}, group_size=4)  # 2 groups of 4: each rank takes 2 per group
     svd_store(src, tmp_path / "one", SVDConfig(rank=8))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "--no-python",
-        sys.executable,
-        "-c",
-        DRIVER,
-        "svd",
-        str(src),
-        "--rank",
-        "8",
-        "--out",
-        str(tmp_path / "two"),
-    ]
+    cmd = _torchrun_svd(src, "--rank", "8", "--out", str(tmp_path / "two"))
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rank 0 of 2 decomposes 4 of them" in run.stderr and "rank 1 of 2 decomposes 4 of them" in run.stderr
@@ -561,26 +550,7 @@ def test_a_worker_error_reaches_the_caller(tmp_path, store_with_a_nan):
 
 @pytest.mark.slow
 def test_an_error_on_one_rank_stops_every_rank(tmp_path, store_with_a_nan):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "--no-python",
-        sys.executable,
-        "-c",
-        DRIVER,
-        "svd",
-        str(store_with_a_nan),
-        "--rank",
-        "4",
-        "--transform",
-        "sqrt",
-        "--out",
-        str(tmp_path / "m"),
-    ]
+    cmd = _torchrun_svd(store_with_a_nan, "--rank", "4", "--transform", "sqrt", "--out", str(tmp_path / "m"))
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # a hang would time out
     assert run.returncode != 0
     assert "tensor 'model.layers.2.mlp.up_proj.weight' holds NaN" in run.stderr
