@@ -7,7 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
-from fisherstore.extraction import ESTIMATORS, ExtractConfig, extract
+from fisherstore.extraction import ESTIMATORS, SCHEDULES, ExtractConfig, extract
 from fisherstore.formats import BACKENDS
 from fisherstore.models import SMOLLM2, TINY_GEMMA4, load_model
 from fisherstore.prompts import load_prompts
@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--group-size", **_field("group_size"))
     g.add_argument("--max-memory", **_field("max_memory"))
     g.add_argument("--seed", type=int, **_field("seed"))
+    g.add_argument("--schedule", choices=SCHEDULES, **_field("schedule"))
     g = p.add_argument_group("model placement")
     g.add_argument("--device", help="compute device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     g.add_argument("--device-map", help="place the model across devices while loading, e.g. auto (needs accelerate)")

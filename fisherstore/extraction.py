@@ -18,6 +18,16 @@ For each group of G consecutive decoder layers (see :func:`~fisherstore.writer.p
 Accumulating in fp32 matters: per-prompt squared gradients span ~20 decades,
 and summing hundreds of them in bf16 would lose the small ones entirely.
 
+That is the ``naive`` schedule, one forward and backward per group.  The
+default ``pipelined`` schedule computes the same per-prompt gradients with one
+full pass: the top group is done in pass 1, which also records (detached) the
+hidden state entering each lower group and every lower layer's arguments; each
+lower group, top-down, then re-runs only its own layers from its recorded input
+and back-propagates the gradient recorded at the input of the group above.
+Models whose layers read more than the layer below (Gemma-4 k/v sharing),
+targets outside the decoder layers, or layers that are not one ModuleList fall
+back to ``naive``, with a log line saying why.
+
 Two estimators: ``empirical`` uses the prompt's own next tokens as labels;
 ``sampled`` draws each label from the model's predictive distribution (the
 true Fisher's expectation, one sample per position), seeded per prompt so that
@@ -29,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import itertools
 import logging
 import resource
 import time
@@ -39,13 +50,14 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map_only
 
 from .digests import sha256_tag
 from .dtypes import canonical_dtype
 from .errors import BadInputError
 from .manifest import GroupInfo, TensorSpec, dtype_name
 from .models import config_hash
-from .naming import target_regex
+from .naming import parse_name, target_regex
 from .progress import progress
 from .prompts import PromptSet, as_prompt_set, encode_prompts
 from .sizes import parse_bytes
@@ -54,6 +66,7 @@ from .writer import StoreWriter, plan_groups
 __all__ = [
     "DEFAULT_GROUP_SIZE",
     "ESTIMATORS",
+    "SCHEDULES",
     "STORAGE_DTYPES",
     "ExtractConfig",
     "ExtractSummary",
@@ -69,6 +82,9 @@ log = logging.getLogger(__name__)
 
 #: Fisher estimators: labels from the data, or sampled from the model.
 ESTIMATORS = ("empirical", "sampled")
+
+#: Schedules: groups top-down from recorded boundary states (pipelined), or a whole pass per group (naive).
+SCHEDULES = ("pipelined", "naive")
 
 #: Storage dtypes, by canonical name.  fp16 is refused: Fisher values span ~20 decades
 #: (2e-20 .. 3 on SmolLM2) and ~8% of them flush to zero in fp16, whose range ends at 6e-8.
@@ -166,8 +182,18 @@ class ExtractConfig:
         default=0,
         metadata={"help": "seed of the sampled estimator's labels (default 0)"},
     )
+    schedule: str = field(
+        default="pipelined",
+        metadata={
+            "help": "pipelined (default): one full pass per prompt, then each group re-runs only its own layers "
+            "from recorded boundary states; naive: a whole forward and backward per group (also the fallback "
+            "for models with cross-layer KV sharing)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise BadInputError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}", param="schedule")
         if self.estimator not in ESTIMATORS:
             raise BadInputError(
                 f"estimator {self.estimator!r} is not one of {', '.join(ESTIMATORS)}", param="estimator"
@@ -194,6 +220,7 @@ class ExtractSummary:
 
     store: str
     estimator: str
+    schedule: str
     group_size: int
     groups_total: int
     groups_run: int
@@ -206,6 +233,7 @@ class ExtractSummary:
     writer_blocked_seconds: float
     peak_rss_bytes: int
     peak_device_bytes: int | None
+    boundary_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -298,6 +326,11 @@ def extract(
         log.warning("group size %s is given, so the memory budget %s is not used", cfg.group_size, cfg.max_memory)
     size = auto_group_size(specs, cfg.max_memory) if cfg.group_size == "auto" else int(cfg.group_size)
     plan = plan_groups(specs, size)
+    schedule = cfg.schedule
+    layers = _decoder_layers(model, plan) if schedule == "pipelined" else None
+    if schedule == "pipelined" and not isinstance(layers, torch.nn.ModuleList):
+        log.info("schedule naive: %s", layers)
+        schedule = "naive"
     prov = {
         **dict(provenance or {}),
         **_provenance(model, tokenizer, prompt_set, cfg.chat_template),
@@ -307,6 +340,7 @@ def extract(
         "targets": target_regex(cfg.targets).pattern,
         "seed": cfg.seed,
         "tokens": tokens,
+        "schedule": schedule,
     }
     attrs = {"estimator": cfg.estimator, "num_samples": len(prompt_set), "tokens": tokens}
     # a transformers model (get_input_embeddings); torch's stubs type unknown attributes as Tensor | Module
@@ -335,16 +369,19 @@ def extract(
         todo = [g for g in plan if g.index not in writer.completed_groups]
         if len(todo) < len(plan):
             log.info("resuming: %d of %d groups already complete", len(plan) - len(todo), len(plan))
-        for group in progress(todo, desc="groups", unit="group"):
+        boundary_bytes = 0
+        if isinstance(layers, torch.nn.ModuleList) and todo:
+            boundary_bytes = _pipelined(
+                model, layers, plan, todo, params, inputs, cfg, writer, store_dtype, group_seconds
+            )
+        for group in todo if schedule == "naive" else ():
             t0 = time.perf_counter()
             group_params = {t.name: params[t.name] for t in group.tensors}
             fisher = _group_fisher(
                 model, group_params, inputs, cfg.estimator, cfg.seed, desc=_describe(group, len(plan))
             )
-            writer.submit_group(group.index, {n: f.to(store_dtype).cpu() for n, f in fisher.items()})
+            _submit(writer, group, fisher, store_dtype, t0, group_seconds, len(plan))
             del fisher
-            group_seconds.append(time.perf_counter() - t0)
-            log.info("%s: %.1f s", _describe(group, len(plan)), group_seconds[-1])
         writer.finish()
         blocked = writer.blocked_seconds
 
@@ -353,6 +390,7 @@ def extract(
     summary = ExtractSummary(
         store=str(out),
         estimator=cfg.estimator,
+        schedule=schedule,
         group_size=size,
         groups_total=len(plan),
         groups_run=len(todo),
@@ -365,17 +403,20 @@ def extract(
         writer_blocked_seconds=blocked,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_device_bytes=peak_device(),
+        boundary_bytes=boundary_bytes,
     )
     log.info(
-        "extracted %d groups x %d prompts (%d tokens per pass) in %.1f s: %.0f tokens/s, "
-        "writer blocked %.2f s, peak RSS %.0f MiB",
+        "extracted %d groups x %d prompts (%d tokens per pass, %s schedule) in %.1f s: %.0f tokens/s, "
+        "writer blocked %.2f s, peak RSS %.0f MiB, boundary tensors %.1f MiB",
         summary.groups_run,
         summary.num_prompts,
         tokens,
+        schedule,
         seconds,
         summary.tokens_per_second,
         blocked,
         summary.peak_rss_bytes / 2**20,
+        boundary_bytes / 2**20,
     )
     return summary
 
@@ -389,29 +430,180 @@ def _group_fisher(
     desc: str,
 ) -> dict[str, torch.Tensor]:
     """Mean over prompts of each parameter's squared per-prompt gradient, fp32, on the parameter's device."""
-    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    with _accumulating(params, len(inputs)) as acc, torch.enable_grad():
+        for i, ids in enumerate(progress(inputs, desc=desc, unit="prompt")):
+            _prompt_loss(model, ids, estimator, seed, i).backward()
+    return acc
+
+
+@contextlib.contextmanager
+def _accumulating(params: Mapping[str, torch.nn.Parameter], n: int) -> Iterator[dict[str, torch.Tensor]]:
+    """fp32 accumulators of ``params``' squared gradients while the block runs, divided by ``n`` at its end.
+
+    Inside, only ``params`` require grad, each with a post-accumulate hook that
+    adds its squared gradient to its accumulator; on leaving, hooks are removed
+    and nothing requires grad.
+    """
+    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
     handles = []
     try:
         for name, p in params.items():
             p.grad = None
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(_square_into(acc[name])))
-        with torch.enable_grad():
-            for i, ids in enumerate(progress(inputs, desc=desc, unit="prompt")):
-                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-                labels = ids[0, 1:].to(logits.device) if estimator == "empirical" else _sampled_labels(logits, seed, i)
-                F.cross_entropy(logits, labels).backward()
-                del logits
+        yield acc
     finally:
         for h in handles:
             h.remove()
         for p in params.values():
             p.requires_grad_(False)
             p.grad = None
-    n = len(inputs)
     for a in acc.values():
         a.div_(n)
-    return acc
+
+
+def _decoder_layers(model: torch.nn.Module, plan: Sequence[GroupInfo]) -> torch.nn.ModuleList | str:
+    """The ModuleList of decoder layers the plan's groups live in, or why the pipelined schedule cannot run."""
+    config = getattr(model, "config", None)
+    shared = getattr(getattr(config, "text_config", None) or config, "num_kv_shared_layers", 0) or 0
+    if shared > 0:
+        return (
+            f"the model shares k/v across layers (num_kv_shared_layers={shared}), so a layer's inputs "
+            "do not all come from the layer below"
+        )
+    if any(not g.layers for g in plan):
+        return "some target weights are outside the decoder layers"
+    name, layer = plan[0].tensors[0].name, plan[0].layers[0]
+    prefix = name.split(f".{layer}.")[0]
+    try:
+        layers = model.get_submodule(prefix)
+    except AttributeError:
+        layers = None
+    if not isinstance(layers, torch.nn.ModuleList) or not all(
+        t.name.startswith(f"{prefix}.{parse_name(t.name)[0]}.") for g in plan for t in g.tensors
+    ):
+        return f"the decoder layers were not found as one ModuleList (looked at {prefix!r})"
+    return layers
+
+
+# One decoder layer call, recorded: whether the hidden state came positionally, the other arguments, the kwargs.
+_Call = tuple[bool, tuple[Any, ...], dict[str, Any]]
+
+
+def _pipelined(
+    model: torch.nn.Module,
+    layers: torch.nn.ModuleList,
+    plan: Sequence[GroupInfo],
+    todo: Sequence[GroupInfo],
+    params: Mapping[str, torch.nn.Parameter],
+    inputs: Sequence[torch.Tensor],
+    cfg: ExtractConfig,
+    writer: StoreWriter,
+    store_dtype: torch.dtype,
+    group_seconds: list[float],
+) -> int:
+    """Run the boundary-pipelined schedule over the groups from the top one down to the lowest in ``todo``.
+
+    Pass 1 runs each prompt through the whole model once, with the top group's
+    weights requiring grad and its input made a leaf, recording (detached) the
+    hidden state entering each lower group and every lower layer's arguments.
+    Each lower group then re-runs only its own layers from the recorded state
+    and back-propagates the gradient recorded at the input of the group above.
+    Groups already complete (resume) only pass gradients down.  Returns the
+    bytes of the recorded hidden states plus one boundary's gradients.
+    """
+    done = {g.index for g in plan} - {g.index for g in todo}
+    groups = [g for g in reversed(plan) if g.index >= min(g.index for g in todo)]
+    firsts = [g.layers[0] for g in groups]
+    n = len(inputs)
+    calls: dict[int, list[_Call]] = {i: [] for i in range(firsts[-1], firsts[0])}
+    states: dict[int, list[torch.Tensor]] = {i: [] for i in firsts[1:]}
+    leaves: list[torch.Tensor] = []
+
+    def pre_hook(index: int) -> Callable[..., Any]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest, kw = (args[1:], kwargs) if args else (args, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index in calls:
+                calls[index].append((bool(args), _detached(rest), _detached(kw)))
+            if index in states:
+                states[index].append(hidden.detach())
+            if index != firsts[0]:
+                return None
+            leaves.append(hidden.detach().requires_grad_(True))
+            return ((leaves[-1], *rest), kw) if args else (rest, {**kw, "hidden_states": leaves[-1]})
+
+        return hook
+
+    def own(group: GroupInfo) -> dict[str, torch.nn.Parameter]:
+        return {} if group.index in done else {t.name: params[t.name] for t in group.tensors}
+
+    t0 = time.perf_counter()
+    handles = [layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in {*calls, *states, firsts[0]}]
+    try:
+        with _accumulating(own(groups[0]), n) as acc, torch.enable_grad():
+            for i, ids in enumerate(progress(inputs, desc=_describe(groups[0], len(plan)), unit="prompt")):
+                _prompt_loss(model, ids, cfg.estimator, cfg.seed, i).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = [cast(torch.Tensor, leaf.grad) for leaf in leaves]
+    leaves.clear()
+    boundary = sum(t.nbytes for ts in states.values() for t in ts) + sum(g.nbytes for g in grads)
+    log.info("pipelined schedule: boundary tensors %.1f MiB", boundary / 2**20)
+    if groups[0].index not in done:
+        _submit(writer, groups[0], acc, store_dtype, t0, group_seconds, len(plan))
+    for above, group in itertools.pairwise(groups):
+        t0 = time.perf_counter()
+        below: list[torch.Tensor] = []
+        with _accumulating(own(group), n) as acc, torch.enable_grad():
+            for i in progress(range(n), desc=_describe(group, len(plan)), unit="prompt"):
+                start = states[group.layers[0]][i].requires_grad_(True)
+                hidden = start
+                for index in range(group.layers[0], above.layers[0]):
+                    positional, rest, kw = calls[index][i]
+                    out = (
+                        layers[index](hidden, *rest, **kw)
+                        if positional
+                        else layers[index](*rest, hidden_states=hidden, **kw)
+                    )
+                    hidden = out[0] if isinstance(out, tuple) else out
+                torch.autograd.backward(hidden, grads[i])
+                below.append(cast(torch.Tensor, start.grad))
+        grads = below
+        del states[group.layers[0]]
+        for index in range(group.layers[0], above.layers[0]):
+            del calls[index]
+        if group.index not in done:
+            _submit(writer, group, acc, store_dtype, t0, group_seconds, len(plan))
+        del acc
+    return boundary
+
+
+def _detached(tree: Any) -> Any:
+    return tree_map_only(torch.Tensor, torch.Tensor.detach, tree)
+
+
+def _prompt_loss(model: torch.nn.Module, ids: torch.Tensor, estimator: str, seed: int, index: int) -> torch.Tensor:
+    """Prompt ``index``'s mean next-token cross-entropy against its estimator's labels."""
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    labels = ids[0, 1:].to(logits.device) if estimator == "empirical" else _sampled_labels(logits, seed, index)
+    return F.cross_entropy(logits, labels)
+
+
+def _submit(
+    writer: StoreWriter,
+    group: GroupInfo,
+    fisher: dict[str, torch.Tensor],
+    store_dtype: torch.dtype,
+    t0: float,
+    group_seconds: list[float],
+    total: int,
+) -> None:
+    """Hand one group's fp32 means to the writer in the storage dtype and log its time."""
+    writer.submit_group(group.index, {n: f.to(store_dtype).cpu() for n, f in fisher.items()})
+    group_seconds.append(time.perf_counter() - t0)
+    log.info("%s: %.1f s", _describe(group, total), group_seconds[-1])
 
 
 @contextlib.contextmanager

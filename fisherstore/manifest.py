@@ -351,10 +351,15 @@ class Manifest:
         return [g.index for g in self.groups if not g.complete]
 
     def with_group(self, group: GroupInfo, infos: list[TensorInfo]) -> Manifest:
-        """A copy with ``group`` replaced and ``infos`` recorded."""
+        """A copy with ``group`` replaced and ``infos`` recorded, tensors kept in planned order.
+
+        Groups may complete in any order (a resumed run, or extraction's top-down
+        pipelined schedule); the store's tensor order stays the plan's.
+        """
         groups = tuple(group if g.index == group.index else g for g in self.groups)
-        tensors = dict(self.tensors)
-        tensors.update({i.name: i for i in infos})
+        recorded = {**self.tensors, **{i.name: i for i in infos}}
+        planned = [t.name for g in groups for t in g.tensors if t.name in recorded]
+        tensors = {n: recorded[n] for n in planned} | recorded
         return replace(self, groups=groups, tensors=tensors, updated=now_iso())
 
     def to_dict(self) -> dict[str, Any]:

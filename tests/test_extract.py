@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -15,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
+from transformers import AutoModelForCausalLM
 
 from fisherstore import open_store
 from fisherstore.errors import BadInputError
@@ -194,6 +197,74 @@ def test_resume_skips_complete_groups_and_refuses_other_inputs(tiny, prompts, tm
         run(tiny, prompts, out, group_size=2)
 
 
+@pytest.mark.parametrize("estimator", ["empirical", "sampled"])
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_pipelined_schedule_is_bit_identical_to_naive(tiny, prompts, tmp_path, estimator, size):
+    naive_summary, naive = run(tiny, prompts, tmp_path / "n", group_size=size, estimator=estimator, schedule="naive")
+    summary, pipelined = run(tiny, prompts, tmp_path / "p", group_size=size, estimator=estimator)
+    assert (naive_summary.schedule, summary.schedule, naive_summary.boundary_bytes) == ("naive", "pipelined", 0)
+    tokens = sum(ids.shape[1] for ids in encode_prompts(tiny.tokenizer, prompts, max_length=MAX_LENGTH))
+    # fp32 hidden states entering each of the groups below the top one, plus one boundary's gradients
+    assert summary.boundary_bytes == 4 * tokens * tiny.model.config.hidden_size * (4 // size)
+    assert sorted(naive) == sorted(pipelined) and len(naive) == 26
+    assert all(torch.equal(naive[n], pipelined[n]) for n in naive)
+    with open_store(tmp_path / "p") as store:
+        assert store.manifest.provenance["schedule"] == "pipelined"
+
+
+def test_kv_shared_gemma4_falls_back_to_naive_and_matches_a_whole_model_backward(tiny, prompts, tmp_path, caplog):
+    config = copy.deepcopy(tiny.model.config)
+    config.num_kv_shared_layers = 2  # layers 2 and 3 reuse the k/v of the last "store" layers, 0 and 1
+    # per-layer inputs too: transformers 5.24 slices them unconditionally at the first KV-shared layer
+    config.hidden_size_per_layer_input = 8
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    assert [layer.self_attn.is_kv_shared_layer for layer in model.model.layers] == [False, False, True, True]
+    shared = dataclasses.replace(tiny, model=model)
+    inputs = encode_prompts(tiny.tokenizer, prompts, max_length=MAX_LENGTH)
+    reference = reference_fisher(model, inputs, set(target_parameters(model)))
+    for size in (1, 4):
+        with caplog.at_level(logging.INFO, logger="fisherstore.extraction"):
+            summary, tensors = run(shared, prompts, tmp_path / f"kv{size}", group_size=size)
+        assert (summary.schedule, summary.boundary_bytes) == ("naive", 0)
+        assert "schedule naive: the model shares k/v across layers (num_kv_shared_layers=2)" in caplog.text
+        with open_store(tmp_path / f"kv{size}") as store:
+            assert store.manifest.provenance["schedule"] == "naive"
+        assert_matches(tensors, reference)
+        caplog.clear()
+
+
+def test_interrupted_pipelined_run_resumes_to_the_bit_identical_store(tiny, prompts, tmp_path):
+    _, whole = run(tiny, prompts, tmp_path / "whole", group_size=1)
+    calls = []
+
+    def fail_in_group_2(module, args):
+        # 3 calls in pass 1, then group 2 (layer 1) re-runs: stop there, after groups 4 and 3 are submitted
+        calls.append(1)
+        if len(calls) > len(prompts):
+            raise RuntimeError("interrupted")
+
+    out = tmp_path / "cut"
+    handle = tiny.model.model.layers[1].register_forward_pre_hook(fail_in_group_2)
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            run(tiny, prompts, out, group_size=1)
+    finally:
+        handle.remove()
+    state = json.loads((out / "fisherstore.json").read_text())
+    assert [g["complete"] for g in state["groups"]] == [False, False, True, True]
+    summary, resumed = run(tiny, prompts, out, group_size=1, resume=True)
+    assert (summary.groups_run, summary.groups_total, summary.schedule) == (2, 4, "pipelined")
+    assert sorted(resumed) == sorted(whole) and all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+def test_non_layer_targets_fall_back_to_naive(tiny, prompts, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="fisherstore.extraction"):
+        summary, tensors = run(tiny, prompts, tmp_path / "e", group_size=2, targets=r"embed_tokens|q_proj")
+    assert summary.schedule == "naive" and len(tensors) == 5
+    assert "schedule naive: some target weights are outside the decoder layers" in caplog.text
+
+
 def test_targets_select_weights(tiny, prompts, tmp_path):
     _, tensors = run(tiny, prompts, tmp_path / "t", group_size=4, targets="q,down")
     assert sorted(tensors) == sorted(
@@ -307,6 +378,8 @@ def _cli_extract(out, *extra):
         "64",
         "--dtype",
         "fp32",
+        "--schedule",
+        "naive",
         *extra,
     ]
 
@@ -398,7 +471,7 @@ def test_extract_config_reads_aliases_once_and_has_one_help_line_per_field():
         "auto",
     )
     helps = {f.name: ExtractConfig.help(f.name) for f in dataclasses.fields(ExtractConfig)}
-    assert len(helps) == 12 and all(isinstance(h, str) and h for h in helps.values())
+    assert len(helps) == 13 and all(isinstance(h, str) and h for h in helps.values())
     assert helps["seed"] == "seed of the sampled estimator's labels (default 0)"
 
 
