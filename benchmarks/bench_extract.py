@@ -7,7 +7,8 @@ layer groups (30 layers in groups of 8: 4 groups):
   bare loop           for each group: only its target weights require grad; for each
                       prompt: forward, mean next-token cross-entropy, backward, drop the
                       grads.  No squaring, no accumulation, no store.
-  fisherstore extract the library call: the same passes plus fp32 accumulation in
+  fisherstore extract the library call with the naive schedule (the passes of the bare
+                      loop; the pipelined default does less work): the same passes plus fp32 accumulation in
                       post-accumulate-grad hooks, the per-group downcast and the
                       background writer (safetensors store, bf16).
 
@@ -78,7 +79,7 @@ EXTRACT = (
     + r"""
 from fisherstore.extraction import ExtractConfig, extract
 start = time.perf_counter()
-config = ExtractConfig(group_size=group_size, dtype="bfloat16")
+config = ExtractConfig(group_size=group_size, dtype="bfloat16", schedule="naive")  # the bare loop's passes
 summary = extract(smol.model, smol.tokenizer, prompts, out, config, provenance=smol.provenance)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, **summary.to_dict()}))
