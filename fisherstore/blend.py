@@ -110,6 +110,17 @@ def blend_adapter(
     ``adapter_model.safetensors``, the source's other small files (tokenizer,
     README) and :data:`BLEND_RECORD`.  It is assembled in a temporary
     directory and renamed into place, so ``out_dir`` is never half written.
+
+    Args:
+        adapter_dir: a saved PEFT LoRA adapter.
+        importance: per-layer importance.
+        out_dir: the directory to write (new or empty unless ``overwrite``).
+        alpha: global blend strength multiplying every factor.
+        rule: how importance becomes a per-layer factor (default :class:`~fisherstore.training.ScaleRule`).
+        overwrite: replace an existing ``out_dir``.
+
+    Returns:
+        What was scaled and by how much.
     """
     src, out = Path(adapter_dir), Path(out_dir)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):

@@ -236,6 +236,7 @@ class ExtractSummary:
     boundary_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The summary as a JSON-able dict (what benchmarks record)."""
         d = asdict(self)
         d["group_seconds"] = list(self.group_seconds)
         return d

@@ -28,6 +28,14 @@ def load_importance(source: str | Any) -> dict[int, float]:
 
     Accepts this project's document (``{"layers": {...}}``), a plain
     ``{layer: value}`` mapping and a plain list in layer order.
+
+    Args:
+        source: a store or ``fisher.pt`` path (per-layer sums from its manifest or pickle, no tensor data
+            read), a ``layer_importance.json`` path, an open :class:`~fisherstore.store.FisherStore`, a mapping
+            or a list.
+
+    Returns:
+        ``{layer: importance}``.
     """
     if hasattr(source, "layer_importance"):
         return source.layer_importance()

@@ -148,21 +148,26 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
+        """Elements of the tensor (1 for a 0-d tensor)."""
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor in its dtype."""
         return self.numel * ITEMSIZES[self.dtype]
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        """The spec of an existing tensor: its shape and dtype under ``name``."""
         return cls(name, tuple(tensor.shape), dtype_name(tensor.dtype))
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form written to the manifest (:meth:`from_dict` reads it back)."""
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "spec") -> TensorSpec:
+        """A spec from its manifest form, validated; errors name ``where``."""
         if not isinstance(d, dict):
             raise _bad(where, f"expected an object, got {d!r}")
         try:
@@ -190,14 +195,17 @@ class TensorInfo:
 
     @property
     def spec(self) -> TensorSpec:
+        """The planned name, shape and dtype of this tensor."""
         return TensorSpec(self.name, self.shape, self.dtype)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor as stored."""
         return self.spec.nbytes
 
     @property
     def itemsize(self) -> int:
+        """Bytes of one element."""
         return ITEMSIZES[self.dtype]
 
     @property
@@ -206,6 +214,7 @@ class TensorInfo:
         return DTYPES[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form written to the manifest (:meth:`from_dict` reads it back)."""
         return {
             "shape": list(self.shape),
             "dtype": self.dtype,
@@ -220,6 +229,7 @@ class TensorInfo:
 
     @classmethod
     def from_dict(cls, name: str, d: Any) -> TensorInfo:
+        """The entry of tensor ``name`` from its manifest form, validated (FORMAT.md §2)."""
         where = f"tensor {name!r}"
         try:
             validate_name(name)
@@ -267,6 +277,7 @@ class GroupInfo:
     complete: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form written to the manifest (:meth:`from_dict` reads it back)."""
         return {
             "index": self.index,
             "layers": list(self.layers),
@@ -276,6 +287,7 @@ class GroupInfo:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> GroupInfo:
+        """A group from its manifest form, validated; errors name ``where``."""
         if not isinstance(d, dict):
             raise _bad(where, f"expected an object, got {d!r}")
         index = d.get("index")
@@ -343,6 +355,7 @@ class Manifest:
 
     @property
     def complete(self) -> bool:
+        """Whether every planned group is written."""
         return bool(self.groups) and all(g.complete for g in self.groups)
 
     @property
@@ -363,6 +376,7 @@ class Manifest:
         return replace(self, groups=groups, tensors=tensors, updated=now_iso())
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form written to ``fisherstore.json`` (:meth:`from_dict` reads it back)."""
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -380,6 +394,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = MANIFEST_NAME) -> Manifest:
+        """A manifest from its JSON form, enforcing every MUST of FORMAT.md §2 (CorruptDataError otherwise)."""
         if not isinstance(d, dict):
             raise _bad(where, f"expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT_NAME:

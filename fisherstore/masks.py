@@ -226,10 +226,12 @@ class MaskStore:
 
     @property
     def path(self) -> Path:
+        """The mask store directory."""
         return self.store.path
 
     @property
     def manifest(self) -> Manifest:
+        """The mask store's manifest."""
         return self.store.manifest
 
     @property
@@ -338,6 +340,7 @@ class MaskStore:
             ) from None
 
     def close(self) -> None:
+        """Release the underlying store's open files."""
         self.store.close()
 
     def __enter__(self) -> MaskStore:
@@ -351,7 +354,14 @@ class MaskStore:
 
 
 def open_masks(path: str | Path) -> MaskStore:
-    """Open a mask store for lazy reading; refuses a store of any other kind."""
+    """Open a mask store for lazy reading; refuses a store of any other kind.
+
+    Args:
+        path: a mask store directory written by :func:`write_masks` or ``fisherstore svd``.
+
+    Returns:
+        The :class:`MaskStore`; masks are read on :meth:`MaskStore.get`.
+    """
     store = open_store(path)
     if store.manifest.kind != MASK_KIND:
         kind = store.manifest.kind
@@ -382,6 +392,13 @@ def write_masks(
     source once (through ``params["transform"]`` if given).  Without it,
     groups are one per layer and the energy figures are ``null``.
     ``params`` is recorded as the manifest's ``params``.
+
+    Args:
+        path: the new mask store directory.
+        masks: ``{tensor name: (U, S, V)}``.
+        backend: the container format.
+        source: the Fisher store the masks were computed from, for energies and groups.
+        params: how the masks were made (recorded as is).
     """
     if not masks:
         raise BadInputError(f"{path}: no masks given; write_masks needs at least one (U, S, V)")
@@ -500,6 +517,12 @@ def describe_masks(masks: MaskStore) -> list[dict[str, Any]]:
 
     Keys: ``name, layer, kind, shape ([m, n]), rank (stored modes), method,
     energy, residual, total_energy`` (the last three may be ``None``).
+
+    Args:
+        masks: an open mask store.
+
+    Returns:
+        The rows, in store order.
     """
     rows = []
     for name in masks.names:

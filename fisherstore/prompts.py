@@ -77,6 +77,13 @@ def load_prompts(path: str | os.PathLike[str] | None = None, limit: int | None =
 
     ``limit`` keeps only the first prompts.  Raises :class:`BadInputError` naming
     the file and line of the first bad entry.
+
+    Args:
+        path: a JSON-lines, text or parquet file or a datasets folder; ``None`` for the packaged prompts.
+        limit: keep only the first ``limit`` prompts (>= 1).
+
+    Returns:
+        The prompts with their source and content digest.
     """
     if path is None:
         raw = resources.files("fisherstore").joinpath("data/prompts.jsonl").read_bytes()

@@ -99,6 +99,12 @@ def open_store(path: str | Path) -> FisherStore:
     Raises :class:`StoreNotFoundError` when nothing is there and
     :class:`~fisherstore.errors.BadInputError` (or its child
     ``CorruptDataError``) when what is there cannot be read safely.
+
+    Args:
+        path: a store directory (its ``fisherstore.json``), a ``fisher.pt`` or a bare ``.safetensors`` file.
+
+    Returns:
+        A :class:`FisherStore`; nothing but metadata is read until a tensor is asked for.
     """
     path = Path(path)
     if path.is_dir():
@@ -178,14 +184,17 @@ class FisherStore:
 
     @property
     def complete(self) -> bool:
+        """Whether every planned group is written (a file source is always complete)."""
         return self.manifest.complete
 
     @property
     def layers(self) -> list[int]:
+        """The decoder layers that hold tensors, ascending."""
         return sorted({i.layer for i in self._source.infos.values() if i.layer is not None})
 
     @property
     def nbytes(self) -> int:
+        """Bytes of all tensors as stored."""
         return sum(i.nbytes for i in self._source.infos.values())
 
     def info(self, name: str) -> TensorInfo:
@@ -200,6 +209,7 @@ class FisherStore:
             raise TensorNotFoundError(f"{self.path}: no tensor {name!r}{hint}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor ``name`` (metadata only)."""
         return self.info(name).shape
 
     def __contains__(self, name: object) -> bool:
@@ -358,6 +368,7 @@ class FisherStore:
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
+        """Release the source's open files; reads after this fail."""
         self._source.close()
 
     def __enter__(self) -> FisherStore:

@@ -323,6 +323,14 @@ def decompose(matrix: torch.Tensor, cfg: SVDConfig, name: str = "tensor") -> SVD
 
     The same code path as :func:`decompose_tensor` (row blocks are views of
     ``matrix``, which is never modified); ``name`` seeds the test matrix.
+
+    Args:
+        matrix: the tensor to decompose (any dtype; read as fp32 row blocks).
+        cfg: rank, sampling, transform and device.
+        name: seeds the random test matrix, as a store tensor's name does.
+
+    Returns:
+        The top modes with their captured energy.
     """
     if matrix.ndim < 2:
         raise BadInputError(f"tensor {name!r}: shape {list(matrix.shape)} is not a matrix")
@@ -336,7 +344,16 @@ def decompose(matrix: torch.Tensor, cfg: SVDConfig, name: str = "tensor") -> SVD
 
 
 def decompose_tensor(store: FisherStore, name: str, cfg: SVDConfig) -> SVDResult:
-    """Top ``cfg.rank`` modes of one store tensor, read in row blocks (never whole unless it fits ``max_memory``)."""
+    """Top ``cfg.rank`` modes of one store tensor, read in row blocks (never whole unless it fits ``max_memory``).
+
+    Args:
+        store: an open Fisher store.
+        name: the tensor to decompose (2 or more dims).
+        cfg: rank, sampling, transform, device and memory bound.
+
+    Returns:
+        The top modes with their captured energy and how many passes over the rows they took.
+    """
     info = store.info(name)
     return _decompose(lambda b: store.iter_rows(name, b), info.shape, info.torch_dtype.itemsize, cfg, name)
 
@@ -473,6 +490,20 @@ def svd_store(
     continues an interrupted run, redoing at most the groups not committed;
     the output is bit-identical to an uninterrupted run with the same
     options, workers and device.  Returns the final manifest (on every rank).
+
+    Args:
+        source: the Fisher store (path) to decompose.
+        out: the mask store directory to write.
+        cfg: rank, sampling, transform, output dtype, device and memory bound.
+        tensors: regex of the tensor names to decompose (default: every matrix).
+        workers: local worker processes.
+        resume: continue an interrupted run into ``out`` with the same options.
+        overwrite: replace an existing ``out`` once the new one is complete.
+        backend: the mask store's container format.
+        backend_options: that backend's options (zarr: compression, level, chunk_mb, shard_mb).
+
+    Returns:
+        The mask store's final manifest.
     """
     _int_option("workers", workers, 1)
     out = Path(out)

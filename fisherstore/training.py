@@ -611,7 +611,16 @@ class ScaleRule:
 
 
 def format_factor_table(importance: Mapping[int, float], rule: ScaleRule | None = None, alpha: float = 1.0) -> str:
-    """A text table: layer, importance, importance / reference, factor (``*`` = clipped)."""
+    """A text table: layer, importance, importance / reference, factor (``*`` = clipped).
+
+    Args:
+        importance: ``{layer: importance}``.
+        rule: how importance becomes a factor (default :class:`ScaleRule`).
+        alpha: the global strength multiplying every factor.
+
+    Returns:
+        The table, one line per layer.
+    """
     rule = rule or ScaleRule()
     ref = rule.reference_value(importance)
     factors = rule.factors(importance)
@@ -713,6 +722,18 @@ def attach_training(
     projection runs in the optimizer's step post-hook, so a plain loop needs
     nothing else; without it call :meth:`TrainingHooks.after_step` after each
     step.  ``projector_options`` are :class:`ProjectorConfig` fields.
+
+    Args:
+        model: a PEFT model with LoRA layers.
+        masks: a mask store (path or :class:`MaskSource`) for the subspace projector.
+        importance: per-layer importance for the scaler (anything :func:`~fisherstore.importance.load_importance`
+            takes).
+        optimizer: the optimizer whose steps the param-mode projection follows.
+        rule: how importance becomes a per-layer factor (default :class:`ScaleRule`).
+        **projector_options: :class:`ProjectorConfig` fields.
+
+    Returns:
+        The attached hooks; :meth:`TrainingHooks.detach` removes them.
     """
     if masks is None and importance is None:
         raise BadInputError("attach_training needs masks (a mask store) and/or importance (layer importance)")

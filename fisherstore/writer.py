@@ -52,6 +52,13 @@ def plan_groups(specs: Sequence[TensorSpec], group_size: int) -> tuple[GroupInfo
 
     Tensors outside the decoder layers go into one final group.  Group indices
     are 0-based and dense.
+
+    Args:
+        specs: the tensors to write, in the order they are to be written.
+        group_size: decoder layers per group (>= 1).
+
+    Returns:
+        The groups, each with its tensors' specs.
     """
     if group_size < 1:
         raise BadInputError(f"group size must be >= 1, got {group_size}", param="group_size")
