@@ -646,15 +646,13 @@ def storage_dtype(dtype: Any) -> torch.dtype:
 
 
 def _storage_dtype_name(dtype: Any) -> str:
-    # float16 is named among the choices only to be refused with the reason
-    name = canonical_dtype(dtype, param="dtype", allowed=(*STORAGE_DTYPES, "float16"))
-    if name == "float16":
+    if str(dtype).lower().removeprefix("torch.") in ("float16", "fp16", "half"):  # refused with the reason
         raise BadInputError(
-            "storage dtype fp16 is refused: Fisher values span ~20 decades and ~8% of them flush to zero "
-            "in fp16 (its smallest value is 6e-8); use bfloat16 (same range as float32) or float32",
+            "dtype fp16 is refused: Fisher values span ~20 decades and ~8% of them flush to zero in fp16 "
+            "(its smallest value is 6e-8); use bfloat16 (same range as float32) or float32",
             param="dtype",
         )
-    return name
+    return canonical_dtype(dtype, param="dtype", allowed=STORAGE_DTYPES)
 
 
 def parse_group_size(value: int | str) -> int:
