@@ -67,18 +67,18 @@ class _Ring:
         """
         if self.active is not None:
             raise RuntimeError("a ReadAhead runs one feed at a time; close the previous feed first")
-        cut = feed.cut
-        size = -(-max(cut, PIECE_BYTES) // (1 << 20)) << 20  # whole MiB, so that similar cuts reuse buffers
         # Each piece takes a whole buffer of at least PIECE_BYTES, so a tiny cut (a 0-d tensor, a 4 KiB zarr
         # chunk) gets RING buffers ahead, not RING MiB of tiny pieces.
-        count = feed.held + max(2, RING * PIECE_BYTES // max(cut, PIECE_BYTES))
+        width = max(feed.cut, PIECE_BYTES)
+        size = -(-width // (1 << 20)) << 20  # whole MiB, so that similar cuts reuse buffers
+        count = feed.held + max(2, RING * PIECE_BYTES // width)
         busy = {id(view.obj) for view in self.kept}
         held_back = [b for b in self.buffers if id(b) in busy]
         ring = [b for b in self.buffers if len(b) >= size and id(b) not in busy][:count]
         ring += [np.empty(size, dtype=np.uint8) for _ in range(count - len(ring))]
         self.buffers = ring + held_back
         self.active = feed
-        return [b.data[: max(cut, PIECE_BYTES)] for b in ring]
+        return [b.data[:width] for b in ring]
 
     def release(self, feed: Feed) -> None:
         """``feed`` has ended: the next feed may start."""

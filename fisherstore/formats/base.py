@@ -22,7 +22,7 @@ from ..manifest import GroupInfo, TensorInfo, TensorSpec
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Backend", "Buffer", "FileSpan", "GroupSink", "Piece", "RowsInto", "check_rows", "rows_of"]
+__all__ = ["Backend", "Buffer", "FileSpan", "GroupSink", "Piece", "RowsInto", "check_rows", "rows_of", "rows_shape"]
 
 Buffer = bytes | bytearray | memoryview
 #: A piece of a tensor's bytes as a source hands it out: bytes, or raw bytes left in a file (read by whoever
@@ -41,6 +41,13 @@ def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
     for d in shape[1:]:
         per_row *= d
     return shape[0], per_row
+
+
+def rows_shape(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, ...]:
+    """The shape of rows ``[start, stop)`` of ``shape``: a 0-d tensor's one row is itself, no row is ``(0,)``."""
+    if shape:
+        return (stop - start, *shape[1:])
+    return () if stop > start else (0,)
 
 
 def check_rows(name: str, start: int, stop: int, nrows: int) -> None:

@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .._io import pread_into, pread_tensor
+from .._io import pread_bytes, pread_tensor
 from ..errors import (
     BadInputError,
     CorruptDataError,
@@ -41,7 +41,7 @@ from ..errors import (
 )
 from ..manifest import ITEMSIZES, TensorInfo
 from ..naming import parse_name, validate_name
-from .base import check_rows, rows_of
+from .base import check_rows, rows_of, rows_shape
 
 if TYPE_CHECKING:
     import torch
@@ -376,9 +376,7 @@ class LegacyPtSource:
 
     # -- low-level reads -------------------------------------------------------------------
     def _pread(self, offset: int, n: int, what: str) -> bytes:
-        buf = bytearray(n)
-        pread_into(self._open_fd(), memoryview(buf), offset, f"{self.path}, {what}")
-        return bytes(buf)
+        return bytes(pread_bytes(self._open_fd(), n, offset, f"{self.path}, {what}"))
 
     def _open_fd(self) -> int:
         if self._fd is None:
@@ -611,7 +609,7 @@ class LegacyPtSource:
         dtype = info.torch_dtype
         itemsize = dtype.itemsize
         base = info.location["offset"]
-        out_shape = (stop - start, *info.shape[1:]) if info.shape else (() if stop - start == 1 else (0,))
+        out_shape = rows_shape(info.shape, start, stop)
         stride = self._strides.get(info.name)
         if stride is None or stop == start:
             raw = self._read_span(base + start * per_row * itemsize, (stop - start) * per_row * itemsize, info.name)

@@ -28,7 +28,7 @@ from .._io import TMP_PREFIX, fsync, fsync_dir, pread_bytes, pread_tensor, preal
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import parse_name, validate_name
-from .base import Backend, Buffer, GroupSink, check_rows, rows_of
+from .base import Backend, Buffer, GroupSink, check_rows, rows_of, rows_shape
 
 if TYPE_CHECKING:
     import torch
@@ -212,7 +212,7 @@ class _ShardReader:
             fd, (stop - start) * per_row * itemsize, offset + start * per_row * itemsize, f"{path} tensor {name!r}"
         )
         out = raw.view(DTYPES[dtype])
-        return out.reshape(shape) if len(shape) == 0 and stop > start else out.reshape((stop - start, *shape[1:]))
+        return out.reshape(rows_shape(shape, start, stop))
 
     def close(self) -> None:
         with self._lock:

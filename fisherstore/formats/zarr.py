@@ -71,7 +71,7 @@ from .._memory import tune_allocator
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import validate_name
-from .base import Backend, Buffer, GroupSink, check_rows, rows_of
+from .base import Backend, Buffer, GroupSink, check_rows, rows_of, rows_shape
 
 if TYPE_CHECKING:
     import torch
@@ -649,14 +649,11 @@ class ZarrBackend(Backend):
         return _ZarrGroupSink(self, group)
 
     def _layout(self, info: TensorInfo) -> tuple[Path, _Layout]:
-        array = info.location.get("array")
         try:
-            if not isinstance(array, str):
-                raise BadInputError(f"{array!r} is not a string")
-            validate_name(array)
+            array = validate_name(info.location.get("array"))
         except BadInputError:
             raise CorruptDataError(
-                f"tensor {info.name!r}: manifest location array {array!r} is not a safe name"
+                f"tensor {info.name!r}: manifest location array {info.location.get('array')!r} is not a safe name"
             ) from None
         array_dir = self.root / array
         layout = self._layouts.get(array)
@@ -704,8 +701,7 @@ class ZarrBackend(Backend):
 
         out = torch.empty((stop - start) * rows_of(info.shape)[1] * info.itemsize, dtype=torch.uint8)
         self.read_rows_into(info, start, stop, out.numpy().data)
-        shape = (stop - start, *info.shape[1:]) if info.shape else (() if stop > start else (0,))
-        return out.view(info.torch_dtype).reshape(shape)
+        return out.view(info.torch_dtype).reshape(rows_shape(info.shape, start, stop))
 
     def read_rows_into(self, info: TensorInfo, start: int, stop: int, out: memoryview) -> None:
         array_dir, layout = self._layout(info)
