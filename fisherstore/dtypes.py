@@ -10,7 +10,7 @@ byte-moving commands stay light.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .errors import BadInputError
@@ -33,22 +33,27 @@ ALIASES: dict[str, str] = {
 }
 
 
-def canonical_dtype(value: Any, *, param: str = "dtype", allowed: Iterable[str] | None = None) -> str:
+def canonical_dtype(
+    value: Any, *, param: str = "dtype", allowed: Iterable[str] | None = None, refused: Mapping[str, str] | None = None
+) -> str:
     """The canonical name of a dtype written as an alias, a canonical name or a ``torch.dtype``.
 
     Args:
         value: ``"bf16"``, ``"bfloat16"``, ``"torch.bfloat16"``, ``torch.bfloat16``...
         param: the parameter being parsed, named in the error.
         allowed: canonical names this parameter accepts (default: any known dtype).
+        refused: canonical names refused with a reason of their own (``{"float16": "dtype fp16 is refused: ..."}``).
 
     Returns:
         The canonical name, e.g. ``"bfloat16"``.
 
     Raises:
-        BadInputError: ``value`` is no known dtype, or not one of ``allowed``.
+        BadInputError: ``value`` is no known dtype, is refused, or is not one of ``allowed``.
     """
     text = str(value).strip().lower().removeprefix("torch.")
     name = ALIASES.get(text)
+    if refused and name is not None and name in refused:
+        raise BadInputError(refused[name], param=param)
     choices = tuple(allowed) if allowed is not None else tuple(dict.fromkeys(ALIASES.values()))
     if name is None or name not in choices:
         raise BadInputError(f"{param} must be one of {', '.join(choices)}, got {value!r}", param=param)

@@ -81,3 +81,13 @@ class TensorNotFoundError(FisherStoreError, KeyError):
 
 class IncompleteStoreError(FisherStoreError, RuntimeError):
     """The store's manifest says some groups were never written (resume it first)."""
+
+
+def check_int(param: str, value: object, minimum: int) -> int:
+    """``value`` if it is an integer (not a bool) of at least ``minimum``, else a BadInputError naming ``param``.
+
+    The one wording of an integer parameter's refusal, shared by every config.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise BadInputError(f"{param} must be an integer >= {minimum}, got {value!r}", param=param)
+    return value

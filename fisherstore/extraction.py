@@ -54,7 +54,7 @@ from torch.utils._pytree import tree_map_only
 
 from .digests import sha256_tag
 from .dtypes import canonical_dtype
-from .errors import BadInputError
+from .errors import BadInputError, check_int
 from .manifest import GroupInfo, TensorSpec, dtype_name
 from .models import config_hash
 from .naming import parse_name, target_regex
@@ -203,10 +203,8 @@ class ExtractConfig:
             object.__setattr__(self, "group_size", parse_group_size(self.group_size))
         if self.max_memory is not None:
             _max_memory_bytes(self.max_memory)
-        for name, bound in (("max_length", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < bound:
-                raise BadInputError(f"{name} must be an integer >= {bound}, got {value!r}", param=name)
+        check_int("max_length", self.max_length, 1)
+        check_int("seed", self.seed, 0)
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -645,14 +643,14 @@ def storage_dtype(dtype: Any) -> torch.dtype:
     return STORAGE_DTYPES[_storage_dtype_name(dtype)]
 
 
+_FP16_REFUSED = (
+    "dtype fp16 is refused: Fisher values span ~20 decades and ~8% of them flush to zero in fp16 "
+    "(its smallest value is 6e-8); use bfloat16 (same range as float32) or float32"
+)
+
+
 def _storage_dtype_name(dtype: Any) -> str:
-    if str(dtype).lower().removeprefix("torch.") in ("float16", "fp16", "half"):  # refused with the reason
-        raise BadInputError(
-            "dtype fp16 is refused: Fisher values span ~20 decades and ~8% of them flush to zero in fp16 "
-            "(its smallest value is 6e-8); use bfloat16 (same range as float32) or float32",
-            param="dtype",
-        )
-    return canonical_dtype(dtype, param="dtype", allowed=STORAGE_DTYPES)
+    return canonical_dtype(dtype, param="dtype", allowed=STORAGE_DTYPES, refused={"float16": _FP16_REFUSED})
 
 
 def parse_group_size(value: int | str) -> int:

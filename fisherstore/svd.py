@@ -57,7 +57,7 @@ from . import _svd_core as core
 from ._memory import prefer_huge_pages, tune_allocator
 from ._svd_core import TRANSFORMS, Blocks, RowReader
 from .dtypes import canonical_dtype
-from .errors import BadInputError, FisherStoreError
+from .errors import BadInputError, FisherStoreError, check_int
 from .formats.base import rows_of
 from .manifest import DTYPES, MANIFEST_NAME, Manifest
 from .masks import (
@@ -100,12 +100,6 @@ OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_MEMORY = 2 << 30
 
 
-def _int_option(param: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise BadInputError(f"{param} must be an integer >= {minimum}, got {value!r}", param=param)
-    return value
-
-
 @dataclass(frozen=True)
 class SVDConfig:
     """How to decompose: rank, accuracy knobs, numerics and resources.
@@ -137,12 +131,12 @@ class SVDConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _int_option("rank", self.rank, 1)
+        check_int("rank", self.rank, 1)
         if self.oversample is not None:
-            _int_option("oversample", self.oversample, 0)
-        _int_option("power_iters", self.power_iters, 0)
-        _int_option("max_memory", self.max_memory, 1)
-        _int_option("seed", self.seed, 0)
+            check_int("oversample", self.oversample, 0)
+        check_int("power_iters", self.power_iters, 0)
+        check_int("max_memory", self.max_memory, 1)
+        check_int("seed", self.seed, 0)
         core.check_transform(self.transform)
         # frozen: the canonical name replaces the alias given (``bf16`` -> ``bfloat16``)
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype, param="dtype", allowed=OUTPUT_DTYPES))
@@ -505,7 +499,7 @@ def svd_store(
     Returns:
         The mask store's final manifest.
     """
-    _int_option("workers", workers, 1)
+    check_int("workers", workers, 1)
     out = Path(out)
     ranks = _Ranks()
     try:
