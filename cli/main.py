@@ -104,14 +104,15 @@ def in_cli_words(message: str, param: str | None, parser: argparse.ArgumentParse
     they are.
     """
     actions = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS]  # no hidden aliases
-    flags = {a.dest: max(a.option_strings, key=len) for a in actions}
+    flag_of = {id(a): max(a.option_strings, key=len) for a in actions}
     for a in actions:  # a switch: store_true answers dest=True, store_false (--no-x) answers dest=False
         if isinstance(a, argparse._StoreConstAction) and isinstance(a.const, bool):
-            message = re.sub(rf"(?<![\w.-]){re.escape(a.dest)}={a.const}\b", max(a.option_strings, key=len), message)
-    flag = flags.get(param) if param else None
+            message = re.sub(rf"(?<![\w./-]){re.escape(a.dest)}={a.const}\b", flag_of[id(a)], message)
+    flag = next((flag_of[id(a)] for a in actions if a.dest == param), None)
     if flag is not None and param is not None:
-        message = re.sub(rf"(?<![\w.-]){re.escape(param)}=", flag + " ", message)
-        message = re.sub(rf"(?<![\w.-]){re.escape(param)}\b(?![\w-])", flag, message)
+        # A word inside a path (out/x, runs/out) is part of the path, not the parameter.
+        message = re.sub(rf"(?<![\w./-]){re.escape(param)}=", flag + " ", message)
+        message = re.sub(rf"(?<![\w./-]){re.escape(param)}\b(?![\w/-])", flag, message)
     return message
 
 

@@ -26,7 +26,7 @@ from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats.base import Buffer, Piece
 from .manifest import GroupInfo, TensorInfo, now_iso
 from .progress import progress
-from .store import FisherStore, open_store
+from .store import DEFAULT_PIECE_BYTES, FisherStore, open_store
 from .writer import StoreWriter, plan_groups
 
 __all__ = ["DEFAULT_BUFFER_BYTES", "TARGETS", "convert", "infer_target"]
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("safetensors", "zarr", "pt")
 
-#: Default size of a conversion's streaming buffer: large reads, a few of them in memory at once.
-DEFAULT_BUFFER_BYTES = 64 << 20
+#: Default size of a conversion's streaming buffer: the store's byte-piece size (large reads, a few in memory).
+DEFAULT_BUFFER_BYTES = DEFAULT_PIECE_BYTES
 
 
 def infer_target(dst: Path) -> str:

@@ -51,17 +51,16 @@ class CorruptDataError(BadInputError):
 class ChecksumMismatchError(CorruptDataError):
     """A tensor's bytes do not match the checksum recorded in the manifest."""
 
+    @staticmethod
+    def describe(got: str, recorded: str, where: str = "the manifest") -> str:
+        """The one wording of a mismatch: what the bytes hash to and what ``where`` recorded."""
+        return f"bytes hash to {got}, {where} says {recorded}"
+
     @classmethod
-    def for_tensor(
-        cls,
-        name: str,
-        got: str,
-        recorded: str,
-        where: str = "the manifest",
-        advice: str = "the source is corrupt (run fisherstore verify on it)",
-    ) -> ChecksumMismatchError:
-        """The one wording of a mismatch: what the bytes hash to, what ``where`` recorded, and ``advice``."""
-        return cls(f"tensor {name!r}: bytes hash to {got}, {where} says {recorded}" + (f"; {advice}" if advice else ""))
+    def for_tensor(cls, name: str, got: str, recorded: str, where: str = "the manifest") -> ChecksumMismatchError:
+        """The error for tensor ``name`` read from a source: the mismatch, and what to do about the source."""
+        advice = "the source is corrupt (run fisherstore verify on it)"
+        return cls(f"tensor {name!r}: {cls.describe(got, recorded, where)}; {advice}")
 
 
 class UnsafePickleError(BadInputError):

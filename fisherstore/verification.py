@@ -63,9 +63,7 @@ def verify(path: str | Path | FisherStore) -> list[Problem]:
                 if nbytes != info.nbytes:
                     problems.append(Problem(name, f"{nbytes} bytes read, {info.nbytes} expected"))
                 elif info.checksum and checksum.hexdigest() != info.checksum:
-                    mismatch = ChecksumMismatchError.for_tensor(
-                        name, checksum.hexdigest(), info.checksum, advice="the store is corrupt"
-                    )
+                    mismatch = ChecksumMismatchError.describe(checksum.hexdigest(), info.checksum)
                     problems.append(Problem(name, f"checksum mismatch: {mismatch}"))
     finally:
         if not isinstance(path, FisherStore):

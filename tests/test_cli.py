@@ -231,6 +231,14 @@ def test_svd_writes_a_compressed_zarr_mask_store(cli, make_store, gemma_bf16, tm
         # a parameter the command has no flag for, and a word that only contains the parameter's name
         ("svd", "workers_total must be 1", "workers_total", "workers_total must be 1"),
         ("svd", "the ranks differ", "rank", "the ranks differ"),
+        # a path holding the parameter's name stays the path
+        ("svd", "out/out exists: pass overwrite=True", "out", "out/out exists: pass --overwrite"),
+        (
+            "convert",
+            "dst=runs/dst/x must not lie inside the source",
+            "dst",
+            "--out runs/dst/x must not lie inside the source",
+        ),
         # convert's hidden alias --buffer-mb is never named; the visible flag is
         ("convert", "buffer_bytes must be positive", "buffer_bytes", "--buffer-size must be positive"),
     ],

@@ -212,7 +212,7 @@ _OPCODES = frozenset(
 )
 
 
-def _check_opcodes(data: bytes, path: Path) -> None:
+def _check_opcodes(data: bytes | bytearray, path: Path) -> None:
     """Scan the pickle without running it: only :data:`_OPCODES`, memo indices in sequence.
 
     The C unpickler sizes its memo table by the largest index it is given, so
@@ -247,7 +247,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     ever runs; the rebuild functions only validate and record their arguments.
     """
 
-    def __init__(self, data: bytes, path: Path) -> None:
+    def __init__(self, data: bytes | bytearray, path: Path) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._path = path
         self._allowed: dict[tuple[str, str], Any] = {
@@ -375,8 +375,8 @@ class LegacyPtSource:
         log.debug("%s: %d tensors (prefix %r)", self.path, len(self.infos), self.prefix)
 
     # -- low-level reads -------------------------------------------------------------------
-    def _pread(self, offset: int, n: int, what: str) -> bytes:
-        return bytes(pread_bytes(self._open_fd(), n, offset, f"{self.path}, {what}"))
+    def _pread(self, offset: int, n: int, what: str) -> bytearray:
+        return pread_bytes(self._open_fd(), n, offset, f"{self.path}, {what}")  # no copy: data.pkl may be 64 MiB
 
     def _open_fd(self) -> int:
         if self._fd is None:
@@ -456,7 +456,7 @@ class LegacyPtSource:
             )
         return start
 
-    def _record(self, entry: zipfile.ZipInfo, limit: int, cap: int) -> bytes:
+    def _record(self, entry: zipfile.ZipInfo, limit: int, cap: int) -> bytearray:
         if entry.file_size > cap:
             raise BadInputError(
                 f"{self.path}: record {entry.filename!r} is {entry.file_size} bytes, "
