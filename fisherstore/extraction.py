@@ -37,7 +37,6 @@ every group — and a resumed run — sees the same labels.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import itertools
 import logging
@@ -52,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
-from .digests import sha256_tag
+from .digests import sha256_of
 from .dtypes import canonical_dtype
 from .errors import BadInputError, check_int
 from .manifest import GroupInfo, TensorSpec, dtype_name
@@ -315,7 +314,7 @@ def extract(
     """
     cfg = ExtractConfig() if config is None else config
     start = time.perf_counter()
-    store_dtype = storage_dtype(cfg.dtype)
+    store_dtype = STORAGE_DTYPES[cfg.dtype]
     prompt_set = as_prompt_set(prompts)
     inputs = encode_prompts(tokenizer, prompt_set, max_length=cfg.max_length, chat_template=cfg.chat_template)
     tokens = sum(ids.shape[1] for ids in inputs)
@@ -691,7 +690,7 @@ def _provenance(model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, chat
         "tokenizer_vocab_size": len(tokenizer),
         **prompts.provenance(),
         "chat_template": chat_template,
-        "chat_template_sha256": sha256_tag(hashlib.sha256(template.encode())) if template else None,
+        "chat_template_sha256": sha256_of(template.encode()) if template else None,
         "versions": _versions(),
     }
 
