@@ -44,7 +44,7 @@ import resource
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -209,7 +209,16 @@ class ExtractConfig:
     @classmethod
     def help(cls, name: str) -> str:
         """The help line of field ``name``."""
-        return str(next(f for f in fields(cls) if f.name == name).metadata["help"])
+        return str(_config_field(name).metadata["help"])
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name``."""
+        return _config_field(name).default
+
+
+def _config_field(name: str) -> Field[Any]:
+    return next(f for f in fields(ExtractConfig) if f.name == name)
 
 
 @dataclass(frozen=True)
