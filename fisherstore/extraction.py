@@ -37,14 +37,14 @@ every group — and a resumed run — sees the same labels.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import itertools
 import logging
 import resource
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
-from .digests import sha256_tag
+from .digests import sha256_of
 from .dtypes import canonical_dtype
 from .errors import BadInputError, check_int
 from .manifest import GroupInfo, TensorSpec, dtype_name
@@ -209,7 +209,16 @@ class ExtractConfig:
     @classmethod
     def help(cls, name: str) -> str:
         """The help line of field ``name``."""
-        return str(next(f for f in fields(cls) if f.name == name).metadata["help"])
+        return str(_config_field(name).metadata["help"])
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name``."""
+        return _config_field(name).default
+
+
+def _config_field(name: str) -> Field[Any]:
+    return next(f for f in fields(ExtractConfig) if f.name == name)
 
 
 @dataclass(frozen=True)
@@ -315,7 +324,7 @@ def extract(
     """
     cfg = ExtractConfig() if config is None else config
     start = time.perf_counter()
-    store_dtype = storage_dtype(cfg.dtype)
+    store_dtype = STORAGE_DTYPES[cfg.dtype]
     prompt_set = as_prompt_set(prompts)
     inputs = encode_prompts(tokenizer, prompt_set, max_length=cfg.max_length, chat_template=cfg.chat_template)
     tokens = sum(ids.shape[1] for ids in inputs)
@@ -369,18 +378,21 @@ def extract(
         if len(todo) < len(plan):
             log.info("resuming: %d of %d groups already complete", len(plan) - len(todo), len(plan))
         boundary_bytes = 0
-        if isinstance(layers, torch.nn.ModuleList) and todo:
-            boundary_bytes = _pipelined(
-                model, layers, plan, todo, params, inputs, cfg, writer, store_dtype, group_seconds
-            )
-        for group in todo if schedule == "naive" else ():
-            t0 = time.perf_counter()
-            group_params = {t.name: params[t.name] for t in group.tensors}
-            fisher = _group_fisher(
-                model, group_params, inputs, cfg.estimator, cfg.seed, desc=_describe(group, len(plan))
-            )
-            _submit(writer, group, fisher, store_dtype, t0, group_seconds, len(plan))
-            del fisher
+        if schedule == "pipelined":
+            if todo:
+                decoder = cast(torch.nn.ModuleList, layers)  # schedule stays pipelined only when it was found
+                boundary_bytes = _pipelined(
+                    model, decoder, plan, todo, params, inputs, cfg, writer, store_dtype, group_seconds
+                )
+        else:
+            for group in todo:
+                t0 = time.perf_counter()
+                group_params = {t.name: params[t.name] for t in group.tensors}
+                fisher = _group_fisher(
+                    model, group_params, inputs, cfg.estimator, cfg.seed, desc=_describe(group, len(plan))
+                )
+                _submit(writer, group, fisher, store_dtype, t0, group_seconds, len(plan))
+                del fisher
         writer.finish()
         blocked = writer.blocked_seconds
 
@@ -501,23 +513,30 @@ def _pipelined(
     store_dtype: torch.dtype,
     group_seconds: list[float],
 ) -> int:
-    """Run the boundary-pipelined schedule over the groups from the top one down to the lowest in ``todo``.
+    """Run the boundary-pipelined schedule over the groups in ``todo``, from the top one down.
 
-    Pass 1 runs each prompt through the whole model once, with the top group's
-    weights requiring grad and its input made a leaf, recording (detached) the
-    hidden state entering each lower group and every lower layer's arguments.
-    Each lower group then re-runs only its own layers from the recorded state
-    and back-propagates the gradient recorded at the input of the group above.
-    Groups already complete (resume) only pass gradients down.  Returns the
-    bytes of the recorded hidden states plus one boundary's gradients.
+    Pass 1 runs each prompt through the whole model once, with the top
+    unfinished group's weights requiring grad and its input made a leaf whose
+    gradient is recorded, recording (detached) the hidden state entering each
+    lower unfinished group and every lower layer's arguments.  Each lower group
+    then re-runs the layers from its own first one up to the next group above
+    (complete groups between them, on resume, are re-run without grad on their
+    weights) from the recorded state, and back-propagates the gradient
+    recorded at the input of the group above; the lowest group needs no input
+    gradient.  States and gradients are released per prompt once used.
+    Returns the bytes of the recorded hidden states plus one boundary's
+    gradients.
     """
-    done = {g.index for g in plan} - {g.index for g in todo}
-    groups = [g for g in reversed(plan) if g.index >= min(g.index for g in todo)]
+    groups = list(reversed(todo))
     firsts = [g.layers[0] for g in groups]
     n = len(inputs)
     calls: dict[int, list[_Call]] = {i: [] for i in range(firsts[-1], firsts[0])}
     states: dict[int, list[torch.Tensor]] = {i: [] for i in firsts[1:]}
-    leaves: list[torch.Tensor] = []
+    grads: deque[torch.Tensor] = deque()
+
+    def record_grad(leaf: torch.Tensor) -> None:
+        grads.append(cast(torch.Tensor, leaf.grad))  # set: the hook runs after accumulation
+        leaf.grad = None
 
     def pre_hook(index: int) -> Callable[..., Any]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -529,35 +548,37 @@ def _pipelined(
                 states[index].append(hidden.detach())
             if index != firsts[0]:
                 return None
-            leaves.append(hidden.detach().requires_grad_(True))
-            return ((leaves[-1], *rest), kw) if args else (rest, {**kw, "hidden_states": leaves[-1]})
+            leaf = hidden.detach().requires_grad_(True)
+            leaf.register_post_accumulate_grad_hook(record_grad)
+            return ((leaf, *rest), kw) if args else (rest, {**kw, "hidden_states": leaf})
 
         return hook
 
     def own(group: GroupInfo) -> dict[str, torch.nn.Parameter]:
-        return {} if group.index in done else {t.name: params[t.name] for t in group.tensors}
+        return {t.name: params[t.name] for t in group.tensors}
 
     t0 = time.perf_counter()
-    handles = [layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in {*calls, *states, firsts[0]}]
+    hooked = range(firsts[-1], firsts[0] + 1)  # the layers of calls and states, and the top group's first
+    handles = [layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in hooked]
     try:
-        with _accumulating(own(groups[0]), n) as acc, torch.enable_grad():
-            for i, ids in enumerate(progress(inputs, desc=_describe(groups[0], len(plan)), unit="prompt")):
-                _prompt_loss(model, ids, cfg.estimator, cfg.seed, i).backward()
+        acc = _group_fisher(model, own(groups[0]), inputs, cfg.estimator, cfg.seed, _describe(groups[0], len(plan)))
     finally:
         for h in handles:
             h.remove()
-    grads = [cast(torch.Tensor, leaf.grad) for leaf in leaves]
-    leaves.clear()
     boundary = sum(t.nbytes for ts in states.values() for t in ts) + sum(g.nbytes for g in grads)
     log.info("pipelined schedule: boundary tensors %.1f MiB", boundary / 2**20)
-    if groups[0].index not in done:
-        _submit(writer, groups[0], acc, store_dtype, t0, group_seconds, len(plan))
+    _submit(writer, groups[0], acc, store_dtype, t0, group_seconds, len(plan))
+    del acc
     for above, group in itertools.pairwise(groups):
         t0 = time.perf_counter()
-        below: list[torch.Tensor] = []
+        starts = deque(states.pop(group.layers[0]))
+        lowest = group is groups[-1]
+        below: deque[torch.Tensor] = deque()
         with _accumulating(own(group), n) as acc, torch.enable_grad():
             for i in progress(range(n), desc=_describe(group, len(plan)), unit="prompt"):
-                start = states[group.layers[0]][i].requires_grad_(True)
+                start = starts.popleft()
+                if not lowest:
+                    start.requires_grad_(True)
                 hidden = start
                 for index in range(group.layers[0], above.layers[0]):
                     positional, rest, kw = calls[index][i]
@@ -567,14 +588,13 @@ def _pipelined(
                         else layers[index](*rest, hidden_states=hidden, **kw)
                     )
                     hidden = out[0] if isinstance(out, tuple) else out
-                torch.autograd.backward(hidden, grads[i])
-                below.append(cast(torch.Tensor, start.grad))
+                torch.autograd.backward(hidden, grads.popleft())
+                if not lowest:
+                    below.append(cast(torch.Tensor, start.grad))
         grads = below
-        del states[group.layers[0]]
         for index in range(group.layers[0], above.layers[0]):
             del calls[index]
-        if group.index not in done:
-            _submit(writer, group, acc, store_dtype, t0, group_seconds, len(plan))
+        _submit(writer, group, acc, store_dtype, t0, group_seconds, len(plan))
         del acc
     return boundary
 
@@ -691,7 +711,7 @@ def _provenance(model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, chat
         "tokenizer_vocab_size": len(tokenizer),
         **prompts.provenance(),
         "chat_template": chat_template,
-        "chat_template_sha256": sha256_tag(hashlib.sha256(template.encode())) if template else None,
+        "chat_template_sha256": sha256_of(template.encode()) if template else None,
         "versions": _versions(),
     }
 

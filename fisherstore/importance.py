@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInputError
-from .manifest import IMPORTANCE_NAME, importance_document, layer_sums
+from .manifest import IMPORTANCE_NAME, MANIFEST_NAME, importance_document, layer_sums
 from .store import open_store
 
 __all__ = ["IMPORTANCE_NAME", "importance_document", "layer_sums", "load_importance"]
@@ -42,7 +42,7 @@ def load_importance(source: str | Any) -> dict[int, float]:
     data: Any = source
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if path.is_dir() and not (path / "fisherstore.json").exists() and (path / IMPORTANCE_NAME).is_file():
+        if path.is_dir() and not (path / MANIFEST_NAME).exists() and (path / IMPORTANCE_NAME).is_file():
             path = path / IMPORTANCE_NAME  # a folder holding only the importance document
         if path.suffix == ".json" and path.is_file():
             try:

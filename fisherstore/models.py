@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ._io import TMP_PREFIX, fsync_dir, write_json_atomic
-from .digests import sha256_tag
+from .digests import sha256_of, sha256_tag
 from .dtypes import canonical_dtype
 from .errors import BadInputError
 
@@ -106,7 +106,7 @@ def config_hash(config: Any) -> str:
     for volatile in ("transformers_version", "_name_or_path", "_commit_hash"):
         d.pop(volatile, None)
     raw = json.dumps(d, sort_keys=True, default=str).encode()
-    return sha256_tag(hashlib.sha256(raw))
+    return sha256_of(raw)
 
 
 def tiny_tokenizer() -> Any:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .digests import sha256_tag
+from .digests import sha256_of, sha256_tag
 from .errors import BadInputError
 
 __all__ = ["DEFAULT_PROMPTS", "Messages", "PromptSet", "as_prompt_set", "encode_prompts", "load_prompts"]
@@ -87,7 +87,7 @@ def load_prompts(path: str | os.PathLike[str] | None = None, limit: int | None =
     """
     if path is None:
         raw = resources.files("fisherstore").joinpath("data/prompts.jsonl").read_bytes()
-        prompts = PromptSet(tuple(_parse_jsonl(raw, DEFAULT_PROMPTS)), DEFAULT_PROMPTS, _sha256(raw))
+        prompts = PromptSet(tuple(_parse_jsonl(raw, DEFAULT_PROMPTS)), DEFAULT_PROMPTS, sha256_of(raw))
     else:
         p = Path(path)
         if p.is_dir() or p.suffix.lower() == ".parquet":
@@ -98,7 +98,7 @@ def load_prompts(path: str | os.PathLike[str] | None = None, limit: int | None =
             except OSError as exc:
                 raise BadInputError(f"{p}: cannot read the prompt file ({exc.strerror})") from None
             parse = _parse_jsonl if p.suffix.lower() in _JSONL_SUFFIXES else _parse_text
-            prompts = PromptSet(tuple(parse(raw, str(p))), str(p), _sha256(raw))
+            prompts = PromptSet(tuple(parse(raw, str(p))), str(p), sha256_of(raw))
         if not prompts.prompts:
             raise BadInputError(f"{p}: holds no prompts")
     return prompts if limit is None else prompts.head(limit)
@@ -115,7 +115,7 @@ def as_prompt_set(prompts: PromptSet | Sequence[str | Sequence[dict[str, str]]])
     if not items:
         raise BadInputError("no prompts given")
     canonical = json.dumps(items, sort_keys=True).encode()
-    return PromptSet(items, "in-memory", _sha256(canonical))
+    return PromptSet(items, "in-memory", sha256_of(canonical))
 
 
 def encode_prompts(
@@ -162,10 +162,6 @@ def encode_prompts(
 
 
 # -- parsing -----------------------------------------------------------------------------------
-
-
-def _sha256(raw: bytes) -> str:
-    return sha256_tag(hashlib.sha256(raw))
 
 
 def _sha256_tree(path: Path) -> str:
