@@ -218,11 +218,9 @@ class MaskStore:
 
     def __init__(self, store: FisherStore) -> None:
         self.store = store
-        self._names = {}
-        for stored in store.names:
-            if stored.endswith(_SUFFIXES[1]):
-                info = store.info(stored)
-                self._names[str(info.attrs.get("source", stored[: -len(_SUFFIXES[1])]))] = stored
+        written = set(store.names)
+        #: source tensor → its stored ``<name>.S`` (the tensor holding its attrs), for every written triple.
+        self._names = {t.name: t.s.name for g in store.manifest.groups for t in mask_triples(g) if t.s.name in written}
 
     @property
     def path(self) -> Path:
