@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from ._memory import prefer_huge_pages
 from .errors import BadInputError
 from .formats.base import rows_of
 
@@ -26,6 +27,8 @@ __all__ = [
     "RowReader",
     "canonical_signs",
     "check_transform",
+    "chunk_rows",
+    "empty_fp32",
     "exact_svd",
     "frobenius_sq",
     "randomized_svd",
@@ -45,6 +48,20 @@ TRANSFORMS: dict[str, Callable[..., torch.Tensor] | None] = {
 #: Largest row block (as fp32) read at once when memory allows more: bigger blocks do not make
 #: the products faster and only grow the transient read buffer.
 BLOCK_BYTES = 16 << 20
+
+
+def chunk_rows(n: int) -> int:
+    """Rows of ``n`` columns in one :data:`BLOCK_BYTES` fp32 block (at least 1)."""
+    return max(1, BLOCK_BYTES // max(1, 4 * n))
+
+
+def empty_fp32(m: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialised m×n fp32 tensor on ``device``; on the CPU, hinted to transparent huge pages."""
+    a = torch.empty(m, n, dtype=torch.float32, device=device)
+    if a.device.type == "cpu":
+        prefer_huge_pages(a.data_ptr(), a.nbytes)
+    return a
+
 
 RowReader = Callable[[int], Iterable[tuple[int, torch.Tensor]]]
 """``read(block_rows)`` → ``(start, rows)`` blocks of a tensor in its stored dtype, on the CPU."""
@@ -110,7 +127,7 @@ def frobenius_sq(read: RowReader, shape: tuple[int, ...], transform: str = "none
     """
     check_transform(transform)
     m, n = rows_of(shape)
-    buffer = torch.empty(min(m, max(1, BLOCK_BYTES // max(1, 4 * n))), n, dtype=torch.float32)
+    buffer = empty_fp32(min(m, chunk_rows(n)), n)
     return sum(sq_norm(a) for _, a in widened(read, buffer.shape[0], transform, buffer, in_place=False))
 
 

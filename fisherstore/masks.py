@@ -27,6 +27,7 @@ energy figures and ``fisher_sum`` are ``null``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ._svd_core import RowReader, frobenius_sq
+from . import _svd_core as core
 from .errors import BadInputError, CorruptDataError, TensorNotFoundError
 from .formats.base import rows_of
 from .manifest import GroupInfo, Manifest, TensorSpec, dtype_name
@@ -218,11 +219,9 @@ class MaskStore:
 
     def __init__(self, store: FisherStore) -> None:
         self.store = store
-        self._names = {}
-        for stored in store.names:
-            if stored.endswith(_SUFFIXES[1]):
-                info = store.info(stored)
-                self._names[str(info.attrs.get("source", stored[: -len(_SUFFIXES[1])]))] = stored
+        written = set(store.names)
+        #: source tensor → its stored ``<name>.S`` (the tensor holding its attrs), for every written triple.
+        self._names = {t.name: t.s.name for g in store.manifest.groups for t in mask_triples(g) if t.s.name in written}
 
     @property
     def path(self) -> Path:
@@ -436,7 +435,7 @@ def write_masks(
                     name,
                     (U.shape[0], V.shape[0]),
                     captured=_captured(S),
-                    total_energy=frobenius_sq(_rows_of(store, name), store.info(name).shape, transform),
+                    total_energy=frobenius_sq(store, name, transform),
                     method="given",
                     fisher_sum=store.info(name).sum,
                 )
@@ -478,9 +477,18 @@ def write_masks(
             store.close()
 
 
-def _rows_of(store: FisherStore, name: str) -> RowReader:
-    """A :data:`~fisherstore._svd_core.RowReader` over tensor ``name`` of ``store``."""
-    return lambda block_rows: store.iter_rows(name, block_rows)
+def frobenius_sq(store: FisherStore, name: str, transform: str = "none") -> float:
+    """‖T(F)‖²_F of a store tensor, streamed in bounded blocks (T = ``transform``).
+
+    Args:
+        store: the Fisher store.
+        name: a tensor of it.
+        transform: a key of :data:`~fisherstore._svd_core.TRANSFORMS`.
+
+    Returns:
+        The squared Frobenius norm (fp32 row norms summed in fp64).
+    """
+    return core.frobenius_sq(functools.partial(store.iter_rows, name), store.info(name).shape, transform)
 
 
 def _captured(S: torch.Tensor) -> float:

@@ -40,6 +40,7 @@ it from a store and spreads tensors over processes and torchrun ranks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import _svd_core as core
-from ._memory import prefer_huge_pages, tune_allocator
+from ._memory import tune_allocator
 from ._svd_core import TRANSFORMS, Blocks, RowReader
 from .dtypes import canonical_dtype
 from .errors import BadInputError, FisherStoreError, check_int
@@ -63,6 +64,7 @@ from .manifest import DTYPES, MANIFEST_NAME, Manifest
 from .masks import (
     MASK_KIND,
     energy_and_residual,
+    frobenius_sq,
     mask_attrs,
     mask_backend_options,
     mask_names,
@@ -190,7 +192,7 @@ def plan_decomposition(shape: tuple[int, int], itemsize: int, cfg: SVDConfig, na
     k, l = cfg.modes(m, n)
     p = min(m, n)
     row_bytes = n * (itemsize + 8)
-    chunk_rows = max(1, core.BLOCK_BYTES // (4 * n))
+    chunk_rows = core.chunk_rows(n)
     budget = cfg.max_memory
 
     def rows_left(used: int) -> int:
@@ -253,13 +255,6 @@ class SVDResult:
 
 
 # -- one tensor ------------------------------------------------------------------------------
-def _empty_fp32(m: int, n: int, device: torch.device) -> torch.Tensor:
-    a = torch.empty(m, n, dtype=torch.float32, device=device)
-    if device.type == "cpu":
-        prefer_huge_pages(a.data_ptr(), a.nbytes)
-    return a
-
-
 def _decompose(read: RowReader, shape: tuple[int, ...], itemsize: int, cfg: SVDConfig, name: str) -> SVDResult:
     m, n = rows_of(shape)
     if len(shape) < 2 or m == 0 or n == 0:
@@ -271,14 +266,14 @@ def _decompose(read: RowReader, shape: tuple[int, ...], itemsize: int, cfg: SVDC
     device = torch.device(cfg.device)
     start = time.perf_counter()
     if plan.in_memory:
-        a = _empty_fp32(m, n, device)
+        a = core.empty_fp32(m, n, device)
         for _ in core.widened(read, plan.block_rows, cfg.transform, a, in_place=True):
             pass
         blocks: Blocks = lambda: ((0, a),)  # noqa: E731 - one block: the whole matrix
     else:
         if device.type == "cpu":  # the caller asked for bounded memory: freed row blocks must leave RSS
             tune_allocator("bounded")
-        buffer = _empty_fp32(plan.block_rows, n, device)
+        buffer = core.empty_fp32(plan.block_rows, n, device)
         blocks = lambda: core.widened(read, plan.block_rows, cfg.transform, buffer, in_place=False)  # noqa: E731
     try:
         if plan.method == "exact":
@@ -349,21 +344,7 @@ def decompose_tensor(store: FisherStore, name: str, cfg: SVDConfig) -> SVDResult
         The top modes with their captured energy and how many passes over the rows they took.
     """
     info = store.info(name)
-    return _decompose(lambda b: store.iter_rows(name, b), info.shape, info.torch_dtype.itemsize, cfg, name)
-
-
-def frobenius_sq(store: FisherStore, name: str, transform: str = "none") -> float:
-    """‖T(F)‖²_F of a store tensor, streamed in bounded blocks (T = ``transform``).
-
-    Args:
-        store: the Fisher store.
-        name: a tensor of it.
-        transform: a key of :data:`TRANSFORMS`.
-
-    Returns:
-        The squared Frobenius norm (fp32 row norms summed in fp64).
-    """
-    return core.frobenius_sq(lambda b: store.iter_rows(name, b), store.info(name).shape, transform)
+    return _decompose(functools.partial(store.iter_rows, name), info.shape, info.torch_dtype.itemsize, cfg, name)
 
 
 # -- whole stores: processes and ranks --------------------------------------------------------

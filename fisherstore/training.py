@@ -221,11 +221,77 @@ LORA_VARIANTS: dict[str, str] = {
 }
 
 
+#: ``init_lora_weights`` values of :data:`LORA_VARIANTS` (PEFT lists them in that field's
+#: ``metadata["lora_variants"]``); every other key of the table is a config field.
+_VARIANT_INITS = frozenset({"mica"})
+_VARIANT_FIELDS = frozenset(LORA_VARIANTS) - _VARIANT_INITS
+
+#: The fields a ``LoraConfig`` (and its ``PeftConfig`` base) writes to ``adapter_config.json`` that
+#: enable no variant.  A truthy field outside these and :data:`LORA_VARIANTS` makes
+#: :func:`lora_variant_of_config` ask the installed PEFT, so plain LoRA never imports it.
+_PLAIN_LORA_FIELDS = frozenset(
+    {
+        "alpha_pattern",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "bias",
+        "corda_config",
+        "ensure_weight_tying",
+        "eva_config",
+        "exclude_modules",
+        "fan_in_fan_out",
+        "inference_mode",
+        "init_lora_weights",
+        "layer_replication",
+        "layers_pattern",
+        "layers_to_transform",
+        "loftq_config",
+        "lora_alpha",
+        "lora_bias",
+        "lora_dropout",
+        "lora_ga_config",
+        "megatron_config",
+        "megatron_core",
+        "modules_to_save",
+        "peft_type",
+        "peft_version",
+        "qalora_group_size",
+        "r",
+        "rank_pattern",
+        "revision",
+        "target_modules",
+        "target_parameters",
+        "task_type",
+        "trainable_token_indices",
+        "use_qalora",
+        "use_rslora",
+    }
+)
+#: ``init_lora_weights`` strings that initialise plain LoRA (besides ``pissa_niter_<n>``).
+_PLAIN_INITS = frozenset({"gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_ga"})
+
+
+@functools.cache
+def _peft_variants() -> tuple[frozenset[str], frozenset[str]]:
+    """The installed PEFT's variant fields (tagged ``is_lora_variant``) and variant init values, or empty sets."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return frozenset(), frozenset()
+    tagged = {f.name: f for f in fields(LoraConfig)}
+    init = tagged.get("init_lora_weights")
+    inits = frozenset(init.metadata.get("lora_variants", ())) if init is not None else frozenset()
+    return frozenset(n for n, f in tagged.items() if f.metadata.get("is_lora_variant")), inits
+
+
 def lora_variant_of_config(config: Mapping[str, Any]) -> str | None:
     """The LoRA variant a saved adapter config (``adapter_config.json``) enables, or ``None`` for plain LoRA.
 
-    Besides :data:`LORA_VARIANTS`, any field the installed PEFT's ``LoraConfig``
-    tags as a variant counts, so variants newer than this table are refused too.
+    Decided from :data:`LORA_VARIANTS` and the known plain-LoRA fields alone where they
+    explain the config; only a truthy field (or ``init_lora_weights`` string) they do not
+    know makes it ask the installed PEFT's ``LoraConfig``, whose fields tagged as variants
+    (and init values listed as variants) count too, so variants newer than this table are
+    refused as well.
 
     Args:
         config: the adapter config as a mapping.
@@ -233,18 +299,22 @@ def lora_variant_of_config(config: Mapping[str, Any]) -> str | None:
     Returns:
         The variant's name (``"DoRA"``, ``"KaSA"``, ... or the field's name), or ``None``.
     """
-    keys = dict(LORA_VARIANTS)
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        pass
-    else:
-        keys.update({f.name: keys.get(f.name, f.name) for f in fields(LoraConfig) if f.metadata.get("is_lora_variant")})
     init = config.get("init_lora_weights")
-    for key, name in keys.items():
-        if config.get(key) or (isinstance(init, str) and init == key):
+    init = init if isinstance(init, str) else None
+    for key, name in LORA_VARIANTS.items():
+        enabled = init == key if key in _VARIANT_INITS else config.get(key)
+        if enabled:
             return name
-    return None
+    unknown = [k for k, v in config.items() if v and k not in _PLAIN_LORA_FIELDS and k not in _VARIANT_FIELDS]
+    if init is not None and (init in _PLAIN_INITS or init.startswith("pissa_niter_")):
+        init = None
+    if not unknown and init is None:
+        return None
+    variant_fields, variant_inits = _peft_variants()
+    for key in unknown:
+        if key in variant_fields:
+            return key
+    return init if init in variant_inits else None
 
 
 def _variant_name(module: LoraModule, variant: object) -> str:

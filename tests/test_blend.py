@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,12 +13,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.config import KasaConfig
 
+from fisherstore import training
 from fisherstore.blend import ADAPTER_WEIGHTS, BLEND_RECORD, blend_adapter
 from fisherstore.cli import cmd_blend
 from fisherstore.errors import BadInputError
 from fisherstore.naming import parse_name
 from fisherstore.testing import tiny_gemma4_model
-from fisherstore.training import ScaleRule, lora_variant_of_config
+from fisherstore.training import LORA_VARIANTS, ScaleRule, lora_variant_of_config
 
 from .conftest import tree_digest
 
@@ -150,6 +153,21 @@ def test_cli_blend_and_dry_run(tmp_path, adapter, capsys):
         _cli(str(src), "--importance", str(imp), "--out", str(tmp_path / "o"))
 
 
+def test_blend_of_plain_lora_imports_neither_peft_nor_transformers(tmp_path, adapter):
+    """The variant check is decided from the fixed tables for every field PEFT writes for plain LoRA."""
+    imp = importance_file(tmp_path)
+    code = (
+        "import sys; from fisherstore.blend import blend_adapter; "
+        f"blend_adapter({str(adapter[0])!r}, {str(imp)!r}, {str(tmp_path / 'o')!r}); "
+        "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert (tmp_path / "o" / ADAPTER_WEIGHTS).is_file()
+    written = json.loads((adapter[0] / "adapter_config.json").read_text())
+    assert set(written) <= training._PLAIN_LORA_FIELDS | set(LORA_VARIANTS)
+
+
 def test_refuses_adapters_of_every_lora_variant(tmp_path):
     imp = importance_file(tmp_path)
     kasa = get_peft_model(tiny_gemma4_model(0), LoraConfig(r=4, target_modules=["q_proj"], kasa_config=KasaConfig()))
@@ -163,3 +181,13 @@ def test_refuses_adapters_of_every_lora_variant(tmp_path):
         lora_variant_of_config({**plain, **extra})
         for extra in ({"use_dora": True}, {"alora_invocation_tokens": [3]}, {"init_lora_weights": "mica"})
     ] == ["DoRA", "aLoRA", "MiCA"]
+    assert lora_variant_of_config({**plain, "init_lora_weights": "pissa_niter_4", "task_type": "CAUSAL_LM"}) is None
+
+
+def test_variants_newer_than_the_table_are_refused_through_peft(monkeypatch):
+    """A truthy field the tables do not know is looked up in PEFT (here BD-LoRA, hidden from the table)."""
+    table = {k: v for k, v in LORA_VARIANTS.items() if k != "use_bdlora"}
+    monkeypatch.setattr(training, "LORA_VARIANTS", table)
+    monkeypatch.setattr(training, "_VARIANT_FIELDS", frozenset(table) - training._VARIANT_INITS)
+    assert lora_variant_of_config({"peft_type": "LORA", "use_bdlora": {"x": 1}}) == "use_bdlora"
+    assert lora_variant_of_config({"peft_type": "LORA", "not_a_lora_field": 1}) is None
