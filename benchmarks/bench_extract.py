@@ -8,7 +8,7 @@ layer groups (30 layers in groups of 8: 4 groups):
                       prompt: forward, mean next-token cross-entropy, backward, drop the
                       grads.  No squaring, no accumulation, no store.
   fisherstore extract the library call with the naive schedule (the passes of the bare
-                      loop; the pipelined default does less work): the same passes plus fp32 accumulation in
+                      loop; the pipelined default does less work) plus fp32 accumulation in
                       post-accumulate-grad hooks, the per-group downcast and the
                       background writer (safetensors store, bf16).
 

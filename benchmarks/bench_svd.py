@@ -41,21 +41,14 @@ SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "smollm2_fish
 
 MAKE_STORES = r"""
 import sys, torch
-from fisherstore import StoreWriter, TensorSpec, plan_groups
-from fisherstore.testing import fisher_like
+from fisherstore.testing import fisher_like, write_store
 g = torch.Generator().manual_seed(0)
 
-def write(path, tensors, group_size):
-    plan = plan_groups([TensorSpec.of(n, t) for n, t in tensors.items()], group_size)
-    with StoreWriter.create(path, plan) as w:
-        for grp in plan:
-            w.write_group(grp.index, {s.name: tensors[s.name] for s in grp.tensors})
-        w.finish()
-write(sys.argv[1], {
+write_store(sys.argv[1], {
     "model.layers.0.mlp.up_proj.weight": fisher_like((8192, 2048), g),
     "model.layers.0.mlp.down_proj.weight": fisher_like((2048, 8192), g),
     "model.layers.1.self_attn.q_proj.weight": fisher_like((4096, 4096), g),
-}, 1)
+}, group_size=1)
 hidden, inter, kv = 1024, 4096, 256
 shapes = {"q": (hidden, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, hidden),
           "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
@@ -64,7 +57,7 @@ for layer in range(16):
     for kind, shape in shapes.items():
         part = "self_attn" if kind in "qkvo" else "mlp"
         tensors[f"model.layers.{layer}.{part}.{kind}_proj.weight"] = fisher_like(shape, g)
-write(sys.argv[2], tensors, 2)
+write_store(sys.argv[2], tensors, group_size=2)
 """
 
 PER_TENSOR = r"""
@@ -98,22 +91,20 @@ for path in sys.argv[5:]:
             except Exception:
                 streams = False
             a = store.read(name, dtype=torch.float32)
-            times = {"fisherstore": [], "streamed": [], "svd_lowrank": []}
+            times = {"fisherstore": [], "streamed": [], "svd_lowrank": [], "exact": []}
             for _ in range(repeats if m * n >= 1 << 22 else 10 * repeats):  # small tensors: more tries against noise
                 fs = timed(times["fisherstore"], decompose_tensor, store, name, cfg)
                 torch.manual_seed(0)
                 lr = timed(times["svd_lowrank"], torch.svd_lowrank, a, q=plan.samples, niter=q)
                 if streams:
                     st = timed(times["streamed"], decompose_tensor, store, name, streamed_cfg)
-            exact_times: list[float] = []
-            u, s, vh = timed(exact_times, torch.linalg.svd, a, full_matrices=False)
-            exact_s = exact_times[0]
+            u, s, vh = timed(times["exact"], torch.linalg.svd, a, full_matrices=False)
             optimal = s[k:].double().square().sum().sqrt().item()
             row = {
                 "tensor": name, "shape": [m, n], "method": fs.method, "samples": plan.samples,
                 "fisherstore_s": min(times["fisherstore"]),
                 "svd_lowrank_s": min(times["svd_lowrank"]),
-                "exact_s": exact_s,
+                "exact_s": times["exact"][0],
                 "streamed_s": min(times["streamed"]) if streams else None,
                 "streamed_passes": st.passes if streams else None,
                 "residual_ratio": {

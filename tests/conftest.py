@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fisherstore import StoreWriter, TensorSpec, plan_groups
 from fisherstore.cli.main import main as cli_main
-from fisherstore.testing import fisher_like_tensors, tiny_gemma4_config
+from fisherstore.testing import assert_same_tensors, fisher_like_tensors, tiny_gemma4_config, write_store
+
+__all__ = ["SHARED_SAMPLE", "assert_same_tensors", "tree_digest", "write_store"]
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "smollm2_fisher_layers_0_15.safetensors"
 
@@ -32,34 +33,27 @@ def gemma_bf16(gemma_config) -> dict[str, torch.Tensor]:
     return fisher_like_tensors(gemma_config, dtype=torch.bfloat16)
 
 
-def write_store(
-    path: Path, tensors: dict[str, torch.Tensor], backend: str = "safetensors", group_size: int = 2, **options
-) -> Path:
-    """Write ``tensors`` as a complete store at ``path``."""
-    plan = plan_groups([TensorSpec.of(n, t) for n, t in tensors.items()], group_size)
-    with StoreWriter.create(path, plan, backend=backend, backend_options=options or None) as w:
-        for g in plan:
-            w.write_group(g.index, {s.name: tensors[s.name] for s in g.tensors})
-        w.finish()
-    return path
-
-
 @pytest.fixture
 def make_store(tmp_path) -> Callable[..., Path]:
     counter = iter(range(1000))
 
     def make(tensors, backend="safetensors", group_size=2, **options):
-        return write_store(tmp_path / f"store{next(counter)}", tensors, backend, group_size, **options)
+        return write_store(
+            tmp_path / f"store{next(counter)}", tensors, backend=backend, group_size=group_size, **options
+        )
 
     return make
 
 
 @pytest.fixture
 def cli(capsys) -> Callable[..., tuple[int, str, str]]:
-    """Run the CLI in-process: ``code, out, err = cli("info", path)``."""
+    """Run the CLI in-process: ``code, out, err = cli("info", path)``, argparse's exits (``--help``, usage) included."""
 
     def run(*args) -> tuple[int, str, str]:
-        code = cli_main([str(a) for a in args])
+        try:
+            code = cli_main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's --help and usage errors: keep what it printed
+            code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
@@ -74,14 +68,3 @@ def tree_digest(path: Path) -> str:
         h.update(str(p.relative_to(path.parent)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()
-
-
-def assert_same_tensors(store, tensors: dict[str, torch.Tensor]) -> None:
-    """Every tensor present, same dtype and shape, bit-identical."""
-    assert sorted(store.names) == sorted(tensors)
-    for name, expected in tensors.items():
-        got = store[name]
-        assert got.dtype == expected.dtype and got.shape == expected.shape, name
-        assert torch.equal(
-            got.view(torch.uint8) if got.dim() else got, expected.view(torch.uint8) if expected.dim() else expected
-        ), name

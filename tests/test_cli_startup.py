@@ -89,13 +89,23 @@ def test_pyproject_takes_the_version_from_the_package():
     assert read_configuration(ROOT / "pyproject.toml")["project"]["version"] == fisherstore.__version__
 
 
+SPELLINGS = {  # how the destination (and buffer) is given: the old positional DST, the documented -o/--buffer-size
+    "positional": lambda dst: [str(dst)],
+    "out-and-buffer-size": lambda dst: ["-o", str(dst), "--buffer-size", "1MiB"],
+}
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
 @pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "piped"])
 @pytest.mark.parametrize("to", ["safetensors", "zarr"])
-def test_convert_without_a_terminal_imports_no_bar(fisher_pt, tmp_path, quiet, to):
-    """Nor, without compression, numcodecs (~60 ms with the multiprocessing it pulls in)."""
+def test_convert_without_a_terminal_imports_no_bar(fisher_pt, tmp_path, quiet, to, spelling):
+    """Nor, without compression, numcodecs (~60 ms with the multiprocessing it pulls in).
+
+    The documented spelling (-o, --buffer-size parsed by fisherstore.sizes) imports no more than the old one.
+    """
     src, tensors = fisher_pt
     dst = tmp_path / "st"
-    args = [*(["--quiet"] if quiet else []), "--no-fsync", "convert", str(src), str(dst), "--to", to]
+    args = [*(["--quiet"] if quiet else []), "--no-fsync", "convert", str(src), *SPELLINGS[spelling](dst), "--to", to]
     rc, modules, out, err = _run_main(args)
     assert (rc, out, err) == (0, f"wrote {dst} ({to})", "")
     assert "fisherstore.conversion" in modules and "numpy" in modules
@@ -152,14 +162,3 @@ def test_quiet_convert_on_a_terminal_draws_nothing(fisher_pt, tmp_path):
     src, _ = fisher_pt
     rc, out, tty = _run_on_tty(["--quiet", "--no-fsync", "convert", str(src), str(tmp_path / "st")])
     assert (rc, out, tty) == (0, f"wrote {tmp_path / 'st'} (safetensors)\n", "")
-
-
-def test_convert_with_out_and_buffer_size_stays_light(fisher_pt, tmp_path):
-    """The documented spelling (-o, --buffer-size parsed by fisherstore.sizes) imports no more than the old one."""
-    src, tensors = fisher_pt
-    dst = tmp_path / "st"
-    rc, modules, out, err = _run_main(["convert", str(src), "-o", str(dst), "--buffer-size", "1MiB", "--quiet"])
-    assert (rc, out, err) == (0, f"wrote {dst} (safetensors)", "")
-    assert _loaded(modules, (*NOT_FOR_QUIET, "numcodecs")) == []
-    with open_store(dst) as store:
-        assert_same_tensors(store, tensors)

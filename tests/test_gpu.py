@@ -23,10 +23,16 @@ import os
 import pytest
 import torch
 
-from fisherstore import StoreWriter, TensorSpec, convert, open_store, plan_groups, verify
+from fisherstore import convert, open_store, verify
 from fisherstore.masks import open_masks, write_masks
 from fisherstore.naming import canonical_name
-from fisherstore.testing import fisher_like, fisher_like_tensors, tiny_gemma4_config, tiny_gemma4_model
+from fisherstore.testing import (
+    fisher_like,
+    fisher_like_tensors,
+    tiny_gemma4_config,
+    tiny_gemma4_model,
+    write_store,
+)
 
 DEVICE = torch.device(os.environ.get("FISHERSTORE_GPU_TEST_DEVICE", "cuda"))
 
@@ -276,15 +282,6 @@ def test_cuda_extraction_python_api_sampled_estimator(tmp_path):
 # -- 2. lazy reads onto the device -----------------------------------------------------------
 
 
-def _write_store(path, tensors: dict[str, torch.Tensor], backend: str, **options):
-    plan = plan_groups([TensorSpec.of(n, t) for n, t in tensors.items()], 2)
-    with StoreWriter.create(path, plan, backend=backend, backend_options=options or None) as w:
-        for g in plan:
-            w.write_group(g.index, {s.name: tensors[s.name] for s in g.tensors})
-        w.finish()
-    return path
-
-
 @pytest.fixture(scope="module")
 def read_sources(tmp_path_factory):
     """The same tensors (26 small bf16 ones and a 1.25 MiB one, read by memory map) in every source format."""
@@ -293,9 +290,9 @@ def read_sources(tmp_path_factory):
     tensors["lm_head.weight"] = fisher_like((1024, 640), torch.Generator().manual_seed(7))  # > MAP_MIN_BYTES
     tensors["model.norm.weight"] = fisher_like((64,), torch.Generator().manual_seed(8), torch.float32)  # 1-d
     paths = {
-        "safetensors": _write_store(root / "st", tensors, "safetensors"),
-        "zarr": _write_store(root / "z", tensors, "zarr"),
-        "zarr-compressed": _write_store(root / "zc", tensors, "zarr", compression="blosc-zstd-bitshuffle"),
+        "safetensors": write_store(root / "st", tensors),
+        "zarr": write_store(root / "z", tensors, backend="zarr"),
+        "zarr-compressed": write_store(root / "zc", tensors, backend="zarr", compression="blosc-zstd-bitshuffle"),
     }
     convert(paths["safetensors"], root / "fisher.pt")
     paths["fisher.pt"] = root / "fisher.pt"
@@ -478,7 +475,7 @@ def svd_source(tmp_path_factory):
     """A bf16 Fisher-like store: the 26 tiny Gemma-4 targets and one 512×384 tensor that streams."""
     tensors = fisher_like_tensors(tiny_gemma4_config(), dtype=torch.bfloat16)
     tensors["model.layers.3.extra.weight"] = fisher_like((512, 384), torch.Generator().manual_seed(11))
-    return _write_store(tmp_path_factory.mktemp("svd") / "fisher", tensors, "safetensors")
+    return write_store(tmp_path_factory.mktemp("svd") / "fisher", tensors)
 
 
 def _mask_layout(path) -> tuple:

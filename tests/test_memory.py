@@ -55,11 +55,28 @@ def test_profiles_are_ranked_bound_over_speed():
     assert PROFILES["bounded"].mmap_threshold < PROFILES["reuse"].mmap_threshold
 
 
-def test_huge_page_hint_leaves_memory_intact():
+def test_huge_page_hint_advises_the_whole_pages_inside_and_leaves_memory_intact(monkeypatch):
     import numpy as np
 
-    buf = np.zeros(6 << 20, dtype=np.uint8)
-    prefer_huge_pages(buf.ctypes.data, buf.nbytes)  # advises the whole 2 MiB pages inside
-    prefer_huge_pages(buf.ctypes.data, 100)  # no whole page inside: nothing to advise
-    buf[::4096] = 7
-    assert int(buf.sum()) == 7 * len(range(0, 6 << 20, 4096))
+    from fisherstore import _memory
+
+    real = _memory._madvise()
+    calls: list[tuple[int, int, int]] = []
+
+    def recording_madvise(address: int, nbytes: int, advice: int) -> int:
+        calls.append((address, nbytes, advice))
+        return 0 if real is None else real(address, nbytes, advice)
+
+    monkeypatch.setattr(_memory, "_madvise", lambda: recording_madvise)
+    huge = 2 << 20
+    expected = (np.arange(6 << 20) % 251).astype(np.uint8)
+    buf = expected.copy()  # the pattern is written before the hints
+    address = buf.ctypes.data
+    prefer_huge_pages(address, buf.nbytes)  # advises the whole 2 MiB pages inside
+    start, stop = -(-address // huge) * huge, (address + buf.nbytes) // huge * huge
+    assert calls == [(start, stop - start, 14)]  # MADV_HUGEPAGE over the aligned range
+    assert address <= start < stop <= address + buf.nbytes and stop - start >= 4 << 20
+    calls.clear()
+    prefer_huge_pages(address, 100)  # no whole page inside: nothing to advise
+    assert calls == []
+    assert np.array_equal(buf, expected)

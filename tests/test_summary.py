@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import fisherstore
-from fisherstore import StoreWriter, TensorSpec, open_store, plan_groups
+from fisherstore import open_store
 from fisherstore.masks import describe_masks, open_masks, write_masks
+from fisherstore.testing import write_store
 
 
 def test_info_of_a_fisher_store(make_store, gemma_bf16):
@@ -42,10 +43,7 @@ def test_info_of_an_open_store_leaves_it_open(make_store, gemma_bf16):
 
 
 def test_info_of_an_incomplete_store(tmp_path, gemma_bf16):
-    plan = plan_groups([TensorSpec.of(n, t) for n, t in gemma_bf16.items()], 2)
-    w = StoreWriter.create(tmp_path / "s", plan)
-    w.write_group(0, {s.name: gemma_bf16[s.name] for s in plan[0].tensors})
-    w.close()
+    write_store(tmp_path / "s", gemma_bf16, groups=[0])  # group 1 never written
     doc = fisherstore.info(tmp_path / "s")
     assert doc["complete"] is False and doc["groups"] == {"total": 2, "complete": 1}
 

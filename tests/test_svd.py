@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from fisherstore import BadInputError, StoreWriter, TensorSpec, open_store, plan_groups
+from fisherstore import BadInputError, open_store
 from fisherstore.cli import cmd_svd
 from fisherstore.cli._common import format_mask_table
 from fisherstore.manifest import Manifest
@@ -17,7 +17,7 @@ from fisherstore.masks import open_masks, source_identity
 from fisherstore.svd import SVDConfig, decompose, decompose_tensor, plan_decomposition, svd_store
 from fisherstore.testing import fisher_like
 
-from .conftest import SHARED_SAMPLE
+from .conftest import SHARED_SAMPLE, write_store
 
 # The `fisherstore svd` command as a child process: this module's parser, peak RSS on stderr.
 DRIVER = """\
@@ -428,12 +428,7 @@ def test_mask_table_formatting(tmp_path, gemma_store):
 
 
 def _store_of(path, tensors, group_size=1):
-    plan = plan_groups([TensorSpec.of(n, t) for n, t in tensors.items()], group_size)
-    with StoreWriter.create(path, plan) as w:
-        for g in plan:
-            w.write_group(g.index, {s.name: tensors[s.name] for s in g.tensors})
-        w.finish()
-    return path
+    return write_store(path, tensors, group_size=group_size)
 
 
 @pytest.fixture

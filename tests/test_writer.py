@@ -14,7 +14,7 @@ from fisherstore import (
 )
 from fisherstore.manifest import Manifest
 
-from .conftest import assert_same_tensors
+from .conftest import assert_same_tensors, write_store
 
 
 def _plan(tensors, group_size=2):
@@ -59,10 +59,8 @@ def test_background_writes_release_the_caller(tmp_path, gemma_bf16):
 
 
 def test_interrupted_store_says_incomplete_and_resumes(tmp_path, gemma_bf16):
+    write_store(tmp_path / "s", gemma_bf16, groups=[0])  # "crash" after group 0
     plan = _plan(gemma_bf16)
-    w = StoreWriter.create(tmp_path / "s", plan)
-    w.write_group(0, {s.name: gemma_bf16[s.name] for s in plan[0].tensors})
-    w.close()  # "crash" after group 0
     m = Manifest.load(tmp_path / "s" / "fisherstore.json")
     assert not m.complete and [g.complete for g in m.groups] == [True, False]
     assert json.loads((tmp_path / "s" / "fisherstore.json").read_text())["complete"] is False

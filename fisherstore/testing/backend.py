@@ -24,9 +24,10 @@ from .._io import FileSpan
 from ..errors import BadInputError, CorruptDataError
 from ..formats import get_backend
 from ..formats.base import Backend, rows_of
-from ..manifest import ITEMSIZES, MANIFEST_NAME, GroupInfo, Manifest, TensorInfo, TensorSpec
+from ..manifest import ITEMSIZES, MANIFEST_NAME, Manifest, TensorInfo, TensorSpec
 from ..store import open_store
 from ..writer import StoreWriter, plan_groups, tensor_bytes
+from .stores import assert_same_tensors, write_store
 from .synthetic import fisher_like_tensors, tiny_gemma4_config
 
 __all__ = ["BackendTests", "row_ranges", "sample_tensor"]
@@ -155,13 +156,10 @@ class BackendTests:
     # -- helpers ------------------------------------------------------------------------------------
     def write(
         self, path: Path, tensors: dict[str, torch.Tensor], groups: list[int] | None = None, group_size: int = 2
-    ) -> tuple[StoreWriter, tuple[GroupInfo, ...]]:
-        """Plan ``tensors`` in groups of ``group_size`` layers and write the groups ``groups`` (default: all)."""
-        plan = plan_groups([TensorSpec.of(n, t) for n, t in tensors.items()], group_size)
-        w = StoreWriter.create(path, plan, backend=self.backend, backend_options=self.backend_options)
-        for g in plan if groups is None else [plan[i] for i in groups]:
-            w.write_group(g.index, {s.name: tensors[s.name] for s in g.tensors})
-        return w, plan
+    ) -> Path:
+        """:func:`~fisherstore.testing.write_store` with this backend and options: every group, or only ``groups``."""
+        options = self.backend_options or {}
+        return write_store(path, tensors, backend=self.backend, group_size=group_size, groups=groups, **options)
 
     @contextlib.contextmanager
     def opened(self, root: Path) -> Iterator[tuple[Backend, dict[str, TensorInfo]]]:
@@ -208,21 +206,16 @@ class BackendTests:
 
     # -- the tiny Gemma-4 set -----------------------------------------------------------------------
     def test_round_trip_and_rows(self, tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        w, _ = self.write(tmp_path / "s", tensors)
-        w.finish()
+        self.write(tmp_path / "s", tensors)
         with open_store(tmp_path / "s") as store:
-            assert sorted(store.names) == sorted(tensors)
+            assert_same_tensors(store, tensors)
             for name, t in tensors.items():
-                got = store[name]
-                assert got.dtype == t.dtype and got.shape == t.shape, name
-                assert torch.equal(got.view(torch.uint8), t.view(torch.uint8)), name
-                for start, stop in [(0, 1), (t.shape[0] // 3, t.shape[0] // 2), (t.shape[0] - 1, t.shape[0]), (5, 5)]:
+                for start, stop in row_ranges(t.shape[0]):
                     assert torch.equal(store.read(name, rows=(start, stop)), t[start:stop]), (name, start, stop)
 
     def test_chunks_carry_exactly_the_tensor_bytes(self, tmp_path: Path, tensors_bf16: dict[str, torch.Tensor]) -> None:
         """iter_pieces: buffers or file spans, either way the C-order bytes, bounded in size."""
-        w, _ = self.write(tmp_path / "s", tensors_bf16)
-        w.finish()
+        self.write(tmp_path / "s", tensors_bf16)
         with open_store(tmp_path / "s") as store:
             for name, t in tensors_bf16.items():
                 data = b""
@@ -233,8 +226,8 @@ class BackendTests:
                 assert data == t.view(torch.uint8).numpy().tobytes(), name
 
     def test_resume_keeps_committed_groups(self, tmp_path: Path, tensors_bf16: dict[str, torch.Tensor]) -> None:
-        w, plan = self.write(tmp_path / "s", tensors_bf16, groups=[0])
-        w.close()
+        self.write(tmp_path / "s", tensors_bf16, groups=[0])
+        plan = plan_groups([TensorSpec.of(n, t) for n, t in tensors_bf16.items()], 2)
         w = StoreWriter.create(
             tmp_path / "s", plan, backend=self.backend, backend_options=self.backend_options, resume=True
         )
@@ -242,9 +235,7 @@ class BackendTests:
         w.write_group(1, {s.name: tensors_bf16[s.name] for s in plan[1].tensors})
         assert w.finish().complete
         with open_store(tmp_path / "s") as store:
-            assert sorted(store.names) == sorted(tensors_bf16)
-            for name, t in tensors_bf16.items():
-                assert torch.equal(store[name].view(torch.uint8), t.view(torch.uint8)), name
+            assert_same_tensors(store, tensors_bf16)
 
     def test_abort_leaves_no_trace(self, tmp_path: Path, tensors_bf16: dict[str, torch.Tensor]) -> None:
         plan = plan_groups([TensorSpec.of(n, t) for n, t in tensors_bf16.items()], 2)
@@ -261,8 +252,7 @@ class BackendTests:
     def test_missing_data_is_reported_as_corruption(
         self, tmp_path: Path, tensors_bf16: dict[str, torch.Tensor]
     ) -> None:
-        w, _ = self.write(tmp_path / "s", tensors_bf16)
-        w.finish()
+        self.write(tmp_path / "s", tensors_bf16)
         victim = "model.layers.2.mlp.up_proj.weight"
         data_files = self.data_files(tmp_path / "s", Manifest.load(tmp_path / "s" / MANIFEST_NAME).tensors[victim])
         assert data_files
@@ -272,13 +262,13 @@ class BackendTests:
             store[victim]
 
     def test_read_rows_into_equals_read_rows(self, tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        self.write(tmp_path / "s", tensors)[0].finish()
+        self.write(tmp_path / "s", tensors)
         with self.opened(tmp_path / "s") as (backend, infos):
             for name, t in tensors.items():
                 self.check_rows_into(backend, infos[name], t)
 
     def test_byte_span_is_the_tensor_bytes(self, tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        self.write(tmp_path / "s", tensors)[0].finish()
+        self.write(tmp_path / "s", tensors)
         with self.opened(tmp_path / "s") as (backend, infos):
             spans = {name: self.check_byte_span(backend, infos[name], t) for name, t in tensors.items()}
         if self.byte_spans:
@@ -292,7 +282,7 @@ class BackendTests:
             "model.layers.0.mlp.up_proj.weight": sample_tensor((6, 5), "float32", 1),
             "model.layers.1.self_attn.q_proj.weight": sample_tensor(shape, dtype, 2),
         }
-        self.write(root, tensors, group_size=1)[0].finish()
+        self.write(root, tensors, group_size=1)
         with open_store(root) as store:
             assert sorted(store.names) == sorted(tensors)
             for name, t in tensors.items():
