@@ -193,7 +193,9 @@ class TestThirdPartyBackend(BackendTests):
     def registered(self, monkeypatch):
         monkeypatch.setitem(BACKENDS, self.backend, (__name__, "NarrowSafetensorsBackend"))
 
-    def test_the_prefix_option_names_the_shard_files(self, tmp_path):
+    def test_refused_dtypes_are_refused_and_the_rest_written(self, tmp_path):
+        with pytest.raises(BadInputError, match="dtype int64"):
+            self.check_odd(tmp_path / "a", (2, 2), "int64")
         self.check_odd(tmp_path / "b", (2, 2), "int32")
         assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == [
             "narrow-00001-of-00002.safetensors",
