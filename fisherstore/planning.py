@@ -114,21 +114,30 @@ class ModelShape:
         """
         outer = getattr(model, "config", None)
         config = getattr(outer, "text_config", None) or outer
-        hidden = int(getattr(config, "hidden_size", 0) or 0)
-        heads = int(getattr(config, "num_attention_heads", 0) or 1)
-        intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+        hidden = _size(config, "hidden_size")
+        heads = _size(config, "num_attention_heads") or 1
+        intermediate = _size(config, "intermediate_size") or 4 * hidden
         types = set(getattr(config, "layer_types", None) or ["full_attention"])
         param = next(model.parameters())
         return cls(
             hidden=hidden,
             intermediate=intermediate,
-            vocab=int(getattr(config, "vocab_size", 0) or 0),
+            vocab=_size(config, "vocab_size"),
             heads=heads,
-            head_dim=int(getattr(config, "head_dim", 0) or (hidden // heads if hidden else 0)),
+            head_dim=_size(config, "head_dim") or (hidden // heads if hidden else 0),
             attention_types=len(types),
             dtype_bytes=param.element_size(),
             eager_attention=getattr(config, "_attn_implementation", None) == "eager",
         )
+
+
+def _size(config: Any, name: str) -> int:
+    """A size from a config; a per-layer one (Gemma-4's head_dim) is the largest over the layers; 0 if absent."""
+    try:
+        return int(getattr(config, name, 0) or 0)
+    except Exception:  # transformers refuses global access to heterogeneous per-layer attributes
+        layers = config.per_layer_config
+        return max(int(getattr(layers[i], name, 0) or 0) for i in range(config.num_hidden_layers))
 
 
 @dataclass(frozen=True)
