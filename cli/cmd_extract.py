@@ -82,7 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--schedule", choices=SCHEDULES, **_field("schedule"))
     g = p.add_argument_group("model placement")
     g.add_argument("--device", help="compute device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
-    g.add_argument("--device-map", help="place the model across devices while loading, e.g. auto (needs accelerate)")
+    g.add_argument(
+        "--device-map",
+        help="place the model across devices while loading (needs accelerate): auto, balanced, sequential, or "
+        'a JSON object of module -> device, e.g. \'{"model.embed_tokens": 0, "model.layers.0": 0, ...}\'; '
+        "every weight must fit on a device (offloading to cpu/disk is refused)",
+    )
     g.add_argument(
         "--model-dtype",
         choices=("auto", "bf16", "bfloat16", "fp32", "float32"),

@@ -157,7 +157,9 @@ def test_plan_is_recorded_shown_and_kept_by_a_resumed_run(tiny, specs, tokens, p
     calls = []
 
     def fail_in_the_lower_group(module, args):
-        calls.append(torch.is_grad_enabled())  # 3 calls in pass 1, then layer 1's group re-runs it, after layers 3 and 2 are submitted
+        calls.append(
+            torch.is_grad_enabled()
+        )  # 3 calls in pass 1, then layer 1's group re-runs it, after layers 3 and 2 are submitted
         if sum(calls) > len(prompts):  # the chain guard's probe runs without grad: not counted
             raise RuntimeError("interrupted")
 
@@ -304,3 +306,15 @@ def test_a_model_whose_layers_do_not_chain_falls_back_to_naive(tmp_path, caplog)
     with pytest.raises(BadInputError, match="pass schedule='naive'") as e:
         run(_ChainLM(above=lengths[0]), tokenizer, prompts, tmp_path / "late", group_size=1)
     assert e.value.param == "schedule"
+
+
+def test_load_model_takes_an_explicit_device_map_as_json_and_records_it(tiny, tmp_path):
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    device_map = _split_map(tiny.model)
+    loaded = load_model(tmp_path / "m", device_map=json.dumps(device_map))
+    assert loaded.provenance["device_map"] == device_map
+    assert all(p.device.type == "cpu" for p in loaded.model.parameters())
+    with pytest.raises(BadInputError, match="device_map is not a valid JSON object") as e:
+        load_model(tmp_path / "m", device_map="{nope")
+    assert e.value.param == "device_map"
