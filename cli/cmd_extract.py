@@ -30,6 +30,13 @@ records the hidden state entering each group, after which each lower group re-ru
 layers from that state and back-propagates the gradient recorded at the group above it. A
 killed run continues with --resume and gives the same store as an uninterrupted one.
 
+Group size auto (the default) is the largest group whose fp32 accumulators, one weight gradient,
+the recorded boundary tensors (pipelined) and one prompt's activations fit the memory budget:
+--max-memory, else the free memory of the device (available RAM on the CPU) less a margin.
+Boundary tensors stay on the device when they fit, else in pinned CPU memory. The plan is logged,
+printed on the final line and recorded in the store, and --resume keeps the recorded one.
+With --device-map auto each recorded tensor lives on the device of the layer that uses it.
+
 Prompt files: JSON lines with a "prompt" field (IFEval's input_data.jsonl works as is) or a
 chat "messages" list; plain text, one prompt per line; .parquet or a datasets.save_to_disk
 folder (needs the datasets package). Default: 200 IFEval-style prompts shipped with fisherstore.
@@ -37,7 +44,9 @@ folder (needs the datasets package). Default: 200 IFEval-style prompts shipped w
 examples:
   fisherstore extract --out smollm2-fisher/ --num-prompts 64
   fisherstore extract ./gemma-4-31B-it --out fisher/ --device cuda --max-memory 40GiB
+                     group size auto under a 40 GiB budget (default: the device's free memory)
   fisherstore extract ./model --out fisher/ --prompts input_data.jsonl --device-map auto
+                     a model too large for one GPU, spread over all of them (accelerate)
   fisherstore extract ./model --out fisher/ --resume         continue a killed run
   fisherstore extract --out s.zarr --backend zarr --compression blosc-zstd-bitshuffle
 """
@@ -73,7 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--schedule", choices=SCHEDULES, **_field("schedule"))
     g = p.add_argument_group("model placement")
     g.add_argument("--device", help="compute device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
-    g.add_argument("--device-map", help="place the model across devices while loading, e.g. auto (needs accelerate)")
+    g.add_argument(
+        "--device-map",
+        help="place the model across devices while loading (needs accelerate): auto, balanced, sequential, or "
+        'a JSON object of module -> device, e.g. \'{"model.embed_tokens": 0, "model.layers.0": 0, ...}\'; '
+        "every weight must fit on a device (offloading to cpu/disk is refused)",
+    )
     g.add_argument(
         "--model-dtype",
         choices=("auto", "bf16", "bfloat16", "fp32", "float32"),
@@ -118,10 +132,18 @@ def run(args: argparse.Namespace) -> int:
         if summary.peak_device_bytes is not None
         else ""
     )
+    plan = summary.plan
+    sizing = (
+        f", group size {plan.group_size} ({plan.source}, budget {human_bytes(plan.budget_bytes)} from "
+        f"{plan.budget_source}, estimated {human_bytes(plan.estimated.get('total', 0))})"
+        if plan is not None
+        else ""
+    )
     print(
         f"wrote {args.out}: {summary.groups_run} of {summary.groups_total} groups x {summary.num_prompts} prompts "
-        f"({summary.tokens_per_pass} tokens per pass) in {summary.seconds:.1f} s, "
+        f"({summary.tokens_per_pass} tokens per pass, {summary.schedule} schedule) in {summary.seconds:.1f} s, "
         f"{summary.tokens_per_second:.0f} tokens/s, "
         f"writer blocked {summary.writer_blocked_seconds:.2f} s, peak RSS {human_bytes(summary.peak_rss_bytes)}{peak}"
+        f"{sizing}, boundary tensors {human_bytes(summary.boundary_bytes)}"
     )
     return 0

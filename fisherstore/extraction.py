@@ -58,19 +58,18 @@ from .errors import BadInputError, check_int
 from .manifest import GroupInfo, TensorSpec, dtype_name
 from .models import config_hash
 from .naming import parse_name, target_regex
+from .planning import ExtractPlan, ModelShape, plan_extraction, recorded_plan
 from .progress import progress
 from .prompts import PromptSet, as_prompt_set, encode_prompts
 from .sizes import parse_bytes
 from .writer import StoreWriter, plan_groups
 
 __all__ = [
-    "DEFAULT_GROUP_SIZE",
     "ESTIMATORS",
     "SCHEDULES",
     "STORAGE_DTYPES",
     "ExtractConfig",
     "ExtractSummary",
-    "auto_group_size",
     "extract",
     "parse_bytes",
     "parse_group_size",
@@ -89,10 +88,6 @@ SCHEDULES = ("pipelined", "naive")
 #: Storage dtypes, by canonical name.  fp16 is refused: Fisher values span ~20 decades
 #: (2e-20 .. 3 on SmolLM2) and ~8% of them flush to zero in fp16, whose range ends at 6e-8.
 STORAGE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-#: Group size used by ``group_size="auto"`` when no memory budget is given.  It
-#: does not depend on the machine, so a resumed run plans the same groups.
-DEFAULT_GROUP_SIZE = 8
 
 # Provenance fields that must agree for a run to resume another one's store.
 _RESUME_KEYS = (
@@ -123,8 +118,9 @@ class ExtractConfig:
     group_size: int | str = field(
         default="auto",
         metadata={
-            "help": "decoder layers per group, or auto (default): the largest group whose fp32 accumulators fit the "
-            f"memory budget, else {DEFAULT_GROUP_SIZE}"
+            "help": "decoder layers per group, or auto (default): the largest group whose fp32 accumulators, one "
+            "gradient, boundary tensors and one prompt's activations fit the memory budget (a resumed run keeps "
+            "the group size recorded in the store)"
         },
     )
     targets: str | list[str] | None = field(
@@ -166,7 +162,8 @@ class ExtractConfig:
     max_memory: int | str | None = field(
         default=None,
         metadata={
-            "help": "budget for one group's fp32 accumulators, e.g. 40GiB (used by group size auto); "
+            "help": "memory budget of group size auto, e.g. 40GiB (default: the device's free memory, or the "
+            "CPU's available memory, less a margin of a tenth, at least 512 MiB); "
             "K/M/G and KiB/MiB/GiB are binary, KB/MB/GB decimal"
         },
     )
@@ -203,7 +200,13 @@ class ExtractConfig:
             object.__setattr__(self, "group_size", parse_group_size(self.group_size))
         if self.max_memory is not None:
             _max_memory_bytes(self.max_memory)
-        check_int("max_length", self.max_length, 1)
+        if isinstance(self.max_length, int) and not isinstance(self.max_length, bool) and self.max_length == 1:
+            # one token has no next token to predict: the loss would be the mean of nothing
+            raise BadInputError(
+                "max_length must be an integer >= 2 (a prompt needs a next token to predict), got 1",
+                param="max_length",
+            )
+        check_int("max_length", self.max_length, 2)
         check_int("seed", self.seed, 0)
 
     @classmethod
@@ -241,6 +244,8 @@ class ExtractSummary:
     peak_rss_bytes: int
     peak_device_bytes: int | None
     boundary_bytes: int
+    #: The group size, the budget it was chosen under and the estimate by item (:mod:`fisherstore.planning`).
+    plan: ExtractPlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as a JSON-able dict (what benchmarks record)."""
@@ -261,29 +266,39 @@ def target_parameters(model: torch.nn.Module, targets: str | list[str] | None = 
     return params
 
 
-def auto_group_size(specs: Sequence[TensorSpec], max_memory: int | str | None) -> int:
-    """The largest group size whose fp32 accumulators (plus one gradient) fit ``max_memory``.
+def _extract_plan(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.nn.Parameter],
+    specs: Sequence[TensorSpec],
+    tokens: Sequence[int],
+    cfg: ExtractConfig,
+    schedule: str,
+    out: str | Path,
+) -> ExtractPlan:
+    """The group size and boundary placement of this run (:mod:`fisherstore.planning`).
 
-    Without a budget this is :data:`DEFAULT_GROUP_SIZE`.  The budget covers what
-    grouping changes — one fp32 accumulator per target weight of the group and
-    the largest single gradient — not the model or the activations, which
-    every group size needs alike.
+    A resumed run with ``group_size="auto"`` takes the plan recorded in its
+    store, whatever the budget now, so that it plans the same groups.
     """
-    num_layers = len(plan_groups(specs, 1))
-    if max_memory is None:
-        return min(DEFAULT_GROUP_SIZE, num_layers)
-    budget = _max_memory_bytes(max_memory)
-
-    def need(size: int) -> int:
-        plan = plan_groups(specs, size)
-        return max(4 * sum(t.numel for t in g.tensors) + 4 * max(t.numel for t in g.tensors) for g in plan)
-
-    if need(1) > budget:
-        raise BadInputError(
-            f"max_memory {max_memory}: one layer's fp32 accumulators need {need(1)} bytes; raise the budget",
-            param="max_memory",
+    if cfg.resume and cfg.group_size == "auto":
+        recorded = recorded_plan(out)
+        if recorded is not None:
+            return recorded
+    if cfg.group_size != "auto" and cfg.max_memory is not None:
+        log.warning(
+            "group size %s is given: the memory budget %s only decides where boundary tensors are kept",
+            cfg.group_size,
+            cfg.max_memory,
         )
-    return max(size for size in range(1, num_layers + 1) if need(size) <= budget)
+    return plan_extraction(
+        specs,
+        ModelShape.of(model),
+        tokens,
+        schedule=schedule,
+        devices=sorted({p.device for p in params.values()}, key=str),
+        group_size=cfg.group_size,
+        max_memory=cfg.max_memory,
+    )
 
 
 def _max_memory_bytes(value: int | str) -> int:
@@ -330,15 +345,17 @@ def extract(
     tokens = sum(ids.shape[1] for ids in inputs)
     params = target_parameters(model, cfg.targets)
     specs = [TensorSpec(n, tuple(p.shape), dtype_name(store_dtype)) for n, p in params.items()]
-    if cfg.group_size != "auto" and cfg.max_memory is not None:
-        log.warning("group size %s is given, so the memory budget %s is not used", cfg.group_size, cfg.max_memory)
-    size = auto_group_size(specs, cfg.max_memory) if cfg.group_size == "auto" else int(cfg.group_size)
-    plan = plan_groups(specs, size)
     schedule = cfg.schedule
-    layers = _decoder_layers(model, plan) if schedule == "pipelined" else None
+    layers = _decoder_layers(model, plan_groups(specs, 1)) if schedule == "pipelined" else None
+    if isinstance(layers, torch.nn.ModuleList):
+        layers = _chain_problem(model, layers, min(inputs, key=lambda ids: ids.shape[1])) or layers
     if schedule == "pipelined" and not isinstance(layers, torch.nn.ModuleList):
         log.info("schedule naive: %s", layers)
         schedule = "naive"
+    extract_plan = _extract_plan(model, params, specs, [ids.shape[1] for ids in inputs], cfg, schedule, out)
+    log.info("extraction plan: %s", extract_plan.describe())
+    size = extract_plan.group_size
+    plan = plan_groups(specs, size)
     prov = {
         **dict(provenance or {}),
         **_provenance(model, tokenizer, prompt_set, cfg.chat_template),
@@ -349,6 +366,7 @@ def extract(
         "seed": cfg.seed,
         "tokens": tokens,
         "schedule": schedule,
+        "plan": extract_plan.to_dict(),
     }
     attrs = {"estimator": cfg.estimator, "num_samples": len(prompt_set), "tokens": tokens}
     # a transformers model (get_input_embeddings); torch's stubs type unknown attributes as Tensor | Module
@@ -382,7 +400,17 @@ def extract(
             if todo:
                 decoder = cast(torch.nn.ModuleList, layers)  # schedule stays pipelined only when it was found
                 boundary_bytes = _pipelined(
-                    model, decoder, plan, todo, params, inputs, cfg, writer, store_dtype, group_seconds
+                    model,
+                    decoder,
+                    plan,
+                    todo,
+                    params,
+                    inputs,
+                    cfg,
+                    writer,
+                    store_dtype,
+                    group_seconds,
+                    offload=extract_plan.boundary == "cpu",
                 )
         else:
             for group in todo:
@@ -415,6 +443,7 @@ def extract(
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_device_bytes=peak_device(),
         boundary_bytes=boundary_bytes,
+        plan=extract_plan,
     )
     log.info(
         "extracted %d groups x %d prompts (%d tokens per pass, %s schedule) in %.1f s: %.0f tokens/s, "
@@ -497,6 +526,85 @@ def _decoder_layers(model: torch.nn.Module, plan: Sequence[GroupInfo]) -> torch.
     return layers
 
 
+def _chain_problem(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: torch.Tensor) -> str | None:
+    """Why the pipelined schedule's premise fails for ``model``, from one no-grad forward of ``ids``; None if it holds.
+
+    The premise: the model calls each decoder layer once, in order, and layer
+    k+1's input hidden state is layer k's output itself (nothing between
+    them changes it), so that re-running a group's layers from a recorded
+    input and back-propagating the gradient recorded at the next group's
+    input is the model's own computation.
+    """
+    order: list[int] = []
+    outputs: dict[int, torch.Tensor] = {}
+    problems: list[str] = []
+
+    def pre(index: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            order.append(index)
+            previous = outputs.pop(index - 1, None)
+            if index > 0 and previous is not None and not _same_tensor(previous, _hidden_arg(args, kwargs)):
+                problems.append(f"decoder layer {index - 1}'s output is not layer {index}'s input")
+
+        return hook
+
+    def post(index: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            outputs[index] = _hidden_of(output)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(post(i)) for i, layer in enumerate(layers)]
+    device = cast(Any, model).get_input_embeddings().weight.device
+    try:
+        with torch.no_grad():
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if order != list(range(len(layers))):
+        return f"the model does not call its decoder layers once each, in order (it called {order[:12]})"
+    return problems[0] if problems else None
+
+
+def _hidden_arg(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def _hidden_of(output: Any) -> Any:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    """Whether ``b`` is ``a`` or a view of the same bytes with the same shape, dtype and device."""
+    if a is b:
+        return True
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    return (a.device, a.dtype, a.shape, a.data_ptr()) == (b.device, b.dtype, b.shape, b.data_ptr())
+
+
+def _layer_device(layer: torch.nn.Module) -> torch.device:
+    """Where ``layer`` computes: accelerate's execution device under a device map, else its weights' device."""
+    hook = getattr(layer, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
+    tensor = next(itertools.chain(layer.parameters(), layer.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _keep(tensor: torch.Tensor, device: torch.device, offload: bool) -> torch.Tensor:
+    """``tensor`` (detached) where a boundary tensor is kept: on ``device``, or in CPU memory (pinned with CUDA)."""
+    if not offload:
+        return tensor.to(device)
+    if tensor.device.type == "cpu":
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
+    return out.copy_(tensor)
+
+
 # One decoder layer call, recorded: whether the hidden state came positionally, the other arguments, the kwargs.
 _Call = tuple[bool, tuple[Any, ...], dict[str, Any]]
 
@@ -512,6 +620,8 @@ def _pipelined(
     writer: StoreWriter,
     store_dtype: torch.dtype,
     group_seconds: list[float],
+    *,
+    offload: bool = False,
 ) -> int:
     """Run the boundary-pipelined schedule over the groups in ``todo``, from the top one down.
 
@@ -524,6 +634,16 @@ def _pipelined(
     weights) from the recorded state, and back-propagates the gradient
     recorded at the input of the group above; the lowest group needs no input
     gradient.  States and gradients are released per prompt once used.
+
+    Placement (one device or an accelerate device map): a recorded state and
+    a layer's recorded arguments live on the device of the layer that
+    consumes them, a recorded gradient on the device of the last layer of the
+    group below (whose output it is back-propagated into); with ``offload``
+    states and gradients are kept in CPU memory instead (pinned where CUDA
+    is present) and moved to those devices when used.  Accumulators are on
+    each weight's device.  Pass 1 checks, per call, that each recorded
+    layer's input is the previous layer's output (:func:`_chain_problem`
+    checked it on one prompt before the store was created).
     Returns the bytes of the recorded hidden states plus one boundary's
     gradients.
     """
@@ -533,20 +653,29 @@ def _pipelined(
     calls: dict[int, list[_Call]] = {i: [] for i in range(firsts[-1], firsts[0])}
     states: dict[int, list[torch.Tensor]] = {i: [] for i in firsts[1:]}
     grads: deque[torch.Tensor] = deque()
+    devices = {i: _layer_device(layer) for i, layer in enumerate(layers)}
+    outputs: dict[int, torch.Tensor] = {}
 
     def record_grad(leaf: torch.Tensor) -> None:
-        grads.append(cast(torch.Tensor, leaf.grad))  # set: the hook runs after accumulation
+        # set: the hook runs after accumulation; kept for the last layer of the group below
+        grads.append(_keep(cast(torch.Tensor, leaf.grad), devices[firsts[0] - 1], offload))
         leaf.grad = None
 
     def pre_hook(index: int) -> Callable[..., Any]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             hidden = args[0] if args else kwargs["hidden_states"]
             rest, kw = (args[1:], kwargs) if args else (args, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index > firsts[-1] and not _same_tensor(outputs.pop(index - 1, None), hidden):
+                raise BadInputError(
+                    f"decoder layer {index - 1}'s output is not layer {index}'s input for this prompt, so the "
+                    "pipelined schedule does not apply; pass schedule='naive'",
+                    param="schedule",
+                )
             if index in calls:
-                calls[index].append((bool(args), _detached(rest), _detached(kw)))
+                calls[index].append((bool(args), _to_device(rest, devices[index]), _to_device(kw, devices[index])))
             if index in states:
-                states[index].append(hidden.detach())
-            if index != firsts[0]:
+                states[index].append(_keep(hidden.detach(), devices[index], offload))
+            if index != firsts[0] or len(groups) == 1:  # one group: no gradient is needed at its input
                 return None
             leaf = hidden.detach().requires_grad_(True)
             leaf.register_post_accumulate_grad_hook(record_grad)
@@ -557,14 +686,22 @@ def _pipelined(
     def own(group: GroupInfo) -> dict[str, torch.nn.Parameter]:
         return {t.name: params[t.name] for t in group.tensors}
 
+    def post_hook(index: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            outputs[index] = _hidden_of(output)
+
+        return hook
+
     t0 = time.perf_counter()
     hooked = range(firsts[-1], firsts[0] + 1)  # the layers of calls and states, and the top group's first
     handles = [layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in hooked]
+    handles += [layers[i].register_forward_hook(post_hook(i)) for i in hooked[:-1]]
     try:
         acc = _group_fisher(model, own(groups[0]), inputs, cfg.estimator, cfg.seed, _describe(groups[0], len(plan)))
     finally:
         for h in handles:
             h.remove()
+        outputs.clear()
     boundary = sum(t.nbytes for ts in states.values() for t in ts) + sum(g.nbytes for g in grads)
     log.info("pipelined schedule: boundary tensors %.1f MiB", boundary / 2**20)
     _submit(writer, groups[0], acc, store_dtype, t0, group_seconds, len(plan))
@@ -576,7 +713,7 @@ def _pipelined(
         below: deque[torch.Tensor] = deque()
         with _accumulating(own(group), n) as acc, torch.enable_grad():
             for i in progress(range(n), desc=_describe(group, len(plan)), unit="prompt"):
-                start = starts.popleft()
+                start = starts.popleft().to(devices[group.layers[0]])
                 if not lowest:
                     start.requires_grad_(True)
                 hidden = start
@@ -588,9 +725,9 @@ def _pipelined(
                         else layers[index](*rest, hidden_states=hidden, **kw)
                     )
                     hidden = out[0] if isinstance(out, tuple) else out
-                torch.autograd.backward(hidden, grads.popleft())
+                torch.autograd.backward(hidden, grads.popleft().to(hidden.device))
                 if not lowest:
-                    below.append(cast(torch.Tensor, start.grad))
+                    below.append(_keep(cast(torch.Tensor, start.grad), devices[group.layers[0] - 1], offload))
         grads = below
         for index in range(group.layers[0], above.layers[0]):
             del calls[index]
@@ -599,8 +736,9 @@ def _pipelined(
     return boundary
 
 
-def _detached(tree: Any) -> Any:
-    return tree_map_only(torch.Tensor, torch.Tensor.detach, tree)
+def _to_device(tree: Any, device: torch.device) -> Any:
+    """``tree``'s tensors detached, on ``device`` (no copy where they already are)."""
+    return tree_map_only(torch.Tensor, lambda t: t.detach().to(device), tree)
 
 
 def _prompt_loss(model: torch.nn.Module, ids: torch.Tensor, estimator: str, seed: int, index: int) -> torch.Tensor:

