@@ -169,6 +169,11 @@ class Remote:
         """The URL of ``rel`` under the root (for messages)."""
         return f"{self.url}/{rel}" if rel else self.url
 
+    @property
+    def parent(self) -> Remote:
+        """The remote one level up (as ``Path.parent``)."""
+        return Remote(self.fs, self.root.rpartition("/")[0], self.url.rpartition("/")[0])
+
     def child(self, rel: str) -> Remote:
         """The remote rooted at ``rel`` under this root."""
         return Remote(self.fs, self.key(rel), self.url_of(rel))
@@ -179,10 +184,16 @@ class Remote:
         where = self.url_of(rel)
         try:
             yield
-        except (BadInputError, FileNotFoundError, FileExistsError):
+        except (BadInputError, FileExistsError):
             raise
+        except FileNotFoundError as exc:
+            if exc.filename:
+                raise
+            raise FileNotFoundError(errno.ENOENT, _message(exc) or "not found", where) from None
         except PermissionError as exc:
-            raise PermissionError(errno.EACCES, f"permission denied ({_message(exc)})", where) from None
+            raise PermissionError(
+                errno.EACCES, f"permission denied ({_message(exc)}): check the credentials and the bucket's policy", where
+            ) from None
         except OSError as exc:
             if exc.filename or exc.strerror:
                 raise

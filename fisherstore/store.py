@@ -183,7 +183,7 @@ def _open_remote(root: Remote) -> FisherStore:
     except StoreNotFoundError:
         if not root.is_file():
             raise StoreNotFoundError(f"{root}: no such store or file") from None
-        head = RemoteFile(_parent(root), root.name)
+        head = RemoteFile(root.parent, root.name)
         kind = _sniff(head)
         if kind != "safetensors-file":
             raise BadInputError(
@@ -203,11 +203,6 @@ def _open_remote(root: Remote) -> FisherStore:
         return FisherStore(root, file_manifest, source)
     backend = get_backend(manifest.backend, root, manifest.backend_options)
     return FisherStore(root, manifest, _BackendSource(manifest, backend))
-
-
-def _parent(root: Remote) -> Remote:
-    parent, _, _ = root.root.rpartition("/")
-    return Remote(root.fs, parent, root.url.rpartition("/")[0])
 
 
 #: Reads at least this large are memory-mapped instead of copied (see :meth:`FisherStore.read`).

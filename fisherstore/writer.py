@@ -107,7 +107,7 @@ class StoreWriter:
     @classmethod
     def create(
         cls,
-        path: str | Path,
+        path: str | Path | Remote,
         plan: Sequence[GroupInfo],
         *,
         backend: str = "safetensors",
