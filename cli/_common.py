@@ -70,7 +70,7 @@ def add_storage_options(group: argparse._ActionsContainer) -> None:
         "--storage-options",
         dest="storage_options",
         metavar="JSON",
-        help='for URL paths (s3://bucket/store, memory://x): fsspec filesystem options as a JSON object, e.g. '
+        help="for URL paths (s3://bucket/store, memory://x): fsspec filesystem options as a JSON object, e.g. "
         '\'{"endpoint_url": "http://127.0.0.1:9000", "anon": false}\' (credentials otherwise come from the '
         "environment, ~/.aws and FSSPEC_S3_* variables)",
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from fisherstore.conversion import DEFAULT_BUFFER_BYTES, TARGETS, convert, infer_target
 from fisherstore.errors import BadInputError
@@ -44,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", help="store directory, fisher.pt or .safetensors file (or an URL of a store or file)")
     p.add_argument("old_dst", nargs="?", help=argparse.SUPPRESS)  # the positional DST of earlier releases
-    add_out_option(p, "new store directory or .pt file, or an URL of a new store (s3://bucket/x)", metavar="DST", dest="dst")
+    add_out_option(
+        p, "new store directory or .pt file, or an URL of a new store (s3://bucket/x)", metavar="DST", dest="dst"
+    )
     p.add_argument("--to", choices=TARGETS, help="target format (default: from the name of DST)")
     add_zarr_options(p)
     p.add_argument("--group-size", type=int, default=8, help="layers per shard when SRC is a single file (default 8)")

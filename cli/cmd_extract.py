@@ -11,7 +11,6 @@ from fisherstore.extraction import ESTIMATORS, SCHEDULES, ExtractConfig, extract
 from fisherstore.formats import BACKENDS
 from fisherstore.models import SMOLLM2, TINY_GEMMA4, load_model
 from fisherstore.prompts import load_prompts
-
 from fisherstore.storage import resolve
 
 from ._common import add_out_option, add_storage_options, add_zarr_options, human_bytes, storage_options, zarr_options
@@ -61,7 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"model directory, .gguf file, '{SMOLLM2}' (default) or '{TINY_GEMMA4}'",
     )
     add_out_option(
-        p, "new store directory or URL (s3://bucket/x; or an interrupted one with --resume)", required=True, metavar="OUT"
+        p,
+        "new store directory or URL (s3://bucket/x; or an interrupted one with --resume)",
+        required=True,
+        metavar="OUT",
     )
     add_storage_options(p)
     g = p.add_argument_group("prompts")

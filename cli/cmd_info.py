@@ -7,7 +7,14 @@ from typing import Any
 
 from fisherstore.summary import info
 
-from ._common import add_storage_options, format_kind_summary, format_mask_table, human_bytes, print_json, storage_options
+from ._common import (
+    add_storage_options,
+    format_kind_summary,
+    format_mask_table,
+    human_bytes,
+    print_json,
+    storage_options,
+)
 
 EPILOG = """\
 examples:

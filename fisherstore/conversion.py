@@ -98,12 +98,13 @@ def convert(
         if to == "pt":
             raise BadInputError(f"dst {target}: fisher.pt files are written to local paths only", param="dst")
         if isinstance(source, Remote) and (
-            source == target or source.fs is target.fs and target.root.startswith(source.root + "/")
+            source == target or (source.fs is target.fs and target.root.startswith(source.root + "/"))
         ):
             raise BadInputError(f"dst {target} must not be the source or lie inside it", param="dst")
-    elif isinstance(source, Path):
-        if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
-            raise BadInputError(f"dst {target} must not be the source or lie inside it", param="dst")
+    elif isinstance(source, Path) and (
+        target.resolve() == source.resolve() or source.resolve() in target.resolve().parents
+    ):
+        raise BadInputError(f"dst {target} must not be the source or lie inside it", param="dst")
     if resume and to == "pt":
         raise BadInputError("resume=True continues a store; a fisher.pt is written whole", param="resume")
     exists = target.exists() if isinstance(target, Path) else bool(target.listing()) or target.is_file()
@@ -117,7 +118,8 @@ def convert(
     with open_store(source) as store:
         if not store.complete:
             raise IncompleteStoreError(
-                f"{source}: groups {store.manifest.missing_groups} are not written; resume the store before converting it"
+                f"{source}: groups {store.manifest.missing_groups} are not written; "
+                "resume the store before converting it"
             )
         if backend_options and to == "pt":
             raise BadInputError("fisher.pt takes no backend_options (compression, chunking)", param="backend_options")

@@ -192,7 +192,9 @@ class Remote:
             raise FileNotFoundError(errno.ENOENT, _message(exc) or "not found", where) from None
         except PermissionError as exc:
             raise PermissionError(
-                errno.EACCES, f"permission denied ({_message(exc)}): check the credentials and the bucket's policy", where
+                errno.EACCES,
+                f"permission denied ({_message(exc)}): check the credentials and the bucket's policy",
+                where,
             ) from None
         except OSError as exc:
             if exc.filename or exc.strerror:
@@ -206,7 +208,7 @@ class Remote:
                 raise BadInputError(
                     f"{where}: no credentials for {self.url.split('://')[0]}:// ({_message(exc)}); set "
                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile in ~/.aws, or storage_options "
-                    "such as {\"anon\": true}",
+                    'such as {"anon": true}',
                     param="storage_options",
                 ) from None
             raise OSError(errno.EIO, f"{type(exc).__name__}: {_message(exc)}", where) from None

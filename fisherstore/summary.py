@@ -17,7 +17,9 @@ from .store import FisherStore, open_store
 __all__ = ["info"]
 
 
-def info(path_or_store: str | Path | FisherStore, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def info(
+    path_or_store: str | Path | FisherStore, *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Summarise a store, mask store or legacy ``fisher.pt`` from its metadata.
 
     Args:

@@ -494,7 +494,17 @@ def svd_store(
     try:
         with open_store(source, storage_options=storage_options) as store:
             return _run(
-                store, target, cfg, tensors, workers, resume, overwrite, backend, backend_options, ranks, storage_options
+                store,
+                target,
+                cfg,
+                tensors,
+                workers,
+                resume,
+                overwrite,
+                backend,
+                backend_options,
+                ranks,
+                storage_options,
             )
     finally:
         ranks.close()

@@ -137,7 +137,9 @@ class StoreWriter:
         if len(set(names)) != len(names):
             raise BadInputError("the plan names a tensor twice", param="plan")
         if isinstance(location, Remote):
-            return cls._create_remote(location, plan, backend, backend_options, kind, provenance, attrs, resume, overwrite)
+            return cls._create_remote(
+                location, plan, backend, backend_options, kind, provenance, attrs, resume, overwrite
+            )
         root = location
         manifest_path = root / MANIFEST_NAME
         if resume and manifest_path.exists():

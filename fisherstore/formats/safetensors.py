@@ -28,7 +28,7 @@ from .._io import TMP_PREFIX, fsync, fsync_dir, pread_bytes, pread_tensor, preal
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import parse_name, validate_name
-from ..storage import Remote, RemoteFile
+from ..storage import RemoteFile
 from .base import Backend, Buffer, GroupSink, check_rows, rows_of, rows_shape
 
 if TYPE_CHECKING:
@@ -380,7 +380,9 @@ class SafetensorsFileSource:
         self.object = path if isinstance(path, RemoteFile) else None
         self.path = Path(path.rel if isinstance(path, RemoteFile) else path)
         self._reader = _ShardReader()
-        entries = self._reader.object_entries(path) if isinstance(path, RemoteFile) else self._reader.entries(self.path)[1]
+        entries = (
+            self._reader.object_entries(path) if isinstance(path, RemoteFile) else self._reader.entries(self.path)[1]
+        )
         self.infos: dict[str, TensorInfo] = {}
         for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
             layer, kind = parse_name(name)

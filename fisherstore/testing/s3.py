@@ -65,7 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and 100-continue answered for large uploads
     server: _Proxy
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _forward(self) -> None:
@@ -84,7 +84,9 @@ class _Handler(BaseHTTPRequestHandler):
             if k.lower() not in _HOP and k.lower() != "content-length":
                 self.send_header(k, v)
         # a HEAD answer's Content-Length is the object's size, not its (empty) body's
-        self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+        self.send_header(
+            "Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+        )
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -137,7 +139,12 @@ class S3Server:
 
     def options_of(self, key: str, secret: str) -> dict[str, Any]:
         """s3fs storage options for a key pair, against :attr:`endpoint`."""
-        return {"endpoint_url": self.endpoint, "key": key, "secret": secret, "client_kwargs": {"region_name": "us-east-1"}}
+        return {
+            "endpoint_url": self.endpoint,
+            "key": key,
+            "secret": secret,
+            "client_kwargs": {"region_name": "us-east-1"},
+        }
 
     @property
     def env(self) -> dict[str, str]:
