@@ -43,6 +43,7 @@ class Request:
     sent: int  # request body bytes (uploads)
     received: int  # response body bytes (downloads)
     status: int
+    body: bytes = b""  # the request body of a PUT of a small JSON object (manifests), else empty
 
 
 def _free_port() -> int:
@@ -79,6 +80,20 @@ class _Handler(BaseHTTPRequestHandler):
             data = resp.read()
         finally:
             conn.close()
+        parts = urlsplit(self.path)
+        with self.server.lock:  # logged before the client has its answer, so the log is complete when it does
+            self.server.log.append(
+                Request(
+                    self.command,
+                    unquote(parts.path),
+                    parts.query,
+                    self.headers.get("Range"),
+                    len(body),
+                    len(data) if self.command != "HEAD" else 0,
+                    resp.status,
+                    body if self.command == "PUT" and parts.path.endswith(".json") and len(body) < 1 << 20 else b"",
+                )
+            )
         self.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in _HOP and k.lower() != "content-length":
@@ -90,19 +105,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
-        parts = urlsplit(self.path)
-        with self.server.lock:
-            self.server.log.append(
-                Request(
-                    self.command,
-                    unquote(parts.path),
-                    parts.query,
-                    self.headers.get("Range"),
-                    len(body),
-                    len(data) if self.command != "HEAD" else 0,
-                    resp.status,
-                )
-            )
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
