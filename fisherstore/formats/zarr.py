@@ -24,8 +24,9 @@ the caller's buffers go straight to the file with ``pwrite``, while
 compression runs on a thread pool (numcodecs releases the GIL) — and shard
 ``fsync`` runs in the background (skipped under ``--no-fsync``).  Tests check that the files are
 byte-identical to zarr-python's and that zarr-python and tensorstore read every
-array identically.  Reads take local paths only (``pread`` of the index, then
-of the needed chunks); other stores can be read with zarr-python.  An
+array identically.  Local reads ``pread`` the index, then the needed chunks;
+on an object store (an fsspec :class:`~fisherstore.storage.Remote`) the same
+reads are range requests, a few in flight at once.  An
 uncompressed array held in one shard is the tensor's bytes from offset 0
 (checked against the index), so it is also offered as a raw byte span:
 large lazy reads map it and conversions stream it, as for safetensors.
@@ -33,7 +34,9 @@ large lazy reads map it and conversions stream it, as for safetensors.
 Atomicity: a group's arrays are written under a temporary directory in the
 root, every file fsynced; ``commit`` fsyncs the directories, renames each
 array into place (replacing a leftover of an interrupted attempt) and fsyncs
-the root.
+the root.  On an object store there is no rename: each shard is streamed to
+its final key as a multipart upload and appears when complete, and only the
+manifest the writer PUTs after ``commit`` names the group (docs/FORMAT.md §1.1).
 """
 
 from __future__ import annotations
