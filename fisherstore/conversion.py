@@ -109,10 +109,7 @@ def convert(
         raise BadInputError("resume=True continues a store; a fisher.pt is written whole", param="resume")
     exists = target.exists() if isinstance(target, Path) else bool(target.listing()) or target.is_file()
     if exists and not overwrite and not resume:
-        raise BadInputError(
-            f"{target} already exists; choose a new path, pass overwrite=True (or resume=True to continue it)",
-            param="overwrite",
-        )
+        raise BadInputError(f"{target} already exists; choose a new path or pass overwrite=True", param="overwrite")
     if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
         raise BadInputError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}", param="buffer_bytes")
     with open_store(source) as store:
