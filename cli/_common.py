@@ -12,12 +12,14 @@ from fisherstore.sizes import parse_bytes
 
 __all__ = [
     "add_out_option",
+    "add_storage_options",
     "add_zarr_options",
     "format_kind_summary",
     "format_mask_table",
     "human_bytes",
     "parse_size",
     "print_json",
+    "storage_options",
     "zarr_options",
 ]
 
@@ -60,6 +62,34 @@ def add_out_option(
     group.add_argument("-o", "--out", dest=dest, required=required, metavar=metavar, help=help)
     for alias in aliases:
         group.add_argument(alias, dest=dest, metavar=metavar, help=argparse.SUPPRESS)
+
+
+def add_storage_options(group: argparse._ActionsContainer) -> None:
+    """``--storage-options JSON``: keyword arguments of the filesystem of URL paths (``s3://...``), everywhere alike."""
+    group.add_argument(
+        "--storage-options",
+        dest="storage_options",
+        metavar="JSON",
+        help="for URL paths (s3://bucket/store, memory://x): fsspec filesystem options as a JSON object, e.g. "
+        '\'{"endpoint_url": "http://127.0.0.1:9000", "anon": false}\' (credentials otherwise come from the '
+        "environment, ~/.aws and FSSPEC_S3_* variables)",
+    )
+
+
+def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--storage-options`` parsed: a JSON object, or None when not given."""
+    text = getattr(args, "storage_options", None)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"storage_options is not valid JSON ({exc})", param="storage_options") from None
+    if not isinstance(value, dict):
+        raise BadInputError(
+            f"storage_options must be a JSON object, got {type(value).__name__}", param="storage_options"
+        )
+    return value
 
 
 def add_zarr_options(group: argparse._ActionsContainer, chunking: bool = True) -> None:

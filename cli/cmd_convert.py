@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from fisherstore.conversion import DEFAULT_BUFFER_BYTES, TARGETS, convert, infer_target
 from fisherstore.errors import BadInputError
 
-from ._common import add_out_option, add_zarr_options, human_bytes, parse_size, zarr_options
+from ._common import (
+    add_out_option,
+    add_storage_options,
+    add_zarr_options,
+    human_bytes,
+    parse_size,
+    storage_options,
+    zarr_options,
+)
 
 EPILOG = """\
 The target format comes from --to, else from the name after -o/--out: *.pt → fisher.pt,
@@ -21,6 +28,8 @@ examples:
   fisherstore convert fisher.pt -o store/
   fisherstore convert fisher.pt -o store.zarr --compression blosc-zstd-bitshuffle
   fisherstore convert store/ -o fisher-roundtrip.pt
+  fisherstore convert fisher.pt -o s3://bucket/fisher.zarr       straight to an object store
+  fisherstore convert fisher.pt -o s3://bucket/fisher.zarr --resume   continue an interrupted upload
 """
 
 
@@ -32,9 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", help="store directory, fisher.pt or .safetensors file")
+    p.add_argument("src", help="store directory, fisher.pt or .safetensors file (or an URL of a store or file)")
     p.add_argument("old_dst", nargs="?", help=argparse.SUPPRESS)  # the positional DST of earlier releases
-    add_out_option(p, "new store directory or .pt file", metavar="DST", dest="dst")
+    add_out_option(
+        p, "new store directory or .pt file, or an URL of a new store (s3://bucket/x)", metavar="DST", dest="dst"
+    )
     p.add_argument("--to", choices=TARGETS, help="target format (default: from the name of DST)")
     add_zarr_options(p)
     p.add_argument("--group-size", type=int, default=8, help="layers per shard when SRC is a single file (default 8)")
@@ -50,6 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace DST if it exists (only after the new one is complete)"
     )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted conversion into DST (written in place)"
+    )
+    add_storage_options(p)
     p.set_defaults(func=run)
 
 
@@ -64,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
     dst = args.dst if args.dst is not None else args.old_dst
     if dst is None:
         raise BadInputError("no destination: give -o/--out DST")
-    to = args.to or infer_target(Path(dst))
+    to = args.to or infer_target(dst)
+    if args.resume and args.overwrite:
+        raise BadInputError("--resume and --overwrite contradict each other; pick one")
     convert(
         args.src,
         dst,
@@ -73,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         overwrite=args.overwrite,
         buffer_bytes=args.buffer_bytes,
+        resume=args.resume,
+        storage_options=storage_options(args),
     )
     print(f"wrote {dst} ({to})")
     return 0

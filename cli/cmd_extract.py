@@ -11,8 +11,9 @@ from fisherstore.extraction import ESTIMATORS, SCHEDULES, ExtractConfig, extract
 from fisherstore.formats import BACKENDS
 from fisherstore.models import SMOLLM2, TINY_GEMMA4, load_model
 from fisherstore.prompts import load_prompts
+from fisherstore.storage import resolve
 
-from ._common import add_out_option, add_zarr_options, human_bytes, zarr_options
+from ._common import add_out_option, add_storage_options, add_zarr_options, human_bytes, storage_options, zarr_options
 
 EPILOG = f"""\
 MODEL is a local Hugging Face model directory (config.json, safetensors, tokenizer), a .gguf
@@ -67,7 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=SMOLLM2,
         help=f"model directory, .gguf file, '{SMOLLM2}' (default) or '{TINY_GEMMA4}'",
     )
-    add_out_option(p, "new store directory (or an interrupted one with --resume)", required=True, metavar="OUT")
+    add_out_option(
+        p,
+        "new store directory or URL (s3://bucket/x; or an interrupted one with --resume)",
+        required=True,
+        metavar="OUT",
+    )
+    add_storage_options(p)
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", help="prompt file or dataset folder (default: the 200 packaged IFEval-style prompts)")
     g.add_argument("--num-prompts", type=int, default=200, help="use the first N prompts (default 200)")
@@ -121,9 +128,19 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    options_of_storage = storage_options(args)
+    resolve(args.out, options_of_storage, param="out")  # an URL's scheme is checked before the model loads
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     loaded = load_model(args.model, device=device, device_map=args.device_map, dtype=args.model_dtype)
-    summary = extract(loaded.model, loaded.tokenizer, prompts, args.out, config, provenance=loaded.provenance)
+    summary = extract(
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        args.out,
+        config,
+        provenance=loaded.provenance,
+        storage_options=options_of_storage,
+    )
     if args.json:
         print(json.dumps(summary.to_dict(), indent=1))
         return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from fisherstore._io import write_json_atomic
 from fisherstore.store import open_store
 
-from ._common import add_out_option, print_json
+from ._common import add_out_option, add_storage_options, print_json, storage_options
 
 EPILOG = """\
 For a store the sums come from its manifest (no data is read); a fisher.pt is streamed once.
@@ -27,14 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", help="store directory or fisher.pt")
+    p.add_argument("path", help="store directory or fisher.pt, or an URL of a store (s3://...)")
+    add_storage_options(p)
     add_out_option(p, "write the JSON document here", metavar="FILE", aliases=("--output",))
     p.add_argument("--json", action="store_true", help="print the JSON document instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_store(args.path) as store:
+    with open_store(args.path, storage_options=storage_options(args)) as store:
         doc = store.importance_document()
     if args.out:
         write_json_atomic(Path(args.out), doc)

@@ -7,7 +7,14 @@ from typing import Any
 
 from fisherstore.summary import info
 
-from ._common import format_kind_summary, format_mask_table, human_bytes, print_json
+from ._common import (
+    add_storage_options,
+    format_kind_summary,
+    format_mask_table,
+    human_bytes,
+    print_json,
+    storage_options,
+)
 
 EPILOG = """\
 examples:
@@ -26,14 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", help="store directory, mask store, fisher.pt or .safetensors file")
+    p.add_argument("path", help="store directory, mask store, fisher.pt or .safetensors file, or an URL (s3://...)")
+    add_storage_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--tensors", action="store_true", help="also list every tensor")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = info(args.path)
+    summary = info(args.path, storage_options=storage_options(args))
     masks, rows = summary.pop("masks"), summary.pop("tensor_list")
     if args.json:
         extra = {"tensor_list": rows} if args.tensors else {}

@@ -11,11 +11,13 @@ from fisherstore.svd import DEFAULT_MAX_MEMORY, TRANSFORMS, SVDConfig, svd_store
 
 from ._common import (
     add_out_option,
+    add_storage_options,
     add_zarr_options,
     format_kind_summary,
     human_bytes,
     parse_size,
     print_json,
+    storage_options,
     zarr_options,
 )
 
@@ -102,6 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the per-tensor table as JSON")
+    add_storage_options(p)
     p.set_defaults(func=run)
 
 
@@ -129,10 +132,11 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         backend=args.backend,
         backend_options=zarr_options(args, args.backend) or None,
+        storage_options=storage_options(args),
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
-    with open_masks(args.out) as masks:
+    with open_masks(args.out, storage_options=storage_options(args)) as masks:
         rows = describe_masks(masks)
     if args.json:
         print_json(rows)

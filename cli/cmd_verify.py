@@ -7,6 +7,8 @@ import sys
 
 from fisherstore.verification import verify
 
+from ._common import add_storage_options, storage_options
+
 EPILOG = """\
 exit codes: 0 the store is sound; 1 a problem was found (each printed with the tensor name);
 2 the path could not be opened as a store at all.
@@ -25,12 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", help="store directory, mask store or fisher.pt")
+    p.add_argument("path", help="store directory, mask store or fisher.pt, or an URL of a store (s3://...)")
+    add_storage_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    problems = verify(args.path)
+    problems = verify(args.path, storage_options=storage_options(args))
     for problem in problems:
         print(f"BAD {problem}", file=sys.stderr)
     if problems:

@@ -8,14 +8,17 @@ streaming only; a zarr target's chunks are set by its ``chunk_mb`` option.)  Whe
 checksums they are checked on the way through, for free.  The target appears
 under its final name only when complete: a store is built in a temporary
 directory beside it and renamed, a ``fisher.pt`` is written to a temporary
-file and renamed.
+file and renamed.  On an object store (an fsspec URL, where nothing can be
+renamed) the target is written in place, group by group, each group's
+objects before the manifest that names them; ``resume=True`` continues an
+interrupted conversion from its last complete group.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats.base import Buffer, Piece
 from .manifest import GroupInfo, TensorInfo, now_iso
 from .progress import progress
+from .storage import Remote, resolve
 from .store import DEFAULT_PIECE_BYTES, FisherStore, open_store
 from .writer import StoreWriter, plan_groups
 
@@ -39,11 +43,12 @@ TARGETS = ("safetensors", "zarr", "pt")
 DEFAULT_BUFFER_BYTES = DEFAULT_PIECE_BYTES
 
 
-def infer_target(dst: Path) -> str:
+def infer_target(dst: str | Path | Remote) -> str:
     """Target format from a destination name: ``*.pt``/``*.pth`` → pt, ``*.zarr`` → zarr, else safetensors."""
-    if dst.suffix in (".pt", ".pth"):
+    suffix = Path(dst.name if isinstance(dst, Remote) else str(dst).rstrip("/")).suffix
+    if suffix in (".pt", ".pth"):
         return "pt"
-    if dst.suffix == ".zarr":
+    if suffix == ".zarr":
         return "zarr"
     return "safetensors"
 
@@ -58,7 +63,9 @@ def convert(
     overwrite: bool = False,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     chunk_bytes: int | None = None,
-) -> Path:
+    resume: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path | Remote:
     """Convert ``src`` into a new ``dst`` of format ``to``; the source is only read.
 
     Store groups are kept as they are; a file source is split into groups of
@@ -66,46 +73,62 @@ def convert(
     way, and ``dst`` appears only once complete.
 
     Args:
-        src: a store directory, a ``fisher.pt`` or a bare ``.safetensors`` file.
-        dst: the new store directory or ``.pt`` file.
+        src: a store directory, a ``fisher.pt`` or a bare ``.safetensors`` file (or an URL of a store or file).
+        dst: the new store directory or ``.pt`` file, or an URL of a new store (``s3://bucket/store``).
         to: ``"safetensors"``, ``"zarr"`` or ``"pt"``; inferred from ``dst`` when omitted (:func:`infer_target`).
         backend_options: the target backend's options (zarr: compression, level, chunk_mb, shard_mb).
         group_size: layers per group when ``src`` is a single file.
         overwrite: replace an existing ``dst``, only once the new one is complete.
         buffer_bytes: size of a streaming buffer (at least one row is read at a time); bounds peak memory.
         chunk_bytes: deprecated alias of ``buffer_bytes`` (removed in the next release).
+        resume: continue an interrupted conversion into ``dst`` (written in place, group by group).
+        storage_options: keyword arguments of the URLs' filesystem (credentials, ``endpoint_url``, ...).
 
     Returns:
-        ``dst``.
+        ``dst`` (a :class:`~fisherstore.storage.Remote` for an URL).
     """
     if chunk_bytes is not None:
         warnings.warn("chunk_bytes is renamed buffer_bytes", DeprecationWarning, stacklevel=2)
         buffer_bytes = chunk_bytes
-    src, dst = Path(src), Path(dst)
-    to = to or infer_target(dst)
+    source, target = resolve(src, storage_options, param="src"), resolve(dst, storage_options, param="dst")
+    to = to or infer_target(target)
     if to not in TARGETS:
         raise BadInputError(f"to={to!r} is not a target format; choose one of {TARGETS}", param="to")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise BadInputError(f"dst {dst} must not be the source or lie inside it", param="dst")
-    if dst.exists() and not overwrite:
-        raise BadInputError(f"{dst} already exists; choose a new path or pass overwrite=True", param="overwrite")
+    if isinstance(target, Remote):
+        if to == "pt":
+            raise BadInputError(f"dst {target}: fisher.pt files are written to local paths only", param="dst")
+        if isinstance(source, Remote) and (
+            source == target or (source.fs is target.fs and target.root.startswith(source.root + "/"))
+        ):
+            raise BadInputError(f"dst {target} must not be the source or lie inside it", param="dst")
+    elif isinstance(source, Path) and (
+        target.resolve() == source.resolve() or source.resolve() in target.resolve().parents
+    ):
+        raise BadInputError(f"dst {target} must not be the source or lie inside it", param="dst")
+    if resume and to == "pt":
+        raise BadInputError("resume=True continues a store; a fisher.pt is written whole", param="resume")
+    exists = target.exists() if isinstance(target, Path) else bool(target.listing()) or target.is_file()
+    if exists and not overwrite and not resume:
+        raise BadInputError(f"{target} already exists; choose a new path or pass overwrite=True", param="overwrite")
     if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
         raise BadInputError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}", param="buffer_bytes")
-    with open_store(src) as store:
+    with open_store(source) as store:
         if not store.complete:
             raise IncompleteStoreError(
-                f"{src}: groups {store.manifest.missing_groups} are not written; resume the store before converting it"
+                f"{source}: groups {store.manifest.missing_groups} are not written; "
+                "resume the store before converting it"
             )
         if backend_options and to == "pt":
             raise BadInputError("fisher.pt takes no backend_options (compression, chunking)", param="backend_options")
         bar: Any  # a tqdm bar, or a NullBar when quiet
         with progress(total=store.nbytes, desc=f"convert → {to}", unit="B", unit_scale=True, unit_divisor=1024) as bar:
             if to == "pt":
-                _to_pt(store, dst, buffer_bytes, bar)
+                assert isinstance(target, Path)
+                _to_pt(store, target, buffer_bytes, bar)
             else:
-                _to_store(store, dst, to, backend_options or {}, group_size, buffer_bytes, bar)
-    log.info("converted %s → %s (%s)", src, dst, to)
-    return dst
+                _to_store(store, target, to, backend_options or {}, group_size, buffer_bytes, bar, resume, overwrite)
+    log.info("converted %s → %s (%s)", source, target, to)
+    return target
 
 
 def _to_pt(store: FisherStore, dst: Path, buffer_bytes: int, bar: Any) -> None:
@@ -138,33 +161,68 @@ def _plan(store: FisherStore, group_size: int) -> tuple[GroupInfo, ...]:
 
 
 def _to_store(
-    store: FisherStore, dst: Path, backend: str, options: dict[str, Any], group_size: int, buffer_bytes: int, bar: Any
+    store: FisherStore,
+    dst: Path | Remote,
+    backend: str,
+    options: dict[str, Any],
+    group_size: int,
+    buffer_bytes: int,
+    bar: Any,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> None:
     source_meta = {"path": str(store.path), "format": store.format, "converted": now_iso()}
     provenance = {**store.manifest.provenance, "converted_from": source_meta}
     if store.manifest.kind == "masks" and backend == "safetensors":
         options = {"prefix": "masks", **options}
+    if isinstance(dst, Remote) or resume:  # in place: no rename on object stores; resume continues what is there
+        _write_store(store, dst, backend, options, group_size, buffer_bytes, bar, provenance, resume, overwrite)
+        return
     with atomic_dir(dst) as tmp:  # on overwrite, the old store goes only once the new one is complete
-        writer = StoreWriter.create(
-            tmp,
-            _plan(store, group_size),
-            backend=backend,
-            backend_options=options,
-            kind=store.manifest.kind,
-            provenance=provenance,
-            attrs=store.manifest.attrs,
-        )
-        with writer:
-            for group in writer.manifest.groups:
-                infos = [store.info(s.name) for s in group.tensors]
-                items: Iterable = ((i.spec, _stream(store, i, buffer_bytes, bar)) for i in infos)
-                writer.stream_group(
-                    group.index,
-                    items,
-                    attrs={i.name: i.attrs for i in infos},
-                    expect={i.name: i.checksum for i in infos},
-                )
-            writer.finish()
+        _write_store(store, tmp, backend, options, group_size, buffer_bytes, bar, provenance, False, False)
+
+
+def _write_store(
+    store: FisherStore,
+    dst: Path | Remote,
+    backend: str,
+    options: dict[str, Any],
+    group_size: int,
+    buffer_bytes: int,
+    bar: Any,
+    provenance: dict[str, Any],
+    resume: bool,
+    overwrite: bool,
+) -> None:
+    """Stream every group of ``store`` into a store at ``dst`` (skipping groups a resumed one already holds)."""
+    plan = _plan(store, group_size)
+    writer = StoreWriter.create(
+        dst,
+        plan,
+        backend=backend,
+        backend_options=options,
+        kind=store.manifest.kind,
+        provenance=provenance,
+        attrs=store.manifest.attrs,
+        resume=resume,
+        overwrite=overwrite and not resume,
+    )
+    with writer:
+        done = writer.completed_groups
+        if done:
+            bar.update(sum(store.info(s.name).nbytes for g in plan if g.index in done for s in g.tensors))
+        for group in writer.manifest.groups:
+            if group.index in done:
+                continue
+            infos = [store.info(s.name) for s in group.tensors]
+            items: Iterable = ((i.spec, _stream(store, i, buffer_bytes, bar)) for i in infos)
+            writer.stream_group(
+                group.index,
+                items,
+                attrs={i.name: i.attrs for i in infos},
+                expect={i.name: i.checksum for i in infos},
+            )
+        writer.finish()
 
 
 def _stream(store: FisherStore, info: TensorInfo, buffer_bytes: int, bar: Any) -> Iterator[Piece]:

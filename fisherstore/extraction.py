@@ -62,6 +62,7 @@ from .planning import ExtractPlan, ModelShape, plan_extraction, recorded_plan
 from .progress import progress
 from .prompts import PromptSet, as_prompt_set, encode_prompts
 from .sizes import parse_bytes
+from .storage import resolve
 from .writer import StoreWriter, plan_groups
 
 __all__ = [
@@ -316,6 +317,7 @@ def extract(
     config: ExtractConfig | None = None,
     *,
     provenance: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ExtractSummary:
     """Estimate the diagonal Fisher of ``model``'s target weights over ``prompts`` into a store at ``out``.
 
@@ -329,15 +331,17 @@ def extract(
         model: a causal LM (e.g. :attr:`fisherstore.models.LoadedModel.model`).
         tokenizer: its tokenizer.
         prompts: a :class:`~fisherstore.prompts.PromptSet`, or prompts as strings or chat message lists.
-        out: the store directory to write.
+        out: the store directory to write, or its URL (``s3://bucket/store``: objects stream up group by group).
         config: what to estimate and how to store it (default: ``ExtractConfig()``).
         provenance: merged into the manifest's provenance (e.g.
             :attr:`fisherstore.models.LoadedModel.provenance`).
+        storage_options: keyword arguments of the filesystem of ``out`` when it is an URL.
 
     Returns:
         What the run did and what it cost.
     """
     cfg = ExtractConfig() if config is None else config
+    target = resolve(out, storage_options, param="out")  # an unknown scheme fails before any model work
     start = time.perf_counter()
     store_dtype = STORAGE_DTYPES[cfg.dtype]
     prompt_set = as_prompt_set(prompts)
@@ -380,7 +384,7 @@ def extract(
     with (
         _restore_mode(model, was_training),
         StoreWriter.create(
-            out,
+            target,
             plan,
             backend=cfg.backend,
             backend_options=dict(cfg.backend_options) if cfg.backend_options is not None else None,

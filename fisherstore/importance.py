@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import BadInputError
 from .manifest import IMPORTANCE_NAME, MANIFEST_NAME, importance_document, layer_sums
+from .storage import Remote, is_url, resolve
 from .store import open_store
 
 __all__ = ["IMPORTANCE_NAME", "importance_document", "layer_sums", "load_importance"]
 
 
-def load_importance(source: str | Any) -> dict[int, float]:
+def load_importance(source: str | Any, *, storage_options: Mapping[str, Any] | None = None) -> dict[int, float]:
     """Layer importance from a store, a ``layer_importance.json`` file, a ``fisher.pt``, or a mapping/list.
 
     Accepts this project's document (``{"layers": {...}}``), a plain
@@ -32,7 +34,8 @@ def load_importance(source: str | Any) -> dict[int, float]:
     Args:
         source: a store or ``fisher.pt`` path (per-layer sums from its manifest or pickle, no tensor data
             read), a ``layer_importance.json`` path, an open :class:`~fisherstore.store.FisherStore`, a mapping
-            or a list.
+            or a list; or an URL of a store or of a ``layer_importance.json`` (``s3://bucket/store``).
+        storage_options: keyword arguments of the URL's filesystem (credentials, ``endpoint_url``, ...).
 
     Returns:
         ``{layer: importance}``.
@@ -40,7 +43,17 @@ def load_importance(source: str | Any) -> dict[int, float]:
     if hasattr(source, "layer_importance"):
         return source.layer_importance()
     data: Any = source
-    if isinstance(source, (str, Path)):
+    if isinstance(source, str) and is_url(source):
+        source = resolve(source, storage_options, param="source")  # file:// becomes a Path
+    if isinstance(source, Remote):
+        if not source.name.endswith(".json"):
+            with open_store(source) as store:
+                return store.layer_importance()
+        try:
+            data = json.loads(source.parent.cat(source.name))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInputError(f"{source}: not valid JSON ({exc})") from None
+    elif isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir() and not (path / MANIFEST_NAME).exists() and (path / IMPORTANCE_NAME).is_file():
             path = path / IMPORTANCE_NAME  # a folder holding only the importance document

@@ -42,6 +42,7 @@ from .errors import BadInputError, CorruptDataError, TensorNotFoundError
 from .formats.base import rows_of
 from .manifest import GroupInfo, Manifest, TensorSpec, dtype_name
 from .naming import parse_name
+from .storage import Remote
 from .store import FisherStore, open_store
 from .writer import StoreWriter, plan_groups
 
@@ -206,7 +207,7 @@ def source_identity(store: FisherStore) -> dict[str, Any]:
         info = store.info(name)
         h.update(f"{name}\t{info.dtype}\t{list(info.shape)}\t{info.checksum}\n".encode())
     return {
-        "path": str(Path(store.path).resolve()),
+        "path": str(store.path) if isinstance(store.path, Remote) else str(Path(store.path).resolve()),
         "format": store.format,
         "kind": store.manifest.kind,
         "tensors": len(store),
@@ -224,8 +225,8 @@ class MaskStore:
         self._names = {t.name: t.s.name for g in store.manifest.groups for t in mask_triples(g) if t.s.name in written}
 
     @property
-    def path(self) -> Path:
-        """The mask store directory."""
+    def path(self) -> Path | Remote:
+        """The mask store directory (or its :class:`~fisherstore.storage.Remote` on an object store)."""
         return self.store.path
 
     @property
@@ -352,16 +353,17 @@ class MaskStore:
         return f"MaskStore({str(self.path)!r}, {len(self)} tensors, rank {self.manifest.attrs.get('rank')})"
 
 
-def open_masks(path: str | Path) -> MaskStore:
+def open_masks(path: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> MaskStore:
     """Open a mask store for lazy reading; refuses a store of any other kind.
 
     Args:
-        path: a mask store directory written by :func:`write_masks` or ``fisherstore svd``.
+        path: a mask store directory written by :func:`write_masks` or ``fisherstore svd``, or its URL.
+        storage_options: keyword arguments of the URL's filesystem (credentials, ``endpoint_url``, ...).
 
     Returns:
         The :class:`MaskStore`; masks are read on :meth:`MaskStore.get`.
     """
-    store = open_store(path)
+    store = open_store(path, storage_options=storage_options)
     if store.manifest.kind != MASK_KIND:
         kind = store.manifest.kind
         store.close()
@@ -381,6 +383,7 @@ def write_masks(
     backend: str = "safetensors",
     source: str | Path | FisherStore | None = None,
     params: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``{name: (U, S, V)}`` as a mask store at ``path`` (which must not exist).
 
@@ -398,12 +401,17 @@ def write_masks(
         backend: the container format.
         source: the Fisher store the masks were computed from, for energies and groups.
         params: how the masks were made (recorded as is).
+        storage_options: keyword arguments of the filesystem of ``path`` or ``source`` when they are URLs.
     """
     if not masks:
         raise BadInputError(f"{path}: no masks given; write_masks needs at least one (U, S, V)")
     dtype = _check_masks(masks)
     params = dict(params or {})
-    store = source if isinstance(source, FisherStore) or source is None else open_store(source)
+    store = (
+        source
+        if isinstance(source, FisherStore) or source is None
+        else open_store(source, storage_options=storage_options)
+    )
     try:
         if store is None:
             specs = [
@@ -455,6 +463,7 @@ def write_masks(
             backend_options=mask_backend_options(backend),
             kind=MASK_KIND,
             attrs=manifest_attrs,
+            storage_options=storage_options,
         )
         with writer:
             for group in plan:

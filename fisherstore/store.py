@@ -8,9 +8,10 @@ loads a whole store or a whole file.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,11 +21,12 @@ from .errors import BadInputError, CorruptDataError, StoreNotFoundError, TensorN
 from .formats import get_backend
 from .formats.base import Backend, RowsInto, check_rows, rows_of
 from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo, importance_document, layer_sums
+from .storage import Remote, RemoteFile, resolve
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT_PIECE_BYTES", "FisherStore", "TensorSource", "open_store"]
+__all__ = ["DEFAULT_PIECE_BYTES", "FisherStore", "TensorSource", "load_manifest", "open_store"]
 
 #: Bounded buffer used when streaming a tensor's bytes (conversion, verify).
 DEFAULT_PIECE_BYTES = 64 << 20
@@ -81,9 +83,12 @@ class _BackendSource:
         self.backend.close()
 
 
-def _sniff(path: Path) -> str:
-    with open(path, "rb") as fh:
-        head = fh.read(16)
+def _sniff(path: Path | RemoteFile) -> str:
+    if isinstance(path, RemoteFile):
+        head = path.pread(min(16, path.size), 0, str(path))
+    else:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "legacy_pt"
     if len(head) >= 9 and head[8:9] == b"{":
@@ -93,20 +98,50 @@ def _sniff(path: Path) -> str:
     raise BadInputError(f"{path}: not a fisherstore store, a torch zip fisher.pt or a safetensors file")
 
 
-def open_store(path: str | Path) -> FisherStore:
+def load_manifest(root: Remote) -> Manifest:
+    """Read and validate the manifest of a store on an object store (:meth:`Manifest.load` reads local ones).
+
+    Args:
+        root: the store's :class:`~fisherstore.storage.Remote`.
+
+    Returns:
+        The validated manifest; a missing one is :class:`StoreNotFoundError`.
+    """
+    where = root.url_of(MANIFEST_NAME)
+    try:
+        raw = root.cat(MANIFEST_NAME)
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"{where}: manifest missing") from None
+    if len(raw) > 256 << 20:
+        raise CorruptDataError(f"{where}: manifest is {len(raw)} bytes, over the 256 MiB cap")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptDataError(f"{where}: not valid JSON ({exc})") from None
+    return Manifest.from_dict(data, where)
+
+
+def open_store(path: str | Path | Remote, *, storage_options: Mapping[str, Any] | None = None) -> FisherStore:
     """Open a store directory, a legacy ``fisher.pt`` or a ``.safetensors`` file for lazy reading.
 
     Raises :class:`StoreNotFoundError` when nothing is there and
     :class:`~fisherstore.errors.BadInputError` (or its child
-    ``CorruptDataError``) when what is there cannot be read safely.
+    ``CorruptDataError``) when what is there cannot be read safely.  On an
+    object store only the manifest is read here; a tensor's read then fetches
+    its array's metadata, its shard index and the byte ranges of its rows.
 
     Args:
-        path: a store directory (its ``fisherstore.json``), a ``fisher.pt`` or a bare ``.safetensors`` file.
+        path: a store directory (its ``fisherstore.json``), a ``fisher.pt`` or a bare ``.safetensors`` file;
+            or an fsspec URL of a store or a ``.safetensors`` file (``s3://bucket/store``, ``memory://x``).
+        storage_options: keyword arguments of the URL's filesystem (credentials, ``endpoint_url``, ...).
 
     Returns:
         A :class:`FisherStore`; nothing but metadata is read until a tensor is asked for.
     """
-    path = Path(path)
+    location = resolve(path, storage_options, param="path")
+    if isinstance(location, Remote):
+        return _open_remote(location)
+    path = location
     if path.is_dir():
         manifest_path = path / MANIFEST_NAME
         if not manifest_path.is_file():
@@ -141,6 +176,35 @@ def open_store(path: str | Path) -> FisherStore:
     return FisherStore(path, manifest, source)
 
 
+def _open_remote(root: Remote) -> FisherStore:
+    """:func:`open_store` for an URL: a store (its manifest) or a bare ``.safetensors`` object."""
+    try:
+        manifest = load_manifest(root)
+    except StoreNotFoundError:
+        if not root.is_file():
+            raise StoreNotFoundError(f"{root}: no such store or file") from None
+        head = RemoteFile(root.parent, root.name)
+        kind = _sniff(head)
+        if kind != "safetensors-file":
+            raise BadInputError(
+                f"{root}: only stores and bare .safetensors files are read from URLs; copy a fisher.pt "
+                "locally first (or convert it into a store)"
+            ) from None
+        from .formats.safetensors import SafetensorsFileSource
+
+        source: TensorSource = SafetensorsFileSource(head)
+        layers = tuple(sorted({i.layer for i in source.infos.values() if i.layer is not None}))
+        file_manifest = Manifest(
+            backend=kind,
+            groups=(GroupInfo(0, layers, tuple(i.spec for i in source.infos.values()), complete=True),),
+            tensors=source.infos,
+            provenance={"source_file": str(root)},
+        )
+        return FisherStore(root, file_manifest, source)
+    backend = get_backend(manifest.backend, root, manifest.backend_options)
+    return FisherStore(root, manifest, _BackendSource(manifest, backend))
+
+
 #: Reads at least this large are memory-mapped instead of copied (see :meth:`FisherStore.read`).
 MAP_MIN_BYTES = 1 << 20
 
@@ -166,7 +230,8 @@ def _mapped_tensor(path: Path, offset: int, nbytes: int, info: TensorInfo, start
 class FisherStore:
     """Lazy, read-only access to the tensors of a store (see :func:`open_store`)."""
 
-    def __init__(self, path: Path, manifest: Manifest, source: TensorSource) -> None:
+    def __init__(self, path: Path | Remote, manifest: Manifest, source: TensorSource) -> None:
+        #: The store's local path, or its :class:`~fisherstore.storage.Remote` (``str()`` is the URL).
         self.path = path
         self.manifest = manifest
         self._source = source
@@ -269,12 +334,29 @@ class FisherStore:
     def iter_rows(
         self, name: str, block_rows: int, *, dtype: torch.dtype | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(start, rows)`` blocks of ``block_rows`` rows, one block in memory at a time."""
+        """Yield ``(start, rows)`` blocks of ``block_rows`` rows, one block in memory at a time.
+
+        On an object store the next block is fetched while the caller works on
+        this one (a read-ahead of one block: two in memory at most), so the
+        round trips overlap the caller's work.
+        """
         if block_rows < 1:
             raise BadInputError(f"block_rows must be >= 1, got {block_rows}", param="block_rows")
         nrows = rows_of(self.info(name).shape)[0]
-        for start in range(0, nrows, block_rows):
-            yield start, self.read(name, (start, min(nrows, start + block_rows)), dtype=dtype)
+        blocks = [(start, min(nrows, start + block_rows)) for start in range(0, nrows, block_rows)]
+        if not isinstance(self.path, Remote) or len(blocks) < 2:
+            for start, stop in blocks:
+                yield start, self.read(name, (start, stop), dtype=dtype)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="fisherstore-read-ahead") as pool:
+            ahead = pool.submit(self.read, name, blocks[0], dtype=dtype)
+            for i, (start, _) in enumerate(blocks):
+                rows = ahead.result()
+                if i + 1 < len(blocks):
+                    ahead = pool.submit(self.read, name, blocks[i + 1], dtype=dtype)
+                yield start, rows
 
     def iter_bytes(self, name: str, piece_bytes: int = DEFAULT_PIECE_BYTES) -> Iterator[memoryview]:
         """Yield a tensor's C-order bytes in buffers of about ``piece_bytes`` (at least one row).

@@ -8,6 +8,7 @@ reads on the terminal.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,15 @@ from .store import FisherStore, open_store
 __all__ = ["info"]
 
 
-def info(path_or_store: str | Path | FisherStore) -> dict[str, Any]:
+def info(
+    path_or_store: str | Path | FisherStore, *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Summarise a store, mask store or legacy ``fisher.pt`` from its metadata.
 
     Args:
         path_or_store: a store directory, mask store, ``fisher.pt`` or ``.safetensors`` file, or an open
-            :class:`~fisherstore.store.FisherStore` (left open).
+            :class:`~fisherstore.store.FisherStore` (left open); or an URL of a store (``s3://bucket/store``).
+        storage_options: keyword arguments of the URL's filesystem (credentials, ``endpoint_url``, ...).
 
     Returns:
         A JSON-able dict: ``path, format, kind, complete, groups ({total, complete}), tensors (count),
@@ -32,7 +36,7 @@ def info(path_or_store: str | Path | FisherStore) -> dict[str, Any]:
     """
     if isinstance(path_or_store, FisherStore):
         return _info(path_or_store)
-    with open_store(path_or_store) as store:
+    with open_store(path_or_store, storage_options=storage_options) as store:
         return _info(store)
 
 

@@ -73,7 +73,8 @@ from .masks import (
     source_identity,
 )
 from .progress import NullBar, progress
-from .store import FisherStore, open_store
+from .storage import Remote, resolve
+from .store import FisherStore, load_manifest, open_store
 from .writer import StoreWriter
 
 if TYPE_CHECKING:
@@ -352,10 +353,10 @@ def decompose_tensor(store: FisherStore, name: str, cfg: SVDConfig) -> SVDResult
 _WORKER: tuple[FisherStore, SVDConfig] | None = None
 
 
-def _worker_init(path: str, cfg: SVDConfig, threads: int) -> None:
+def _worker_init(path: str, cfg: SVDConfig, threads: int, storage_options: dict[str, Any] | None = None) -> None:
     global _WORKER
     torch.set_num_threads(threads)
-    _WORKER = (open_store(path), cfg)
+    _WORKER = (open_store(path, storage_options=storage_options), cfg)
 
 
 def _worker_decompose(name: str) -> SVDResult:
@@ -421,12 +422,17 @@ def _normalised(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def _check_resumable(out: Path, attrs: dict[str, Any]) -> None:
+def _check_resumable(out: Path | Remote, attrs: dict[str, Any]) -> None:
     """Refuse to resume a mask store made from another source or with other settings."""
-    manifest_path = out / MANIFEST_NAME
-    if not manifest_path.exists():
-        return
-    old = Manifest.load(manifest_path)
+    if isinstance(out, Remote):
+        if not out.exists(MANIFEST_NAME):
+            return
+        old = load_manifest(out)
+    else:
+        manifest_path = out / MANIFEST_NAME
+        if not manifest_path.exists():
+            return
+        old = Manifest.load(manifest_path)
     if old.kind != MASK_KIND:
         raise BadInputError(f"{out} is a {old.kind!r} store, not a mask store; write the masks elsewhere")
     if old.attrs.get("source", {}).get("tensors_sha256") != attrs["source"]["tensors_sha256"]:
@@ -452,6 +458,7 @@ def svd_store(
     overwrite: bool = False,
     backend: str = "safetensors",
     backend_options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Decompose the matrices of a Fisher store and write them as a mask store at ``out``.
 
@@ -467,8 +474,8 @@ def svd_store(
     options, workers and device.  Returns the final manifest (on every rank).
 
     Args:
-        source: the Fisher store (path) to decompose.
-        out: the mask store directory to write.
+        source: the Fisher store (path or URL) to decompose.
+        out: the mask store directory to write, or its URL (``s3://bucket/masks``).
         cfg: rank, sampling, transform, output dtype, device and memory bound.
         tensors: regex of the tensor names to decompose (default: every matrix).
         workers: local worker processes.
@@ -476,16 +483,29 @@ def svd_store(
         overwrite: replace an existing ``out`` once the new one is complete.
         backend: the mask store's container format.
         backend_options: that backend's options (zarr: compression, level, chunk_mb, shard_mb).
+        storage_options: keyword arguments of the filesystem of ``source`` or ``out`` when they are URLs.
 
     Returns:
         The mask store's final manifest.
     """
     check_int("workers", workers, 1)
-    out = Path(out)
+    target = resolve(out, storage_options, param="out")
     ranks = _Ranks()
     try:
-        with open_store(source) as store:
-            return _run(store, out, cfg, tensors, workers, resume, overwrite, backend, backend_options, ranks)
+        with open_store(source, storage_options=storage_options) as store:
+            return _run(
+                store,
+                target,
+                cfg,
+                tensors,
+                workers,
+                resume,
+                overwrite,
+                backend,
+                backend_options,
+                ranks,
+                storage_options,
+            )
     finally:
         ranks.close()
 
@@ -514,7 +534,7 @@ def _select(store: FisherStore, tensors: str | None) -> list[str]:
 
 def _run(
     store: FisherStore,
-    out: Path,
+    out: Path | Remote,
     cfg: SVDConfig,
     tensors: str | None,
     workers: int,
@@ -523,6 +543,7 @@ def _run(
     backend: str,
     backend_options: dict[str, Any] | None,
     ranks: _Ranks,
+    storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     names = _select(store, tensors)
     shapes = {n: rows_of(store.shape(n)) for n in names}
@@ -583,7 +604,7 @@ def _run(
     # rank 0 alone reports progress
     bar: tqdm | NullBar[Any] = progress(total=len(owner), desc="svd", unit="tensor") if ranks.rank == 0 else NullBar()
     try:
-        with _decomposer(store, local_cfg, mine, workers) as compute:
+        with _decomposer(store, local_cfg, mine, workers, storage_options) as compute:
             for group in pending:
                 part: dict[str, SVDResult] | str = {}
                 failure = None
@@ -629,7 +650,7 @@ def _agree(ranks: _Ranks, failure: Exception | None, errors: list[str]) -> None:
 
 @contextlib.contextmanager
 def _decomposer(
-    store: FisherStore, cfg: SVDConfig, names: list[str], workers: int
+    store: FisherStore, cfg: SVDConfig, names: list[str], workers: int, storage_options: dict[str, Any] | None = None
 ) -> Iterator[Callable[[str], SVDResult]]:
     """``name → SVDResult``: computed in this process, or by ``workers`` processes started on all ``names`` at once.
 
@@ -644,7 +665,7 @@ def _decomposer(
         workers,
         mp_context=torch.multiprocessing.get_context("spawn"),
         initializer=_worker_init,
-        initargs=(str(store.path), cfg, threads),
+        initargs=(str(store.path), cfg, threads, storage_options),
     )
     try:
         futures = {name: pool.submit(_worker_decompose, name) for name in names}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ class Problem:
         return f"{self.name}: {self.message}" if self.name else self.message
 
 
-def verify(path: str | Path | FisherStore) -> list[Problem]:
+def verify(path: str | Path | FisherStore, *, storage_options: Mapping[str, Any] | None = None) -> list[Problem]:
     """Read every tensor once and compare it with the manifest; return the problems found.
 
     Sources without checksums (a legacy ``fisher.pt``) are checked for
@@ -36,12 +37,13 @@ def verify(path: str | Path | FisherStore) -> list[Problem]:
 
     Args:
         path: a store directory, mask store, ``fisher.pt``, or an open :class:`~fisherstore.store.FisherStore`
-            (left open).
+            (left open); or an URL of a store (``s3://bucket/store``).
+        storage_options: keyword arguments of the URL's filesystem (credentials, ``endpoint_url``, ...).
 
     Returns:
         The problems, in store order; an empty list means the store is sound.
     """
-    store = path if isinstance(path, FisherStore) else open_store(path)
+    store = path if isinstance(path, FisherStore) else open_store(path, storage_options=storage_options)
     problems = []
     try:
         incomplete = store.manifest.missing_groups

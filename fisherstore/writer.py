@@ -38,6 +38,8 @@ from .manifest import (
     now_iso,
 )
 from .naming import parse_name
+from .storage import Remote, resolve
+from .store import load_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +92,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 class StoreWriter:
     """Writes a store group by group; see the module docstring for the guarantees."""
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
+    def __init__(self, root: Path | Remote, manifest: Manifest) -> None:
         self.root = root
         self.manifest = manifest
         self.backend = get_backend(manifest.backend, root, manifest.backend_options)
@@ -105,7 +107,7 @@ class StoreWriter:
     @classmethod
     def create(
         cls,
-        path: str | Path,
+        path: str | Path | Remote,
         plan: Sequence[GroupInfo],
         *,
         backend: str = "safetensors",
@@ -115,6 +117,7 @@ class StoreWriter:
         attrs: dict[str, Any] | None = None,
         resume: bool = False,
         overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> StoreWriter:
         """Start a new store at ``path`` (or continue one with ``resume=True``).
 
@@ -122,15 +125,22 @@ class StoreWriter:
         the same planned groups; its complete groups are kept
         (:attr:`completed_groups`) and leftovers of an interrupted group are
         removed.  Without ``resume`` an existing store is refused unless
-        ``overwrite`` is given.
+        ``overwrite`` is given.  ``path`` may be an fsspec URL
+        (``s3://bucket/store``, with ``storage_options`` for its filesystem):
+        objects are written to their final names and the manifest last.
         """
-        root = Path(path)
+        location = resolve(path, storage_options, param="path")
         plan = tuple(replace(g, complete=False) for g in plan)
         if [g.index for g in plan] != list(range(len(plan))):
             raise BadInputError("group indices must be 0..N-1 in order", param="plan")
         names = [s.name for g in plan for s in g.tensors]
         if len(set(names)) != len(names):
             raise BadInputError("the plan names a tensor twice", param="plan")
+        if isinstance(location, Remote):
+            return cls._create_remote(
+                location, plan, backend, backend_options, kind, provenance, attrs, resume, overwrite
+            )
+        root = location
         manifest_path = root / MANIFEST_NAME
         if resume and manifest_path.exists():
             old = Manifest.load(manifest_path)
@@ -157,6 +167,61 @@ class StoreWriter:
                 raise BadInputError(f"{root} is not empty and not a fisherstore store; refusing to overwrite it")
             shutil.rmtree(root) if root.is_dir() else root.unlink()
         root.mkdir(parents=True, exist_ok=True)
+        backend_obj = get_backend(backend, root, backend_options)
+        manifest = Manifest(
+            backend=backend,
+            groups=plan,
+            tensors={},
+            kind=kind,
+            backend_options=backend_obj.options,
+            provenance=dict(provenance or {}),
+            attrs=dict(attrs or {}),
+            created=now_iso(),
+            updated=now_iso(),
+        )
+        backend_obj.close()
+        writer = cls(root, manifest)
+        writer._save_manifest()
+        return writer
+
+    @classmethod
+    def _create_remote(
+        cls,
+        root: Remote,
+        plan: tuple[GroupInfo, ...],
+        backend: str,
+        backend_options: dict[str, Any] | None,
+        kind: str,
+        provenance: dict[str, Any] | None,
+        attrs: dict[str, Any] | None,
+        resume: bool,
+        overwrite: bool,
+    ) -> StoreWriter:
+        """:meth:`create` on an object store: the same checks, with listings and PUTs instead of a directory."""
+        existing = root.listing()
+        if resume and MANIFEST_NAME in existing:
+            old = load_manifest(root)
+            if old.backend != backend or [(g.layers, g.tensors) for g in old.groups] != [
+                (g.layers, g.tensors) for g in plan
+            ]:
+                raise BadInputError(
+                    f"{root}: cannot resume: the existing store was planned with a different backend, "
+                    "groups or tensors; write to a new path or pass overwrite=True",
+                    param="plan",
+                )
+            writer = cls(root, old)
+            log.info("resuming %s: %d of %d groups already complete", root, len(writer.completed_groups), len(plan))
+            return writer
+        if existing or root.is_file():
+            if not overwrite:
+                raise BadInputError(
+                    f"{root} already exists; choose a new path, pass resume=True to continue it, or overwrite=True",
+                    param="overwrite",
+                )
+            if MANIFEST_NAME not in existing:
+                raise BadInputError(f"{root} is not empty and not a fisherstore store; refusing to overwrite it")
+            root.rm(MANIFEST_NAME)  # first: what is left while the rest goes claims nothing
+            root.rm(recursive=True)
         backend_obj = get_backend(backend, root, backend_options)
         manifest = Manifest(
             backend=backend,
@@ -327,7 +392,10 @@ class StoreWriter:
         if missing:
             raise IncompleteStoreError(f"{self.root}: groups {missing} were never written; the store is incomplete")
         if self.manifest.kind == "fisher":
-            write_json_atomic(self.root / IMPORTANCE_NAME, importance_document(self.manifest))
+            if isinstance(self.root, Remote):
+                self.root.put_json(IMPORTANCE_NAME, importance_document(self.manifest))
+            else:
+                write_json_atomic(self.root / IMPORTANCE_NAME, importance_document(self.manifest))
         self.close()
         return self.manifest
 
@@ -348,7 +416,10 @@ class StoreWriter:
         self.close()
 
     def _save_manifest(self) -> None:
-        write_json_atomic(self.root / MANIFEST_NAME, self.manifest.to_dict())
+        if isinstance(self.root, Remote):  # one PUT, after the group's objects: atomic on S3
+            self.root.put_json(MANIFEST_NAME, self.manifest.to_dict())
+        else:
+            write_json_atomic(self.root / MANIFEST_NAME, self.manifest.to_dict())
 
 
 def _check(spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:

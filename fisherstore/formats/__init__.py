@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
+from ..storage import Remote
 from .base import Backend
 
 __all__ = ["BACKENDS", "get_backend"]
@@ -23,8 +24,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
-def get_backend(name: str, root: Path, options: dict[str, Any] | None = None) -> Backend:
-    """Instantiate the backend called ``name`` rooted at ``root``."""
+def get_backend(name: str, root: Path | Remote, options: dict[str, Any] | None = None) -> Backend:
+    """Instantiate the backend called ``name`` rooted at ``root`` (a local directory or a :class:`Remote`)."""
     try:
         module, cls = BACKENDS[name]
     except KeyError:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .._io import FileSpan
 from ..errors import BadInputError
 from ..manifest import GroupInfo, TensorInfo, TensorSpec
+from ..storage import Remote
 
 if TYPE_CHECKING:
     import torch
@@ -91,8 +92,10 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, root: Path, options: dict[str, Any] | None = None) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path | Remote, options: dict[str, Any] | None = None) -> None:
+        #: Where the store is on an object store (fsspec), else None: ``root`` is then a local directory.
+        self.remote: Remote | None = root if isinstance(root, Remote) else None
+        self.root = Path(root.root if isinstance(root, Remote) else root)
         self.options = self.parse_options(options or {})
 
     @classmethod

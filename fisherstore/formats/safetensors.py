@@ -28,6 +28,7 @@ from .._io import TMP_PREFIX, fsync, fsync_dir, pread_bytes, pread_tensor, preal
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import parse_name, validate_name
+from ..storage import RemoteFile
 from .base import Backend, Buffer, GroupSink, check_rows, rows_of, rows_shape
 
 if TYPE_CHECKING:
@@ -53,23 +54,34 @@ _HEADER_CAP = 100_000_000  # the safetensors spec's cap on the JSON header
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
-def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
-    """Parse and validate a safetensors header.
+def _size(fd: int | RemoteFile) -> int:
+    return fd.size if isinstance(fd, RemoteFile) else os.fstat(fd).st_size
+
+
+def _pread(fd: int | RemoteFile, nbytes: int, offset: int, where: str) -> bytes | bytearray:
+    """``pread_bytes`` of a file descriptor, or a range read of an object (its header: one or two requests)."""
+    return fd.pread(nbytes, offset, where) if isinstance(fd, RemoteFile) else pread_bytes(fd, nbytes, offset, where)
+
+
+def read_header(
+    fd: int | RemoteFile, where: str
+) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
+    """Parse and validate a safetensors header (of a file descriptor, or of an object read by ranges).
 
     Returns ``(data_start, entries, metadata)`` where ``entries`` maps a name to
     ``(dtype name, shape, absolute begin, absolute end)``.  Raises
     :class:`CorruptDataError` for anything the spec forbids.
     """
-    size = os.fstat(fd).st_size
+    size = _size(fd)
     if size < 8:
         raise CorruptDataError(f"{where}: {size} bytes is too short for a safetensors file")
-    n = int.from_bytes(pread_bytes(fd, 8, 0, where), "little", signed=True)
+    n = int.from_bytes(_pread(fd, 8, 0, where), "little", signed=True)
     if n <= 0 or n > _HEADER_CAP or 8 + n > size:
         raise CorruptDataError(
             f"{where}: header length {n} is invalid for a {size}-byte file (truncated or not safetensors)"
         )
     try:
-        header = json.loads(pread_bytes(fd, n, 8, where))
+        header = json.loads(_pread(fd, n, 8, where))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptDataError(f"{where}: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
@@ -123,9 +135,16 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
 
 
 class _ShardSink(GroupSink):
-    """Writes one shard: header first, then each tensor's bytes at its offset."""
+    """Writes one shard: header first, then each tensor's bytes at its offset.
+
+    On an object store the shard is one object streamed out in order (a
+    multipart upload) under its final name, complete when :meth:`commit`
+    closes it; only the manifest, PUT afterwards, names it.
+    """
 
     def __init__(self, backend: SafetensorsBackend, group: GroupInfo, num_groups: int) -> None:
+        self.remote = backend.remote
+        self.fh: Any = None
         self.final = backend.root / backend.shard_name(group.index, num_groups)
         self.tmp = backend.root / f"{TMP_PREFIX}{self.final.name}"
         header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "fisherstore"}}
@@ -142,15 +161,32 @@ class _ShardSink(GroupSink):
         self.data_start = 8 + len(blob)
         self.offsets = {s.name: self.data_start + header[s.name]["data_offsets"][0] for s in group.tensors}
         self.pending = {s.name for s in group.tensors}
+        if self.remote is not None:
+            self.fd = -1
+            self.pos = 0
+            self.fh = self.remote.open_write(self.final.name)
+            self._write(len(blob).to_bytes(8, "little") + blob, 0)
+            return
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         preallocate(self.fd, self.data_start + pos, self.final)
         write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0, self.final)
+
+    def _write(self, data: Buffer, pos: int) -> int:
+        """Write ``data`` at ``pos`` (an object: appended, tensors come in header order); the position after."""
+        if self.remote is None:
+            return write_all(self.fd, data, pos, self.final)
+        if pos != self.pos:
+            raise CorruptDataError(f"{self.final.name}: objects are written in order; got offset {pos}, at {self.pos}")
+        with self.remote.errors(self.final.name):
+            self.fh.write(data)
+        self.pos += len(memoryview(data).cast("B"))
+        return self.pos
 
     def write_tensor(self, spec: TensorSpec, pieces: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
         begin = self.offsets[spec.name]
         pos = begin
         for piece in pieces:
-            pos = write_all(self.fd, piece, pos, self.final)
+            pos = self._write(piece, pos)
         if pos - begin != spec.nbytes:
             raise CorruptDataError(f"tensor {spec.name!r}: got {pos - begin} bytes, expected {spec.nbytes}")
         self.pending.discard(spec.name)
@@ -159,6 +195,11 @@ class _ShardSink(GroupSink):
     def commit(self) -> None:
         if self.pending:
             raise CorruptDataError(f"{self.final.name}: tensors never written: {sorted(self.pending)}")
+        if self.remote is not None:
+            fh, self.fh = self.fh, None
+            with self.remote.errors(self.final.name):
+                fh.close()  # completes the upload
+            return
         fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
@@ -166,6 +207,11 @@ class _ShardSink(GroupSink):
         fsync_dir(self.final.parent)
 
     def abort(self) -> None:
+        if self.remote is not None:
+            fh, self.fh = self.fh, None
+            if fh is not None and hasattr(fh, "discard"):
+                fh.discard()  # the upload is never completed: no object appears
+            return
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -177,7 +223,38 @@ class _ShardReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]] = {}
+        self._objects: dict[str, tuple[RemoteFile, dict[str, tuple[str, tuple[int, ...], int, int]]]] = {}
         self._lock = threading.Lock()
+
+    def object_entries(self, obj: RemoteFile) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        """An object's header entries: its size, then its header by range requests (once per object)."""
+        with self._lock:
+            key = str(obj)
+            if key not in self._objects:
+                try:
+                    self._objects[key] = (obj, read_header(obj, key)[1])
+                except FileNotFoundError:
+                    raise CorruptDataError(f"{key}: shard object is missing") from None
+            return self._objects[key][1]
+
+    def read_object(
+        self, obj: RemoteFile, name: str, dtype: str, shape: tuple[int, ...], start: int, stop: int
+    ) -> torch.Tensor:
+        """Rows of a tensor in an object: one range request for exactly their bytes."""
+        import torch
+
+        entry = self.object_entries(obj).get(name)
+        if entry is None or entry[0] != dtype or entry[1] != shape:
+            raise CorruptDataError(
+                f"{obj}: header entry for {name!r} is {entry and entry[:2]}, manifest says {(dtype, shape)}"
+            )
+        nrows, per_row = rows_of(shape)
+        check_rows(name, start, stop, nrows)
+        row_bytes = per_row * ITEMSIZES[dtype]
+        begin = entry[2] + start * row_bytes
+        data = bytearray(obj.remote.read(obj.rel, begin, begin + (stop - start) * row_bytes, f"{obj} tensor {name!r}"))
+        raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return raw.view(DTYPES[dtype]).reshape(rows_shape(shape, start, stop))
 
     def entries(self, path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
         with self._lock:
@@ -267,9 +344,14 @@ class SafetensorsBackend(Backend):
         return self.root / name
 
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        if self.remote is not None:
+            obj = RemoteFile(self.remote, self._file(info).name)
+            return self._reader.read_object(obj, info.name, info.dtype, info.shape, start, stop)
         return self._reader.read(self._file(info), info.name, info.dtype, info.shape, start, stop)
 
-    def byte_span(self, info: TensorInfo) -> tuple[Path, int]:
+    def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
+        if self.remote is not None:  # objects are read by range requests, never mapped
+            return None
         path = self._file(info)
         return path, self._reader.entry(path, info.name, info.dtype, info.shape)[1]
 
@@ -278,6 +360,9 @@ class SafetensorsBackend(Backend):
             "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
             "weight_map": {n: t.location["file"] for n, t in tensors.items()},
         }
+        if self.remote is not None:
+            self.remote.put_json(self.index_name, index)
+            return
         write_json_atomic(self.root / self.index_name, index)
 
     def close(self) -> None:
@@ -290,10 +375,14 @@ class SafetensorsFileSource:
     #: Its bytes always lie raw in the file (:meth:`byte_span`), so nothing is decoded into buffers.
     read_rows_into = None
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | RemoteFile) -> None:
+        #: An object read by ranges (an URL), else a local file.
+        self.object = path if isinstance(path, RemoteFile) else None
+        self.path = Path(path.rel if isinstance(path, RemoteFile) else path)
         self._reader = _ShardReader()
-        _, entries = self._reader.entries(self.path)
+        entries = (
+            self._reader.object_entries(path) if isinstance(path, RemoteFile) else self._reader.entries(self.path)[1]
+        )
         self.infos: dict[str, TensorInfo] = {}
         for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
             layer, kind = parse_name(name)
@@ -310,9 +399,13 @@ class SafetensorsFileSource:
             )
 
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        if self.object is not None:
+            return self._reader.read_object(self.object, info.name, info.dtype, info.shape, start, stop)
         return self._reader.read(self.path, info.name, info.dtype, info.shape, start, stop)
 
-    def byte_span(self, info: TensorInfo) -> tuple[Path, int]:
+    def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
+        if self.object is not None:
+            return None
         return self.path, self._reader.entry(self.path, info.name, info.dtype, info.shape)[1]
 
     def close(self) -> None:

@@ -24,8 +24,9 @@ the caller's buffers go straight to the file with ``pwrite``, while
 compression runs on a thread pool (numcodecs releases the GIL) — and shard
 ``fsync`` runs in the background (skipped under ``--no-fsync``).  Tests check that the files are
 byte-identical to zarr-python's and that zarr-python and tensorstore read every
-array identically.  Reads take local paths only (``pread`` of the index, then
-of the needed chunks); other stores can be read with zarr-python.  An
+array identically.  Local reads ``pread`` the index, then the needed chunks;
+on an object store (an fsspec :class:`~fisherstore.storage.Remote`) the same
+reads are range requests, a few in flight at once.  An
 uncompressed array held in one shard is the tensor's bytes from offset 0
 (checked against the index), so it is also offered as a raw byte span:
 large lazy reads map it and conversions stream it, as for safetensors.
@@ -33,7 +34,9 @@ large lazy reads map it and conversions stream it, as for safetensors.
 Atomicity: a group's arrays are written under a temporary directory in the
 root, every file fsynced; ``commit`` fsyncs the directories, renames each
 array into place (replacing a leftover of an interrupted attempt) and fsyncs
-the root.
+the root.  On an object store there is no rename: each shard is streamed to
+its final key as a multipart upload and appears when complete, and only the
+manifest the writer PUTs after ``commit`` names the group (docs/FORMAT.md §1.1).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from .._memory import tune_allocator
 from ..errors import BadInputError, CorruptDataError
 from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
 from ..naming import validate_name
+from ..storage import Remote
 from .base import Backend, Buffer, GroupSink, check_rows, rows_of, rows_shape
 
 if TYPE_CHECKING:
@@ -85,6 +89,7 @@ _EMPTY = 2**64 - 1  # shard index entry of a chunk that was never written
 _WORKERS = min(8, os.cpu_count() or 1)
 _IN_FLIGHT = 2 * _WORKERS  # chunks being compressed while the next one is gathered
 _GROUP_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+_RANGES_AT_ONCE = 8  # object stores: range requests in flight per read (each at most one chunk)
 
 
 if "zarr" in sys.modules:  # a zarr-python user: let it read what this module writes
@@ -404,17 +409,61 @@ class _ShardStream:
         if self.chunk % self.layout.chunks_per_shard == 0 or self.chunk == self.layout.num_chunks:
             raw = self.index.tobytes()
             self.write(raw + google_crc32c.value(raw).to_bytes(4, "little"))
-            if not self.exact:
-                os.ftruncate(self.fd, self.pos)  # give back what the reservation held beyond the compressed bytes
-            fd, self.fd = self.fd, -1
             self.chunk_start = 0
-            self.sink.sync_later(fd)
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        """The shard file is complete: trim its reservation, fsync and close it in the background."""
+        if not self.exact:
+            os.ftruncate(self.fd, self.pos)  # give back what the reservation held beyond the compressed bytes
+        fd, self.fd = self.fd, -1
+        self.sink.sync_later(fd)
 
     def close(self) -> None:
         """Release an unfinished shard (after an error)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class _ObjectShardStream(_ShardStream):
+    """A :class:`_ShardStream` onto an object store: each shard is one object, uploaded as it is written.
+
+    Writes are sequential, so a shard streams out through the filesystem's
+    file object in parts of :data:`~fisherstore.storage.UPLOAD_BLOCK_BYTES`
+    (an S3 multipart upload): memory stays one part per shard being written.
+    The object exists once its index is written and the file closed; one
+    abandoned by an error is never completed.
+    """
+
+    def __init__(self, sink: _ZarrGroupSink, remote: Remote, array: str, layout: _Layout) -> None:
+        super().__init__(sink, Path(array), layout)
+        self.remote = remote
+        self.array = array
+        self.fh: Any = None
+
+    def write(self, data: Buffer) -> None:
+        if self.fh is None:
+            key = f"{self.array}/{self.layout.shard_key(self.chunk // self.layout.chunks_per_shard)}"
+            self.fh = self.remote.open_write(key)
+            self.key = key
+            self.pos = 0
+            self.index[:] = _EMPTY
+        with self.remote.errors(self.key):
+            self.fh.write(data)
+        self.pos += len(memoryview(data).cast("B"))
+
+    def _finish_shard(self) -> None:
+        fh, self.fh = self.fh, None
+        with self.remote.errors(self.key):
+            fh.close()  # completes the upload: the shard object appears whole, or not at all
+
+    def close(self) -> None:
+        fh, self.fh = self.fh, None
+        if fh is not None:
+            with contextlib.suppress(Exception):
+                if hasattr(fh, "discard"):
+                    fh.discard()  # abandon the upload (S3: abort the multipart upload); never completed
 
 
 class _ZarrGroupSink(GroupSink):
@@ -444,10 +493,8 @@ class _ZarrGroupSink(GroupSink):
         if spec.name in self.arrays:
             raise BadInputError(f"tensor {spec.name!r} was already written in group {self.group.index}")
         layout = _Layout.plan(spec, self.backend.options)
-        array_dir = self.tmp / spec.name
-        array_dir.mkdir()
         self.arrays.append(spec.name)
-        stream = _ShardStream(self, array_dir, layout)
+        stream = self._stream(spec.name, layout)
         try:
             if layout.codec is None:
                 # Uncompressed inner chunks are the tensor's bytes in order: pass them straight through.
@@ -460,11 +507,21 @@ class _ZarrGroupSink(GroupSink):
         except BaseException:
             stream.close()
             raise
-        data = json.dumps(layout.metadata(), indent=1).encode()
-        fd = os.open(array_dir / "zarr.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        write_all(fd, data, 0, array_dir / "zarr.json")
-        self.sync_later(fd)
+        self._put_metadata(spec.name, json.dumps(layout.metadata(), indent=1).encode())
         return {"array": spec.name}
+
+    def _stream(self, array: str, layout: _Layout) -> _ShardStream:
+        """The shard writer of a new array (its directory under the group's temporary directory)."""
+        array_dir = self.tmp / array
+        array_dir.mkdir()
+        return _ShardStream(self, array_dir, layout)
+
+    def _put_metadata(self, array: str, data: bytes) -> None:
+        """Write an array's ``zarr.json`` (fsynced in the background)."""
+        path = self.tmp / array / "zarr.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        write_all(fd, data, 0, path)
+        self.sync_later(fd)
 
     def _write_compressed(
         self, stream: _ShardStream, layout: _Layout, spec: TensorSpec, pieces: Iterable[Buffer], borrow: bool
@@ -569,6 +626,57 @@ class _ZarrGroupSink(GroupSink):
             shutil.rmtree(self.tmp)
 
 
+class _ObjectGroupSink(_ZarrGroupSink):
+    """A group written onto an object store, where there is no rename: arrays go straight to their final keys.
+
+    Nothing names them until the writer PUTs the manifest after
+    :meth:`commit` (objects first, manifest last), so a reader never sees a
+    manifest naming objects that are not there; objects of an interrupted
+    attempt are overwritten by the next one (``resume``) or removed by
+    :meth:`abort`.
+    """
+
+    def __init__(self, backend: ZarrBackend, group: GroupInfo, remote: Remote) -> None:
+        self.backend = backend
+        self.group = group
+        self.remote = remote
+        self.tmp = Path()  # unused: nothing is renamed
+        self.arrays = []
+        self._syncs = []
+        self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="fisherstore-zarr-fsync")
+        self._pending = deque()
+
+    def _stream(self, array: str, layout: _Layout) -> _ShardStream:
+        with self.remote.errors(array):
+            self.remote.fs.invalidate_cache(self.remote.key(array))
+        return _ObjectShardStream(self, self.remote, array, layout)
+
+    def _put_metadata(self, array: str, data: bytes) -> None:
+        self.remote.put(f"{array}/zarr.json", data)
+
+    def commit(self) -> None:
+        while self._pending:
+            self._write_oldest()
+        self._shutdown()
+        if not self.remote.exists("zarr.json"):
+            self.remote.put("zarr.json", json.dumps(_GROUP_META, indent=1).encode())
+        log.debug("zarr group %d uploaded: %d arrays", self.group.index, len(self.arrays))
+
+    def abort(self) -> None:
+        pending, self._pending = list(self._pending), deque()
+        for future, _, _ in pending:
+            future.cancel()
+        wait_futures([future for future, _, _ in pending])
+        for _, stream, own in pending:
+            stream.close()
+            if own is not None:
+                self.backend._free.append(own)
+        self._shutdown()
+        for array in self.arrays:
+            with contextlib.suppress(OSError, BadInputError):
+                self.remote.rm(array, recursive=True)
+
+
 # -- the backend ---------------------------------------------------------------------------------------
 class ZarrBackend(Backend):
     """A store whose tensors are zarr v3 arrays of one group (see the module docstring).
@@ -588,6 +696,7 @@ class ZarrBackend(Backend):
         self._spans: dict[str, tuple[Path, int] | None] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._free: list[np.ndarray] = []
+        self._indexes: dict[str, tuple[np.ndarray, int]] = {}  # object stores: shard indexes fetched so far
 
     def _compression(self) -> tuple[ThreadPoolExecutor, list[np.ndarray]]:
         """The compression threads and free chunk buffers shared by this backend's group sinks."""
@@ -635,6 +744,18 @@ class ZarrBackend(Backend):
         return {"compression": compression, "level": level, "chunk_mb": chunk_mb, "shard_mb": shard_mb}
 
     def begin_group(self, group: GroupInfo, num_groups: int) -> GroupSink:
+        if self.remote is not None:
+            try:
+                node = json.loads(self.remote.cat("zarr.json")).get("node_type")
+            except FileNotFoundError:
+                node = "group"
+            except (ValueError, AttributeError):
+                node = None
+            if node != "group":
+                raise BadInputError(
+                    f"{self.remote.url_of('zarr.json')} exists but is not a zarr v3 group; write the store elsewhere"
+                )
+            return _ObjectGroupSink(self, group, self.remote)
         meta_path = self.root / "zarr.json"
         if meta_path.exists():
             try:
@@ -658,9 +779,13 @@ class ZarrBackend(Backend):
         array_dir = self.root / array
         layout = self._layouts.get(array)
         if layout is None:
-            meta_path = array_dir / "zarr.json"
+            meta_path: Path | str = array_dir / "zarr.json"
             try:
-                meta = json.loads(meta_path.read_bytes())
+                if self.remote is not None:
+                    meta_path = self.remote.url_of(f"{array}/zarr.json")
+                    meta = json.loads(self.remote.cat(f"{array}/zarr.json"))
+                else:
+                    meta = json.loads(Path(meta_path).read_bytes())
             except FileNotFoundError:
                 raise CorruptDataError(f"tensor {info.name!r}: {meta_path} is missing") from None
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -681,6 +806,8 @@ class ZarrBackend(Backend):
         is checked, so a shard laid out otherwise is read chunk by chunk.
         """
         array_dir, layout = self._layout(info)
+        if self.remote is not None:  # objects are read by range requests, never mapped
+            return None
         if layout.codec is not None or not 0 < layout.num_chunks <= layout.chunks_per_shard:
             return None
         if info.name not in self._spans:
@@ -715,9 +842,73 @@ class ZarrBackend(Backend):
             first, last = start // cr, (stop - 1) // cr
             for shard in range(first // cps, last // cps + 1):
                 chunks = range(max(first, shard * cps), min(last, shard * cps + cps - 1) + 1)
+                if self.remote is not None:
+                    key = f"{array_dir.name}/{layout.shard_key(shard)}"
+                    self._read_object_shard(info.name, key, layout, shard, chunks, start, stop, out)
+                    continue
                 self._read_shard(
                     info.name, array_dir / layout.shard_key(shard), layout, shard, chunks, start, stop, out
                 )
+
+    def _object_index(self, key: str, layout: _Layout, where: str) -> tuple[np.ndarray, int]:
+        """A shard object's index (one size request, one range request), cached for the backend's lifetime."""
+        cached = self._indexes.get(key)
+        if cached is None:
+            assert self.remote is not None
+            try:
+                size = self.remote.size(key)
+            except FileNotFoundError:
+                raise CorruptDataError(f"{where} is missing; the store is damaged: restore or re-create it") from None
+            data_end = size - layout.index_bytes
+            raw = self.remote.read(key, data_end, size, where) if data_end >= 0 else b""
+            if not raw or google_crc32c.value(bytes(raw[:-4])) != int.from_bytes(raw[-4:], "little"):
+                raise CorruptDataError(f"{where}: shard index is truncated or its crc32c does not match")
+            cached = self._indexes[key] = (np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2), data_end)
+        return cached
+
+    def _read_object_shard(
+        self, name: str, key: str, layout: _Layout, shard: int, chunks: range, start: int, stop: int, out: memoryview
+    ) -> None:
+        """:meth:`_read_shard` on an object store: the index, then only the byte ranges of the rows asked for.
+
+        Ranges go out :data:`_RANGES_AT_ONCE` at a time (concurrently where the
+        filesystem can), so memory stays the rows asked for plus that many
+        compressed chunks.
+        """
+        assert self.remote is not None
+        where = f"tensor {name!r}: shard object {self.remote.url_of(key)}"
+        index, data_end = self._object_index(key, layout, where)
+        row_bytes, cr, codec = layout.row_bytes, layout.chunk_rows, layout.codec
+        jobs: list[tuple[int, memoryview, int, tuple[int, int]]] = []
+        for chunk in chunks:
+            offset, nbytes = (int(x) for x in index[chunk - shard * layout.chunks_per_shard])
+            lo, hi = max(start, chunk * cr), min(stop, (chunk + 1) * cr)
+            dst = out[(lo - start) * row_bytes : (hi - start) * row_bytes]
+            skip = (lo - chunk * cr) * row_bytes
+            if offset == nbytes == _EMPTY:
+                dst[:] = bytes(len(dst))
+            elif offset + nbytes > data_end or (codec is None and nbytes != layout.chunk_bytes):
+                raise CorruptDataError(f"{where}: chunk {chunk} at ({offset}, {nbytes}) lies outside the shard's data")
+            elif codec is None:  # only the rows' bytes
+                jobs.append((chunk, dst, skip, (offset + skip, offset + skip + len(dst))))
+            else:
+                jobs.append((chunk, dst, skip, (offset, offset + nbytes)))
+        for i in range(0, len(jobs), _RANGES_AT_ONCE):
+            batch = jobs[i : i + _RANGES_AT_ONCE]
+            for (chunk, dst, skip, _), blob in zip(
+                batch, self.remote.read_ranges(key, [job[3] for job in batch], where), strict=True
+            ):
+                if codec is None:
+                    dst[:] = blob
+                    continue
+                whole = len(dst) == layout.chunk_bytes
+                scratch = dst if whole else memoryview(bytearray(layout.chunk_bytes))
+                try:
+                    _decode_into(codec.codec, blob, scratch)
+                except (RuntimeError, ValueError, TypeError) as exc:
+                    raise CorruptDataError(f"{where}: chunk {chunk} does not decompress ({exc})") from None
+                if not whole:
+                    dst[:] = scratch[skip : skip + len(dst)]
 
     @staticmethod
     def _read_shard(
