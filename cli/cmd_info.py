@@ -69,7 +69,33 @@ def format_summary(summary: dict[str, Any]) -> str:
     extra = {**summary["provenance"], **summary["attrs"]}
     width = max([8, *map(len, extra)])
     lines.extend(f"  {key:<{width}} {value}" for key, value in extra.items())
+    lines.extend(format_guard(summary))
     return "\n".join(lines)
+
+
+def format_guard(summary: dict[str, Any]) -> list[str]:
+    """The ``writing`` line (a live writer holds the lock) and the ``debris`` line (leftovers of writers)."""
+    lines = []
+    writer = summary.get("writer")
+    if writer:
+        lines.append(
+            f"  writing  by pid {writer['pid']} on {writer['host']} ({writer['command']}, since {writer['since']})"
+        )
+    debris = summary.get("debris") or []
+    if debris:
+        dead = [d for d in debris if d["state"] == "dead"]
+        kept = [d for d in debris if d["state"] != "dead"]
+        parts = []
+        if dead:
+            parts.append(
+                f"{len(dead)} of dead writers ({human_bytes(sum(d['bytes'] for d in dead))}; "
+                "the next --resume, --overwrite or rerun removes them)"
+            )
+        if kept:
+            states = ", ".join(sorted({d["state"] for d in kept}))
+            parts.append(f"{len(kept)} of writers that may be running ({states}; left alone)")
+        lines.append(f"  debris   {'; '.join(parts)}: {', '.join(d['path'] for d in debris)}")
+    return lines
 
 
 def format_tensor_list(rows: list[dict[str, Any]]) -> str:

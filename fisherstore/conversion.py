@@ -8,7 +8,9 @@ streaming only; a zarr target's chunks are set by its ``chunk_mb`` option.)  Whe
 checksums they are checked on the way through, for free.  The target appears
 under its final name only when complete: a store is built in a temporary
 directory beside it and renamed, a ``fisher.pt`` is written to a temporary
-file and renamed.
+file and renamed.  The whole run holds ``dst``'s writer lock
+(:mod:`fisherstore._guard`), and first removes what a killed earlier run left
+beside ``dst`` (temporaries of dead processes).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ._guard import lock_store, remove_stale
 from ._io import atomic_dir
 from ._readahead import ReadAhead
 from ._tally import Tally
@@ -91,7 +94,8 @@ def convert(
         raise BadInputError(f"{dst} already exists; choose a new path or pass overwrite=True", param="overwrite")
     if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
         raise BadInputError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}", param="buffer_bytes")
-    with open_store(src) as store:
+    with open_store(src) as store, lock_store(dst) as guard:  # one writer of dst at a time, for the whole run
+        remove_stale(dst, guard)  # a killed earlier run's temporary directory or file beside dst
         if not store.complete:
             raise IncompleteStoreError(
                 f"{src}: groups {store.manifest.missing_groups} are not written; resume the store before converting it"
@@ -153,6 +157,7 @@ def _to_store(
             kind=store.manifest.kind,
             provenance=provenance,
             attrs=store.manifest.attrs,
+            lock=False,  # tmp is private; convert() holds dst's lock
         )
         with writer:
             for group in writer.manifest.groups:
