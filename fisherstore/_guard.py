@@ -389,5 +389,5 @@ def remove_stale(dst: str | Path, lock: WriterLock) -> list[Debris]:
             continue
         removed.append(d)
         who = f" of {d.owner}" if d.owner else ""
-        log.info("removed %s (%d bytes), a leftover%s of a writer that is gone", d.path, d.nbytes, who)
+        log.warning("removed %s (%d bytes), a leftover%s of a writer that is gone", d.path, d.nbytes, who)
     return removed

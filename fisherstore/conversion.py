@@ -90,12 +90,12 @@ def convert(
         raise BadInputError(f"to={to!r} is not a target format; choose one of {TARGETS}", param="to")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise BadInputError(f"dst {dst} must not be the source or lie inside it", param="dst")
-    if dst.exists() and not overwrite:
-        raise BadInputError(f"{dst} already exists; choose a new path or pass overwrite=True", param="overwrite")
     if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
         raise BadInputError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}", param="buffer_bytes")
     with open_store(src) as store, lock_store(dst) as guard:  # one writer of dst at a time, for the whole run
         remove_stale(dst, guard)  # a killed earlier run's temporary directory or file beside dst
+        if dst.exists() and not overwrite:  # checked under the lock: no other writer can be making it
+            raise BadInputError(f"{dst} already exists; choose a new path or pass overwrite=True", param="overwrite")
         if not store.complete:
             raise IncompleteStoreError(
                 f"{src}: groups {store.manifest.missing_groups} are not written; resume the store before converting it"
