@@ -143,8 +143,12 @@ class _ShardSink(GroupSink):
         self.offsets = {s.name: self.data_start + header[s.name]["data_offsets"][0] for s in group.tensors}
         self.pending = {s.name for s in group.tensors}
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        preallocate(self.fd, self.data_start + pos, self.final)
-        write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0, self.final)
+        try:
+            preallocate(self.fd, self.data_start + pos, self.final)
+            write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0, self.final)
+        except BaseException:  # a full disk: the writer never gets this sink to abort, so remove it here
+            self.abort()
+            raise
 
     def write_tensor(self, spec: TensorSpec, pieces: Iterable[Buffer], *, held: int = 0) -> dict[str, Any]:
         begin = self.offsets[spec.name]
