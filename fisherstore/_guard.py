@@ -381,7 +381,9 @@ def remove_stale(dst: str | Path, lock: WriterLock) -> list[Debris]:
                 "elsewhere": f"its writer ran on {d.owner.host if d.owner else 'another host'}, which cannot be "
                 "checked from here",
             }.get(d.state, "its owner is unknown")
-            log.warning("left %s (%d bytes) in place: %s; remove it by hand once that writer is gone", d.path, d.nbytes, why)
+            log.warning(
+                "left %s (%d bytes) in place: %s; remove it by hand once that writer is gone", d.path, d.nbytes, why
+            )
             continue
         try:
             shutil.rmtree(d.path) if d.path.is_dir() and not d.path.is_symlink() else d.path.unlink()

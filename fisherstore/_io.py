@@ -157,6 +157,7 @@ def _fault_point(where: str | Path, *, before: bool) -> None:
     if n == _KILL_AFTER:
         os.kill(os.getpid(), signal.SIGKILL)
 
+
 # Durability: on by default.  ``--no-fsync`` (or FISHERSTORE_NO_FSYNC=1) keeps the
 # temp-file + rename atomicity, which protects against a crashed *process*, but
 # skips the flush to disk, which protects against a crashed *machine*: for

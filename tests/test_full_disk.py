@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from fisherstore import _io
-from fisherstore.testing import fisher_like_tensors, tiny_gemma4_config, write_store
 from fisherstore.models import TINY_GEMMA4
+from fisherstore.testing import fisher_like_tensors, tiny_gemma4_config, write_store
 
 
 def _mount(where: Path, options: str) -> bool:

@@ -206,6 +206,8 @@ def _run(args: Sequence[str], env: dict[str, str], fork: bool) -> tuple[int, str
             try:
                 os.dup2(err.fileno(), 2)
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115  (pytest swaps sys.stderr)
+                sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
                 from .. import _io
                 from ..cli.main import main
 
@@ -220,6 +222,7 @@ def _run(args: Sequence[str], env: dict[str, str], fork: bool) -> tuple[int, str
 
                 traceback.print_exc()
             finally:
+                sys.stderr.flush()
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         err.seek(0)
