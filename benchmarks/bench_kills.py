@@ -47,12 +47,18 @@ def commands(src: Path) -> dict[str, tuple[str, object, str | None, Path | None]
 
 
 def make_source(work: Path) -> Path:
-    import torch
+    """The source store, written by a child process (this one runs no torch op, so it may fork safely)."""
+    import subprocess
 
-    from fisherstore.testing import fisher_like_tensors, tiny_gemma4_config, write_store
-
-    tensors = fisher_like_tensors(tiny_gemma4_config(), dtype=torch.bfloat16)
-    return write_store(work / "source" / "src", tensors, group_size=1)
+    code = (
+        "import sys, torch\n"
+        "from fisherstore.testing import fisher_like_tensors, tiny_gemma4_config, write_store\n"
+        "tensors = fisher_like_tensors(tiny_gemma4_config(), dtype=torch.bfloat16)\n"
+        "write_store(sys.argv[1], tensors, group_size=1)\n"
+    )
+    path = work / "source" / "src"
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    return path
 
 
 def table(reports: list[KillReport]) -> str:
@@ -72,12 +78,40 @@ def table(reports: list[KillReport]) -> str:
     return head + "\n".join(rows)
 
 
+def _merged(reports: list[KillReport], order: list[str]) -> list[KillReport]:
+    """``reports`` plus the other commands' reports of results/reliability_kills.json, in ``order``."""
+    import json
+
+    from fisherstore.testing.kills import Trial
+
+    path = Path(__file__).resolve().parent / "results" / "reliability_kills.json"
+    have = {r.label: r for r in reports}
+    if path.exists():
+        for d in json.loads(path.read_text()).get("commands", []):
+            if d["label"] not in have:
+                old = KillReport(d["label"], d["command"], d["events"], [Trial(**t) for t in d["trials"]])
+                have[old.label] = old
+    return [have[k] for k in order if k in have]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", type=int, default=20, help="kill points per command (default 20)")
     ap.add_argument("--only", help="comma-separated labels (default: all)")
     ap.add_argument("--workdir", type=Path, help="scratch folder (default: a new temporary one, removed)")
+    ap.add_argument(
+        "--fork",
+        action="store_true",
+        help="run trials in forked children of this process instead of fresh interpreters (no start-up: torch "
+        "and transformers are imported here once, no torch op runs here; the kills are the same)",
+    )
     args = ap.parse_args()
+    if args.fork:
+        import importlib
+
+        for module in ("torch", "transformers", "fisherstore.cli.cmd_extract", "fisherstore.cli.cmd_svd"):
+            importlib.import_module(module)
+        importlib.import_module("fisherstore.cli.cmd_convert")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fsbench-kills-"))
     try:
         src = make_source(work)
@@ -95,6 +129,7 @@ def main() -> None:
                 source=source,
                 resume_flag=resume,
                 env={"OMP_NUM_THREADS": "1"},
+                fork=args.fork,
             )
             report.command = report.command.replace(str(src), "SRC")
             reports.append(report)
@@ -102,6 +137,8 @@ def main() -> None:
             bad = [t for t in report.trials if t.note]
             for t in bad:
                 print(f"  point {t.point}: {t.note}", flush=True)
+        if args.only:  # keep the other commands' figures of an earlier run
+            reports = _merged(reports, list(commands(src)))
         write_results(
             "reliability_kills",
             this_command(),

@@ -215,9 +215,9 @@ class FileLock(WriterLock):
             log.warning(
                 "%s: its lock was left by %s, which is gone (killed or crashed); taking it over", dst, self.stale
             )
-        record = json.dumps(Holder(this_owner(), command or _command(), _now()).to_dict()).encode()
+        mine = json.dumps(Holder(this_owner(), command or _command(), _now()).to_dict()).encode()
         os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
+        os.pwrite(fd, mine, 0)
 
     @property
     def held(self) -> bool:

@@ -224,9 +224,24 @@ def _run(args: Sequence[str], env: dict[str, str], fork: bool) -> tuple[int, str
             finally:
                 sys.stderr.flush()
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        status = _wait(pid)
         err.seek(0)
         return os.waitstatus_to_exitcode(status), err.read().decode(errors="replace")
+
+
+def _wait(pid: int, timeout: float = 600.0) -> int:
+    """The wait status of child ``pid``; a child still running after ``timeout`` seconds is killed (a hang)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return os.waitpid(pid, 0)[1]
+        time.sleep(0.02)
 
 
 def run_kill_trials(
