@@ -5,8 +5,9 @@ what it left is inspected (a destination that claims completeness must verify an
 the command rerun (``--resume`` where it resumes and left a destination, plainly otherwise) and its
 result compared with an uninterrupted run's, the source checked unchanged and the trial's folder checked
 to hold nothing but the destination.  The fast tests fork this process for a few points of convert; the
-slow ones start a fresh interpreter for 20 points of each long command (the figures in the README come
-from benchmarks/bench_kills.py, which runs the same trials).
+slow ones run 20 points of each long command (conversions forked, extract and svd in a fresh interpreter:
+torch's thread pools do not survive a fork of a process that used them).  The README's figures come
+from benchmarks/bench_kills.py, which runs the same trials.
 """
 
 from __future__ import annotations
@@ -94,5 +95,6 @@ def test_twenty_kill_points_per_long_command(source, tmp_path, label):
         source=None if label == "extract" else source,
         resume_flag=resume,
         env={"OMP_NUM_THREADS": "1"},
+        fork=label.startswith("convert"),  # no torch op runs in a conversion: forking this process is safe
     )
     _assert_clean(report, 20)
