@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fisherstore._guard import find_debris
+from fisherstore.errors import StoreNotFoundError
 from fisherstore.summary import info
 
 from ._common import format_kind_summary, format_mask_table, human_bytes, print_json
@@ -33,7 +35,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = info(args.path)
+    try:
+        summary = info(args.path)
+    except StoreNotFoundError as exc:  # a killed first write leaves no store, but maybe its leftovers
+        debris = find_debris(args.path)
+        if not debris:
+            raise
+        names = ", ".join(d.path.name for d in debris)
+        raise StoreNotFoundError(
+            f"{exc} (but {len(debris)} leftovers of writers lie beside it: {names}; "
+            "rerunning the command that writes it removes those of dead writers)"
+        ) from None
     masks, rows = summary.pop("masks"), summary.pop("tensor_list")
     if args.json:
         extra = {"tensor_list": rows} if args.tensors else {}

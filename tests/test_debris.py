@@ -115,3 +115,13 @@ def test_a_failed_conversion_leaves_nothing_beside_the_destination(make_store, g
     with pytest.raises(ValueError, match="bytes hash to"):
         convert(src, tmp_path / target)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("store")) == []
+
+
+def test_info_on_a_destination_a_killed_run_never_made_names_the_leftovers(cli, tmp_path):
+    dead = tmp_path / (_dead_owner_name("out") + ".abcd")
+    dead.mkdir()
+    code, _, err = cli("info", tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"(but 1 leftovers of writers lie beside it: {dead.name}; rerunning" in err
+    code, _, err = cli("info", tmp_path / "other")
+    assert code == 2 and "leftovers" not in err
