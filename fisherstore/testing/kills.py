@@ -208,8 +208,11 @@ def _run(args: Sequence[str], env: dict[str, str], fork: bool) -> tuple[int, str
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
                 sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115  (pytest swaps sys.stderr)
                 sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+                import importlib
+
                 from .. import _io
-                from ..cli.main import main
+
+                main = importlib.import_module("fisherstore.cli.main").main  # the CLI sits above the library
 
                 _io._KILL_AFTER = int(env.get("FISHERSTORE_TEST_KILL_AFTER", "0"))
                 _io._FAULTS = True
