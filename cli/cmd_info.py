@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fisherstore._guard import find_debris
+from fisherstore.errors import StoreNotFoundError
 from fisherstore.summary import info
 
 from ._common import (
@@ -41,7 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = info(args.path, storage_options=storage_options(args))
+    try:
+        summary = info(args.path, storage_options=storage_options(args))
+    except StoreNotFoundError as exc:  # a killed first write leaves no store, but maybe its leftovers
+        debris = [] if "://" in str(args.path) else find_debris(args.path)
+        if not debris:
+            raise
+        names = ", ".join(d.path.name for d in debris)
+        raise StoreNotFoundError(
+            f"{exc} (but {len(debris)} leftovers of writers lie beside it: {names}; "
+            "rerunning the command that writes it removes those of dead writers)"
+        ) from None
     masks, rows = summary.pop("masks"), summary.pop("tensor_list")
     if args.json:
         extra = {"tensor_list": rows} if args.tensors else {}
@@ -77,7 +89,33 @@ def format_summary(summary: dict[str, Any]) -> str:
     extra = {**summary["provenance"], **summary["attrs"]}
     width = max([8, *map(len, extra)])
     lines.extend(f"  {key:<{width}} {value}" for key, value in extra.items())
+    lines.extend(format_guard(summary))
     return "\n".join(lines)
+
+
+def format_guard(summary: dict[str, Any]) -> list[str]:
+    """The ``writing`` line (a live writer holds the lock) and the ``debris`` line (leftovers of writers)."""
+    lines = []
+    writer = summary.get("writer")
+    if writer:
+        lines.append(
+            f"  writing  by pid {writer['pid']} on {writer['host']} ({writer['command']}, since {writer['since']})"
+        )
+    debris = summary.get("debris") or []
+    if debris:
+        dead = [d for d in debris if d["state"] == "dead"]
+        kept = [d for d in debris if d["state"] != "dead"]
+        parts = []
+        if dead:
+            parts.append(
+                f"{len(dead)} of dead writers ({human_bytes(sum(d['bytes'] for d in dead))}; "
+                "the next --resume, --overwrite or rerun removes them)"
+            )
+        if kept:
+            states = ", ".join(sorted({d["state"] for d in kept}))
+            parts.append(f"{len(kept)} of writers that may be running ({states}; left alone)")
+        lines.append(f"  debris   {'; '.join(parts)}: {', '.join(d['path'] for d in debris)}")
+    return lines
 
 
 def format_tensor_list(rows: list[dict[str, Any]]) -> str:

@@ -163,8 +163,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_line(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, OSError) and exc.filename and exc.strerror:
-        text = f"{exc.filename}: {exc.strerror}"
+        text = _disk_error(exc) or f"{exc.filename}: {exc.strerror}"
     return " ".join(text.split())
+
+
+def _disk_error(exc: OSError) -> str | None:
+    """A full or read-only destination in words that say what to do; None for other OS errors."""
+    import errno
+
+    where = exc.filename
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        import shutil
+        from pathlib import Path
+
+        free = None
+        for folder in Path(where).parents:  # the nearest folder that still exists
+            try:
+                free = shutil.disk_usage(folder).free
+                break
+            except OSError:
+                continue
+        need = f" ({exc.strerror})" if "reserve" in str(exc.strerror) else ""
+        there = f"; {free:,} bytes free there" if free is not None else ""
+        return f"no space left on device writing {where}{need}{there}: free space or choose another --out"
+    if exc.errno == errno.EROFS:
+        return f"cannot write {where}: read-only file system; choose another --out"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: permission denied; choose another --out if it is the destination"
+    return None
 
 
 if __name__ == "__main__":

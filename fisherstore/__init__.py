@@ -15,6 +15,7 @@ from .errors import (
     CorruptDataError,
     FisherStoreError,
     IncompleteStoreError,
+    StoreLockedError,
     StoreNotFoundError,
     TensorNotFoundError,
     UnsafePickleError,

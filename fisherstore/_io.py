@@ -12,9 +12,13 @@ import contextlib
 import ctypes
 import errno
 import functools
+import itertools
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,22 +35,128 @@ __all__ = [
     "TMP_PREFIX",
     "Checksum",
     "FileSpan",
+    "Owner",
     "atomic_dir",
     "atomic_file",
     "c_function",
     "fsync",
     "fsync_dir",
+    "parse_tmp_name",
     "pread_bytes",
     "pread_into",
     "pread_tensor",
     "preallocate",
     "set_durable",
+    "start_token",
+    "this_owner",
+    "tmp_name",
     "write_all",
     "write_json_atomic",
 ]
 
-#: Prefix of every temporary file or directory fisherstore creates inside a store.
+#: Prefix of every temporary file or directory fisherstore creates inside a store or beside a destination.
 TMP_PREFIX = ".fstmp-"
+
+# -- who wrote a temporary name ------------------------------------------------------------------
+# A temporary name made by :func:`tmp_name` says which process made it:
+# ``.fstmp-<pid>-<token>@<host>~<label>`` (see docs/FORMAT.md).  The token is the boot id's first 8 hex
+# digits and the process's start time in clock ticks (Linux ``/proc``), so that a pid reused after the
+# writer died, or after a reboot, is not mistaken for it; elsewhere it is ``0`` (only the pid is checked).
+# ``_guard`` uses the owner to remove the debris of dead writers and to leave a live one's alone.
+_TMP_NAME = re.compile(r"\.fstmp-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]+)@(?P<host>[A-Za-z0-9.-]+)~(?P<label>.*)", re.S)
+_LABEL_CHARS = 96
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process that made a temporary name or holds a lock: pid, start token and (sanitised) host name."""
+
+    pid: int
+    token: str
+    host: str
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} on {self.host}"
+
+
+def _host() -> str:
+    """This machine's name in the characters a temporary name allows (others become ``-``)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "localhost"
+
+
+def start_token(pid: int) -> str:
+    """``pid``'s start token (boot id prefix + start time in ticks, hex); ``""`` where unreadable or exited."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()  # after the parenthesised name: field 3 (state) onwards
+        state, ticks = fields[0], int(fields[19])  # field 22: starttime
+    except (OSError, ValueError, IndexError):
+        return ""
+    return "" if state in ("Z", "X") else f"{boot}{ticks:x}"  # a zombie has exited (its files are closed)
+
+
+_owner: tuple[int, Owner] | None = None
+
+
+def this_owner() -> Owner:
+    """The :class:`Owner` of this process (recomputed in a forked child)."""
+    global _owner
+    pid = os.getpid()
+    if _owner is None or _owner[0] != pid:
+        _owner = (pid, Owner(pid, start_token(pid) or "0", _host()))
+    return _owner[1]
+
+
+def tmp_name(label: str) -> str:
+    """A temporary name for ``label`` (a final file or directory name) that records this process as its owner."""
+    me = this_owner()
+    return f"{TMP_PREFIX}{me.pid}-{me.token}@{me.host}~{label[:_LABEL_CHARS]}"
+
+
+def parse_tmp_name(name: str) -> tuple[Owner, str] | None:
+    """``(owner, label)`` of a name made by :func:`tmp_name`; ``None`` for any other name (old or foreign)."""
+    m = _TMP_NAME.fullmatch(name)
+    if m is None:
+        return None
+    return Owner(int(m["pid"]), m["token"], m["host"]), m["label"]
+
+
+# -- fault points for the reliability tests ------------------------------------------------------
+# Every write (write_all), file fsync and directory fsync (the step after a rename) passes through
+# _fault_point, so a test can kill the process after the N-th of them (FISHERSTORE_TEST_KILL_AFTER=N,
+# SIGKILL: no cleanup runs), make the N-th and later writes fail as on a full disk
+# (FISHERSTORE_TEST_ENOSPC_AFTER=N) and learn how many there are in a run (FISHERSTORE_TEST_COUNT_FILE:
+# the count is written there at exit).  Unset, this costs one boolean test per write.
+_KILL_AFTER = int(os.environ.get("FISHERSTORE_TEST_KILL_AFTER", "0") or 0)
+_ENOSPC_AFTER = int(os.environ.get("FISHERSTORE_TEST_ENOSPC_AFTER", "0") or 0)
+_COUNT_FILE = os.environ.get("FISHERSTORE_TEST_COUNT_FILE", "")
+_FAULTS = bool(_KILL_AFTER or _ENOSPC_AFTER or _COUNT_FILE)
+_events = itertools.count(1)
+_last_event = 0
+
+
+def _write_count() -> None:
+    Path(_COUNT_FILE).write_text(f"{_last_event}\n")
+
+
+if _COUNT_FILE:
+    import atexit
+
+    atexit.register(_write_count)
+
+
+def _fault_point(where: str | Path, *, before: bool) -> None:
+    """Count a durable write at ``where``; kill or fail it when a test asked for that (see above)."""
+    global _last_event
+    if before:
+        if _ENOSPC_AFTER and _last_event + 1 >= _ENOSPC_AFTER:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+        return
+    _last_event = n = next(_events)
+    if n == _KILL_AFTER:
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 # Durability: on by default.  ``--no-fsync`` (or FISHERSTORE_NO_FSYNC=1) keeps the
 # temp-file + rename atomicity, which protects against a crashed *process*, but
@@ -65,6 +175,8 @@ def fsync(fd: int) -> None:
     """``os.fsync`` unless durability was turned off (see :func:`set_durable`)."""
     if _durable:
         os.fsync(fd)
+    if _FAULTS:
+        _fault_point("fsync", before=False)
 
 
 def c_function(library: str | None, name: str, argtypes: list[Any], restype: Any, *, use_errno: bool = False) -> Any:
@@ -128,13 +240,14 @@ _GIL_FREE_BYTES = 64 << 10
 
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry (after a rename) to disk."""
-    if not _durable:
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if _durable:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if _FAULTS:
+        _fault_point(path, before=False)
 
 
 @contextlib.contextmanager
@@ -144,12 +257,19 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     On an exception the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    fd, tmp = _named_os_error(path, tempfile.mkstemp, prefix=tmp_name(path.name) + ".", dir=path.parent)
     os.fchmod(fd, 0o644)  # mkstemp creates 0600; published files are as readable as any other output
     try:
         with os.fdopen(fd, mode) as fh:
-            yield cast(BinaryIO, fh)  # binary modes only
-            fh.flush()
+            try:
+                yield cast(BinaryIO, fh)  # binary modes only
+                if _FAULTS:
+                    _fault_point(path, before=True)
+                fh.flush()
+            except OSError as exc:  # a full disk: name the file, as write_all does
+                if exc.filename:
+                    raise
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
             fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -157,6 +277,16 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def _named_os_error(path: Path, fn: Any, **kwargs: Any) -> Any:
+    """``fn(**kwargs)``; an ``OSError`` without a file name gets ``path`` (the one-line CLI error names it)."""
+    try:
+        return fn(**kwargs)
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 @contextlib.contextmanager
@@ -168,7 +298,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_name(path.name) + ".", dir=path.parent))
     os.chmod(tmp, 0o755)  # mkdtemp creates 0700; published directories are as readable as any other output
     try:
         yield tmp
@@ -231,12 +361,16 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int, where:
     """
     view = memoryview(data).cast("B")
     try:
+        if _FAULTS:
+            _fault_point(where, before=True)
         while view:
             n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(where)) from exc
+    if _FAULTS:
+        _fault_point(where, before=False)
     return offset
 
 

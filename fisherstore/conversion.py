@@ -11,7 +11,10 @@ directory beside it and renamed, a ``fisher.pt`` is written to a temporary
 file and renamed.  On an object store (an fsspec URL, where nothing can be
 renamed) the target is written in place, group by group, each group's
 objects before the manifest that names them; ``resume=True`` continues an
-interrupted conversion from its last complete group.
+interrupted conversion from its last complete group.  The whole run holds
+``dst``'s writer lock (:mod:`fisherstore._guard`; local destinations), and
+first removes what a killed earlier run left beside ``dst`` (temporaries of
+dead processes).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ._guard import lock_store, remove_stale
 from ._io import atomic_dir
 from ._readahead import ReadAhead
 from ._tally import Tally
@@ -107,12 +111,16 @@ def convert(
         raise BadInputError(f"dst {target} must not be the source or lie inside it", param="dst")
     if resume and to == "pt":
         raise BadInputError("resume=True continues a store; a fisher.pt is written whole", param="resume")
-    exists = target.exists() if isinstance(target, Path) else bool(target.listing()) or target.is_file()
-    if exists and not overwrite and not resume:
-        raise BadInputError(f"{target} already exists; choose a new path or pass overwrite=True", param="overwrite")
     if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
         raise BadInputError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}", param="buffer_bytes")
-    with open_store(source) as store:
+    with open_store(source) as store, lock_store(target if isinstance(target, Path) else str(target)) as guard:
+        if isinstance(target, Path):  # one writer of dst at a time, for the whole run
+            remove_stale(target, guard)  # a killed earlier run's temporary directory or file beside dst
+            exists = target.exists()
+        else:
+            exists = bool(target.listing()) or target.is_file()
+        if exists and not overwrite and not resume:  # checked under the lock: no other writer can be making it
+            raise BadInputError(f"{target} already exists; choose a new path or pass overwrite=True", param="overwrite")
         if not store.complete:
             raise IncompleteStoreError(
                 f"{source}: groups {store.manifest.missing_groups} are not written; "
@@ -194,11 +202,15 @@ def _write_store(
     resume: bool,
     overwrite: bool,
 ) -> None:
-    """Stream every group of ``store`` into a store at ``dst`` (skipping groups a resumed one already holds)."""
+    """Stream every group of ``store`` into a store at ``dst`` (skipping groups a resumed one already holds).
+
+    The writer takes no lock of its own: :func:`convert` holds the final destination's for the whole run.
+    """
     plan = _plan(store, group_size)
     writer = StoreWriter.create(
         dst,
         plan,
+        lock=False,
         backend=backend,
         backend_options=options,
         kind=store.manifest.kind,

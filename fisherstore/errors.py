@@ -21,6 +21,7 @@ __all__ = [
     "CorruptDataError",
     "FisherStoreError",
     "IncompleteStoreError",
+    "StoreLockedError",
     "StoreNotFoundError",
     "TensorNotFoundError",
     "UnsafePickleError",
@@ -69,6 +70,10 @@ class UnsafePickleError(BadInputError):
 
 class StoreNotFoundError(BadInputError, FileNotFoundError):
     """The path names no store, no fisher.pt and no mask store."""
+
+
+class StoreLockedError(FisherStoreError, RuntimeError):
+    """Another live process is writing the same destination (one writer at a time); the message names it."""
 
 
 class TensorNotFoundError(FisherStoreError, KeyError):

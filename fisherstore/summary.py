@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ._guard import find_debris, owner_state, read_holder
 from .store import FisherStore, open_store
 
 __all__ = ["info"]
@@ -32,7 +33,10 @@ def info(
         layers ({count, first, last}), bytes, dtypes and kinds (counts), largest (a tensor name),
         backend_options, provenance, attrs``; ``tensor_list``, one row per tensor (``name, shape, dtype,
         layer, kind, sum`` and the tensor's attributes); and ``masks``, for a mask store the rows of
-        :func:`fisherstore.masks.describe_masks`, else ``None``.
+        :func:`fisherstore.masks.describe_masks`, else ``None``; ``writer``, the live process writing it
+        (``pid, host, command, since``) or ``None``; ``debris``, what writers left in and beside it
+        (``path, kind, state, owner, bytes``; state ``dead`` is removed by the next writer,
+        ``alive``/``elsewhere``/``unknown`` is left alone).
     """
     if isinstance(path_or_store, FisherStore):
         return _info(path_or_store)
@@ -81,4 +85,15 @@ def _info(store: FisherStore) -> dict[str, Any]:
             for i in infos
         ],
         "masks": masks,
+        **_guard_state(store.path),
+    }
+
+
+def _guard_state(path: Path) -> dict[str, Any]:
+    """``writer`` (a live lock holder) and ``debris`` of the store at ``path`` (directory listings only)."""
+    holder = read_holder(path)
+    live = holder is not None and owner_state(holder.owner) == "alive"
+    return {
+        "writer": holder.to_dict() if live and holder is not None else None,
+        "debris": [d.to_dict() for d in find_debris(path)],
     }

@@ -10,6 +10,7 @@ the groups that are really on disk, and ``resume=True`` continues it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._guard import WriterLock, lock_store, remove_stale
 from ._io import TMP_PREFIX, write_json_atomic
 from ._readahead import PIECE_BYTES, ReadAhead
 from ._tally import Tally
@@ -102,10 +104,42 @@ class StoreWriter:
         self._slot = threading.Semaphore(1)
         self._futures: list[Future[list[TensorInfo]]] = []
         self._read_ahead: ReadAhead | None = None
+        self._store_lock: WriterLock | None = None
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def create(
+    def create(cls, path: str | Path | Remote, plan: Sequence[GroupInfo], *, lock: bool = True, **options: Any) -> StoreWriter:
+        """Start a new store at ``path`` (or continue one with ``resume=True``), holding its writer lock.
+
+        The lock (:func:`fisherstore._guard.lock_store`, beside ``path``) is
+        held until :meth:`close` (or :meth:`finish`): a second writer of the
+        same path gets :class:`~fisherstore.errors.StoreLockedError` naming
+        this one.  Once it is held, the debris of dead writers of ``path`` is
+        removed.  ``lock=False`` is for a caller that holds the lock of the
+        final destination itself (a conversion writing a private temporary
+        directory).  ``options`` are :meth:`_create`'s: ``backend,
+        backend_options, kind, provenance, attrs, resume, overwrite, storage_options``.
+        """
+        location = resolve(path, options.get("storage_options"), param="path")
+        guard = lock_store(location if isinstance(location, Path) else str(location)) if lock else None
+        local = location if isinstance(location, Path) else None
+        existed = local is not None and local.exists()
+        try:
+            if guard is not None and local is not None:
+                remove_stale(local, guard)
+            writer = cls._create(location, plan, **options)
+        except BaseException:
+            if local is not None and not existed:  # a failed start (a full disk, say) leaves no empty directory
+                with contextlib.suppress(OSError):
+                    local.rmdir()
+            if guard is not None:
+                guard.release()
+            raise
+        writer._store_lock = guard
+        return writer
+
+    @classmethod
+    def _create(
         cls,
         path: str | Path | Remote,
         plan: Sequence[GroupInfo],
@@ -400,14 +434,18 @@ class StoreWriter:
         return self.manifest
 
     def close(self) -> None:
-        """Stop the background thread (waiting for it) and release files."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self._read_ahead is not None:
-            self._read_ahead.close()
-            self._read_ahead = None
-        self.backend.close()
+        """Stop the background thread (waiting for it), release files and the writer lock."""
+        try:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            if self._read_ahead is not None:
+                self._read_ahead.close()
+                self._read_ahead = None
+            self.backend.close()
+        finally:
+            if self._store_lock is not None:
+                self._store_lock.release()
 
     def __enter__(self) -> StoreWriter:
         return self

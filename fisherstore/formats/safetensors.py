@@ -168,8 +168,12 @@ class _ShardSink(GroupSink):
             self._write(len(blob).to_bytes(8, "little") + blob, 0)
             return
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        preallocate(self.fd, self.data_start + pos, self.final)
-        write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0, self.final)
+        try:
+            preallocate(self.fd, self.data_start + pos, self.final)
+            write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0, self.final)
+        except BaseException:  # a full disk: the writer never gets this sink to abort, so remove it here
+            self.abort()
+            raise
 
     def _write(self, data: Buffer, pos: int) -> int:
         """Write ``data`` at ``pos`` (an object: appended, tensors come in header order); the position after."""
