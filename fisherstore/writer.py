@@ -108,7 +108,9 @@ class StoreWriter:
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path | Remote, plan: Sequence[GroupInfo], *, lock: bool = True, **options: Any) -> StoreWriter:
+    def create(
+        cls, path: str | Path | Remote, plan: Sequence[GroupInfo], *, lock: bool = True, **options: Any
+    ) -> StoreWriter:
         """Start a new store at ``path`` (or continue one with ``resume=True``), holding its writer lock.
 
         The lock (:func:`fisherstore._guard.lock_store`, beside ``path``) is
