@@ -30,6 +30,7 @@ Anything else is refused before anything is written.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata
 import logging
 import resource
@@ -40,11 +41,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
+from ._readahead import ReadAhead
 from .conversion import checked_pieces
 from .digests import sha256_of
 from .errors import BadInputError, IncompleteStoreError
+from .formats import BACKENDS
 from .formats.base import Buffer
-from .manifest import ITEMSIZES, GroupInfo, Manifest, TensorSpec, now_iso, torch_dtype
+from .manifest import ITEMSIZES, GroupInfo, Manifest, TensorSpec, now_iso
 from .progress import NullBar, progress
 from .store import FisherStore, open_store
 from .writer import StoreWriter
@@ -72,6 +78,9 @@ MERGE_KEYS: dict[str, str] = {
 #: Storage dtypes a merge averages (what extraction and conversion store Fisher values in).
 _FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
+#: numpy dtypes of the storage dtypes (bf16 from ml_dtypes).
+_NUMPY_DTYPES: dict[str, Any] = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
 #: Provenance keys that describe one input's prompts or history: listed per input, never copied to the top.
 _PER_INPUT = ("num_prompts", "tokens", "prompts", "prompts_sha256", "merged_from", "merged", "converted_from")
 
@@ -87,6 +96,7 @@ class MergeSummary:
     store: str
     inputs: tuple[str, ...]
     num_prompts: int
+    counts: tuple[int, ...]
     weights: tuple[float, ...]
     backend: str
     tensors: int
@@ -101,6 +111,7 @@ class MergeSummary:
             "store": self.store,
             "inputs": list(self.inputs),
             "num_prompts": self.num_prompts,
+            "counts": list(self.counts),
             "weights": list(self.weights),
             "backend": self.backend,
             "tensors": self.tensors,
@@ -153,9 +164,7 @@ def merge_stores(
         _check_compatible(stores)
         first = stores[0]
         backend = _target(to, out, first)
-        options = backend_options
-        if options is None:
-            options = dict(first.manifest.backend_options) if backend == first.format else {}
+        options = _options(backend, backend_options, first)
         total = sum(counts)
         plan = tuple(replace(g, complete=False) for g in first.manifest.groups)
         nbytes = sum(s.nbytes for g in plan for s in g.tensors)
@@ -189,6 +198,7 @@ def merge_stores(
         store=str(out),
         inputs=tuple(str(p) for p in paths),
         num_prompts=total,
+        counts=tuple(counts),
         weights=tuple(n / total for n in counts),
         backend=backend,
         tensors=len(manifest.tensors),
@@ -315,8 +325,25 @@ def _target(to: str | None, out: Path, first: FisherStore) -> str:
             )
         return "zarr" if out.suffix == ".zarr" else first.format
     if to not in MERGE_TARGETS:
-        raise BadInputError(f"to={to!r} is not a store format a merge writes; choose one of {MERGE_TARGETS}", param="to")
+        raise BadInputError(
+            f"to={to!r} is not a store format a merge writes; choose one of {MERGE_TARGETS}", param="to"
+        )
     return to
+
+
+#: The zarr backend's options, as the CLI's zarr flags name them.
+_ZARR_OPTIONS = ("compression", "level", "chunk_mb", "shard_mb")
+
+
+def _options(backend: str, given: dict[str, Any] | None, first: FisherStore) -> dict[str, Any]:
+    """The target's backend options, validated now (before the output exists): given, else the first input's."""
+    if given is None:
+        return dict(first.manifest.backend_options) if backend == first.format else {}
+    zarr_only = [k for k in given if k in _ZARR_OPTIONS]
+    if zarr_only and backend != "zarr":
+        raise BadInputError(f"{zarr_only[0]} is a zarr option, and the output is {backend}; pass to=zarr", param="to")
+    module, cls = BACKENDS[backend]
+    return dict(getattr(importlib.import_module(module), cls).parse_options(dict(given)))
 
 
 def _warn_same_prompts(stores: list[FisherStore]) -> None:
@@ -418,9 +445,7 @@ def _tensor_attrs(stores: list[FisherStore], group: GroupInfo) -> dict[str, dict
 
 
 @contextlib.contextmanager
-def _read_ahead() -> Iterator[Any]:
-    from ._readahead import ReadAhead
-
+def _read_ahead() -> Iterator[ReadAhead]:
     with ReadAhead() as ahead:
         yield ahead
 
@@ -428,7 +453,7 @@ def _read_ahead() -> Iterator[Any]:
 def _merged(
     spec: TensorSpec,
     stores: list[FisherStore],
-    readers: list[Any],
+    readers: list[ReadAhead],
     counts: list[int],
     block_bytes: int,
     bar: Any,
@@ -437,16 +462,18 @@ def _merged(
 
     Each input's bytes are re-cut at the same element offsets (``cut``) by its
     own read-ahead and verified against its manifest; a mismatch surfaces
-    when its stream is exhausted, before the group commits.  The output
-    buffer is reused: the writer copies each piece before asking for the next.
+    when its stream is exhausted, before the group commits.  numpy does the
+    arithmetic (bf16 through ml_dtypes, as the tally does), so a merge never
+    imports torch; each step rounds to fp32 (``n_i * x_i``, the running sum,
+    the division) and the result is rounded once to the storage dtype
+    (nearest even, as torch's ``.to``).  The output buffer is reused: the
+    writer copies each piece before asking for the next.
     """
-    import torch
-
     itemsize = ITEMSIZES[spec.dtype]
     block = max(1, block_bytes // 4)
     cut = block * itemsize
-    total = float(sum(counts))
-    dtype = torch_dtype(spec.dtype)
+    total = sum(counts)
+    dtype = _NUMPY_DTYPES[spec.dtype]
     quiet = NullBar()
     streams = [
         checked_pieces(
@@ -460,20 +487,22 @@ def _merged(
         )
         for reader, store in zip(readers, stores, strict=True)
     ]
-    acc = torch.empty(min(block, max(1, spec.numel)), dtype=torch.float32)
-    out = acc if dtype == torch.float32 else torch.empty(acc.shape, dtype=dtype)
+    size = min(block, max(1, spec.numel))
+    acc, term = np.empty(size, dtype=np.float32), np.empty(size, dtype=np.float32)
+    out = acc if dtype == np.float32 else np.empty(size, dtype=dtype)
     for pieces in zip(*streams, strict=True):
         n = len(pieces[0]) // itemsize
-        a = acc[:n]
+        a, t = acc[:n], term[:n]
         for i, (piece, count) in enumerate(zip(pieces, counts, strict=True)):
-            x = torch.frombuffer(piece, dtype=dtype, count=n)
-            if i == 0:
-                a.copy_(x).mul_(float(count))  # widened exactly first: the product is an fp32 one
-            else:
-                a.add_(x, alpha=float(count))  # computed in fp32: ``a`` is an operand
-        a.div_(total)
+            x = np.frombuffer(piece, dtype=dtype, count=n)
+            into = a if i == 0 else t
+            np.copyto(into, x, casting="unsafe")  # widening to fp32 is exact
+            np.multiply(into, np.float32(count), out=into)
+            if i:
+                np.add(a, t, out=a)
+        np.divide(a, np.float32(total), out=a)
         o = out[:n]
         if o is not a:
-            o.copy_(a)  # one rounding to the storage dtype (round to nearest even), as extraction's .to()
+            np.copyto(o, a, casting="unsafe")
         bar.update(n * itemsize)
-        yield o.view(torch.uint8).numpy().data
+        yield o.view(np.uint8).data
