@@ -368,7 +368,7 @@ def _warn_same_prompts(stores: list[FisherStore]) -> None:
 # -- the output's metadata ------------------------------------------------------------------------
 
 
-def _common(dicts: list[Mapping[str, Any]]) -> dict[str, Any]:
+def _common(dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The items of the first mapping that every mapping has, equal."""
     return {k: v for k, v in dicts[0].items() if all(k in d and d[k] == v for d in dicts[1:])}
 
@@ -474,7 +474,7 @@ def _merged(
     cut = block * itemsize
     total = sum(counts)
     dtype = _NUMPY_DTYPES[spec.dtype]
-    quiet = NullBar()
+    quiet: NullBar[Any] = NullBar()
     streams = [
         checked_pieces(
             reader,
