@@ -25,7 +25,7 @@ from fisherstore.errors import FisherStoreError
 __all__ = ["build_parser", "main"]
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ("extract", "info", "convert", "verify", "importance", "svd", "plot", "blend")
+COMMANDS = ("extract", "info", "convert", "merge", "verify", "importance", "svd", "plot", "blend")
 
 EPILOG = """\
 typical session:
@@ -33,6 +33,7 @@ typical session:
   fisherstore info fisher.pt                      what is in a legacy file
   fisherstore convert fisher.pt -o store/         stream it into a sharded safetensors store
   fisherstore convert store/ -o store.zarr --compression blosc-zstd-bitshuffle
+  fisherstore merge shard-0/ shard-1/ -o store/   one store from stores of disjoint prompt sets
   fisherstore verify store/                       check every checksum (exit 1 if corrupt)
   fisherstore importance store/ -o layer_importance.json
   fisherstore svd store/ --rank 8 -o masks/       top-k subspaces, out of core

@@ -36,6 +36,8 @@ _EXPORTS: dict[str, str] = {
     "StoreWriter": "writer",
     "plan_groups": "writer",
     "convert": "conversion",
+    "merge_stores": "merging",
+    "MergeSummary": "merging",
     "verify": "verification",
     "info": "summary",
     "load_importance": "importance",
@@ -99,6 +101,7 @@ if TYPE_CHECKING:  # static analysers see the eager imports
     from .importance import load_importance
     from .manifest import GroupInfo, Manifest, TensorInfo, TensorSpec
     from .masks import MaskStore, describe_masks, open_masks, write_masks
+    from .merging import MergeSummary, merge_stores
     from .models import LoadedModel, load_model
     from .plot import plot_store
     from .prompts import PromptSet, load_prompts

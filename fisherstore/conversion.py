@@ -27,7 +27,7 @@ from typing import Any
 
 from ._guard import lock_store, remove_stale
 from ._io import atomic_dir
-from ._readahead import ReadAhead
+from ._readahead import PIECE_BYTES, ReadAhead
 from ._tally import Tally
 from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
 from .formats.base import Buffer, Piece
@@ -37,7 +37,7 @@ from .storage import Remote, resolve
 from .store import DEFAULT_PIECE_BYTES, FisherStore, open_store
 from .writer import StoreWriter, plan_groups
 
-__all__ = ["DEFAULT_BUFFER_BYTES", "TARGETS", "convert", "infer_target"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "TARGETS", "checked_pieces", "convert", "infer_target"]
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +145,44 @@ def _to_pt(store: FisherStore, dst: Path, buffer_bytes: int, bar: Any) -> None:
 
     infos = [store.info(n) for n in store.names]
     with ReadAhead() as ahead:
-        items = ((i.spec, _checked_pieces(ahead, store, i, buffer_bytes, bar)) for i in infos)
+        items = ((i.spec, checked_pieces(ahead, store, i, buffer_bytes, bar)) for i in infos)
         write_pt(dst, [i.spec for i in infos], items)
 
 
-def _checked_pieces(
-    ahead: ReadAhead, store: FisherStore, info: TensorInfo, buffer_bytes: int, bar: Any
+def checked_pieces(
+    ahead: ReadAhead,
+    store: FisherStore,
+    info: TensorInfo,
+    buffer_bytes: int,
+    bar: Any,
+    *,
+    cut: int = PIECE_BYTES,
+    where: str = "the source's manifest",
 ) -> Iterator[Buffer]:
-    """A tensor's bytes, read ahead; when the source recorded a checksum they are tallied and must match it."""
+    """A tensor's bytes, read ahead; when the source recorded a checksum they are tallied and must match it.
+
+    The one verify-while-reading path of every command that reads a store to write another (convert,
+    merge).  The check fires when the iterator is exhausted, so a consumer that stops early checks nothing.
+
+    Args:
+        ahead: the read-ahead whose helper thread reads (and sums) the bytes; one feed at a time.
+        store: the source.
+        info: the tensor.
+        buffer_bytes: the size of the source's pieces (file spans or decoded row blocks).
+        bar: a progress bar advanced by the bytes read.
+        cut: bytes per piece handed out, from the tensor's start (the last may be shorter): a
+            multiple of the item size gives pieces of whole elements at the same offsets in every source.
+        where: what recorded the checksum, for the error (e.g. the source's path).
+
+    Returns:
+        An iterator of buffers, each valid until the next is asked for; :class:`ChecksumMismatchError`
+        naming the tensor once the bytes are exhausted, when they do not match.
+    """
     tally = Tally(info.dtype) if info.checksum else None
-    with ahead.feed(_stream(store, info, buffer_bytes, bar), tally) as feed:
+    with ahead.feed(_stream(store, info, buffer_bytes, bar), tally, cut=cut) as feed:
         yield from feed
     if tally is not None and tally.checksum.hexdigest() != info.checksum:
-        raise ChecksumMismatchError.for_tensor(
-            info.name, tally.checksum.hexdigest(), info.checksum, where="the source's manifest"
-        )
+        raise ChecksumMismatchError.for_tensor(info.name, tally.checksum.hexdigest(), info.checksum, where=where)
 
 
 def _plan(store: FisherStore, group_size: int) -> tuple[GroupInfo, ...]:
