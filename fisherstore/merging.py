@@ -392,7 +392,7 @@ def _provenance(stores: list[FisherStore], counts: list[int]) -> dict[str, Any]:
     total = sum(counts)
     inputs = [
         {
-            "path": str(s.path.resolve()),
+            "path": str(s.path.resolve() if isinstance(s.path, Path) else s.path),
             "backend": s.format,
             "num_prompts": n,
             "weight": n / total,

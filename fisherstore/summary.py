@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._guard import find_debris, owner_state, read_holder
+from .storage import Remote
 from .store import FisherStore, open_store
 
 __all__ = ["info"]
@@ -89,8 +90,13 @@ def _info(store: FisherStore) -> dict[str, Any]:
     }
 
 
-def _guard_state(path: Path) -> dict[str, Any]:
-    """``writer`` (a live lock holder) and ``debris`` of the store at ``path`` (directory listings only)."""
+def _guard_state(path: Path | Remote) -> dict[str, Any]:
+    """``writer`` (a live lock holder) and ``debris`` of the store at ``path`` (directory listings only).
+
+    Object stores have no lock files or temporaries: nothing to report there.
+    """
+    if not isinstance(path, Path):
+        return {"writer": None, "debris": []}
     holder = read_holder(path)
     live = holder is not None and owner_state(holder.owner) == "alive"
     return {
