@@ -447,13 +447,26 @@ class Manifest:
             raw = path.read_bytes()
         except FileNotFoundError:
             raise CorruptDataError(f"{path}: manifest missing") from None
+        return cls.parse(raw, str(path))
+
+    @classmethod
+    def parse(cls, raw: bytes, where: str) -> Manifest:
+        """Validate a manifest's bytes, wherever they were read from (a file, an object store's GET).
+
+        Args:
+            raw: the manifest document's bytes.
+            where: what to name in errors (its path or URL).
+
+        Returns:
+            The validated manifest; over the 256 MiB cap, not JSON or not FORMAT.md §2 is CorruptDataError.
+        """
         if len(raw) > 256 << 20:
-            raise CorruptDataError(f"{path}: manifest is {len(raw)} bytes, over the 256 MiB cap")
+            raise CorruptDataError(f"{where}: manifest is {len(raw)} bytes, over the 256 MiB cap")
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptDataError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(data, str(path))
+            raise CorruptDataError(f"{where}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, where)
 
 
 def layer_sums(

@@ -8,7 +8,6 @@ loads a whole store or a whole file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -112,13 +111,7 @@ def load_manifest(root: Remote) -> Manifest:
         raw = root.cat(MANIFEST_NAME)
     except FileNotFoundError:
         raise StoreNotFoundError(f"{where}: manifest missing") from None
-    if len(raw) > 256 << 20:
-        raise CorruptDataError(f"{where}: manifest is {len(raw)} bytes, over the 256 MiB cap")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptDataError(f"{where}: not valid JSON ({exc})") from None
-    return Manifest.from_dict(data, where)
+    return Manifest.parse(raw, where)
 
 
 def open_store(path: str | Path | Remote, *, storage_options: Mapping[str, Any] | None = None) -> FisherStore:

@@ -179,20 +179,10 @@ class StoreWriter:
         root = location
         manifest_path = root / MANIFEST_NAME
         if resume and manifest_path.exists():
-            old = Manifest.load(manifest_path)
-            if old.backend != backend or [(g.layers, g.tensors) for g in old.groups] != [
-                (g.layers, g.tensors) for g in plan
-            ]:
-                raise BadInputError(
-                    f"{root}: cannot resume: the existing store was planned with a different backend, "
-                    "groups or tensors; write to a new path or pass overwrite=True",
-                    param="plan",
-                )
+            old = _resumable(root, Manifest.load(manifest_path), plan, backend)
             for leftover in root.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-            writer = cls(root, old)
-            log.info("resuming %s: %d of %d groups already complete", root, len(writer.completed_groups), len(plan))
-            return writer
+            return cls._resumed(root, old)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             if not overwrite:
                 raise BadInputError(
@@ -203,22 +193,7 @@ class StoreWriter:
                 raise BadInputError(f"{root} is not empty and not a fisherstore store; refusing to overwrite it")
             shutil.rmtree(root) if root.is_dir() else root.unlink()
         root.mkdir(parents=True, exist_ok=True)
-        backend_obj = get_backend(backend, root, backend_options)
-        manifest = Manifest(
-            backend=backend,
-            groups=plan,
-            tensors={},
-            kind=kind,
-            backend_options=backend_obj.options,
-            provenance=dict(provenance or {}),
-            attrs=dict(attrs or {}),
-            created=now_iso(),
-            updated=now_iso(),
-        )
-        backend_obj.close()
-        writer = cls(root, manifest)
-        writer._save_manifest()
-        return writer
+        return cls._fresh(root, plan, backend, backend_options, kind, provenance, attrs)
 
     @classmethod
     def _create_remote(
@@ -236,18 +211,7 @@ class StoreWriter:
         """:meth:`create` on an object store: the same checks, with listings and PUTs instead of a directory."""
         existing = root.listing()
         if resume and MANIFEST_NAME in existing:
-            old = load_manifest(root)
-            if old.backend != backend or [(g.layers, g.tensors) for g in old.groups] != [
-                (g.layers, g.tensors) for g in plan
-            ]:
-                raise BadInputError(
-                    f"{root}: cannot resume: the existing store was planned with a different backend, "
-                    "groups or tensors; write to a new path or pass overwrite=True",
-                    param="plan",
-                )
-            writer = cls(root, old)
-            log.info("resuming %s: %d of %d groups already complete", root, len(writer.completed_groups), len(plan))
-            return writer
+            return cls._resumed(root, _resumable(root, load_manifest(root), plan, backend))
         if existing or root.is_file():
             if not overwrite:
                 raise BadInputError(
@@ -258,6 +222,26 @@ class StoreWriter:
                 raise BadInputError(f"{root} is not empty and not a fisherstore store; refusing to overwrite it")
             root.rm(MANIFEST_NAME)  # first: what is left while the rest goes claims nothing
             root.rm(recursive=True)
+        return cls._fresh(root, plan, backend, backend_options, kind, provenance, attrs)
+
+    @classmethod
+    def _resumed(cls, root: Path | Remote, old: Manifest) -> StoreWriter:
+        writer = cls(root, old)
+        log.info("resuming %s: %d of %d groups already complete", root, len(writer.completed_groups), len(old.groups))
+        return writer
+
+    @classmethod
+    def _fresh(
+        cls,
+        root: Path | Remote,
+        plan: tuple[GroupInfo, ...],
+        backend: str,
+        backend_options: dict[str, Any] | None,
+        kind: str,
+        provenance: dict[str, Any] | None,
+        attrs: dict[str, Any] | None,
+    ) -> StoreWriter:
+        """A writer of a new, empty store at ``root``, its manifest (every group incomplete) already saved."""
         backend_obj = get_backend(backend, root, backend_options)
         manifest = Manifest(
             backend=backend,
@@ -460,6 +444,17 @@ class StoreWriter:
             self.root.put_json(MANIFEST_NAME, self.manifest.to_dict())
         else:
             write_json_atomic(self.root / MANIFEST_NAME, self.manifest.to_dict())
+
+
+def _resumable(root: Path | Remote, old: Manifest, plan: tuple[GroupInfo, ...], backend: str) -> Manifest:
+    """``old`` when a store with this manifest can be continued under ``plan`` and ``backend``, else a refusal."""
+    if old.backend != backend or [(g.layers, g.tensors) for g in old.groups] != [(g.layers, g.tensors) for g in plan]:
+        raise BadInputError(
+            f"{root}: cannot resume: the existing store was planned with a different backend, "
+            "groups or tensors; write to a new path or pass overwrite=True",
+            param="plan",
+        )
+    return old
 
 
 def _check(spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:
