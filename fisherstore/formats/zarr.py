@@ -878,18 +878,12 @@ class ZarrBackend(Backend):
         assert self.remote is not None
         where = f"tensor {name!r}: shard object {self.remote.url_of(key)}"
         index, data_end = self._object_index(key, layout, where)
-        row_bytes, cr, codec = layout.row_bytes, layout.chunk_rows, layout.codec
+        codec = layout.codec
         jobs: list[tuple[int, memoryview, int, tuple[int, int]]] = []
-        for chunk in chunks:
-            offset, nbytes = (int(x) for x in index[chunk - shard * layout.chunks_per_shard])
-            lo, hi = max(start, chunk * cr), min(stop, (chunk + 1) * cr)
-            dst = out[(lo - start) * row_bytes : (hi - start) * row_bytes]
-            skip = (lo - chunk * cr) * row_bytes
-            if offset == nbytes == _EMPTY:
-                dst[:] = bytes(len(dst))
-            elif offset + nbytes > data_end or (codec is None and nbytes != layout.chunk_bytes):
-                raise CorruptDataError(f"{where}: chunk {chunk} at ({offset}, {nbytes}) lies outside the shard's data")
-            elif codec is None:  # only the rows' bytes
+        for chunk, dst, skip, offset, nbytes in _chunk_spans(
+            index, data_end, layout, shard, chunks, start, stop, out, where
+        ):
+            if codec is None:  # only the rows' bytes
                 jobs.append((chunk, dst, skip, (offset + skip, offset + skip + len(dst))))
             else:
                 jobs.append((chunk, dst, skip, (offset, offset + nbytes)))
@@ -900,15 +894,8 @@ class ZarrBackend(Backend):
             ):
                 if codec is None:
                     dst[:] = blob
-                    continue
-                whole = len(dst) == layout.chunk_bytes
-                scratch = dst if whole else memoryview(bytearray(layout.chunk_bytes))
-                try:
-                    _decode_into(codec.codec, blob, scratch)
-                except (RuntimeError, ValueError, TypeError) as exc:
-                    raise CorruptDataError(f"{where}: chunk {chunk} does not decompress ({exc})") from None
-                if not whole:
-                    dst[:] = scratch[skip : skip + len(dst)]
+                else:
+                    _decode_chunk(codec.codec, blob, dst, skip, layout.chunk_bytes, f"{where}: chunk {chunk}")
 
     @staticmethod
     def _read_shard(
@@ -918,32 +905,60 @@ class ZarrBackend(Backend):
         where = f"tensor {name!r}: shard file {path}"
         with _open_shard(path, where) as fd:
             index, data_end = _read_index(fd, layout, where)
-            row_bytes, cr = layout.row_bytes, layout.chunk_rows
             codec = layout.codec
-            for chunk in chunks:
-                offset, nbytes = (int(x) for x in index[chunk - shard * layout.chunks_per_shard])
-                lo, hi = max(start, chunk * cr), min(stop, (chunk + 1) * cr)
-                dst = out[(lo - start) * row_bytes : (hi - start) * row_bytes]
-                skip = (lo - chunk * cr) * row_bytes
-                if offset == nbytes == _EMPTY:
-                    dst[:] = bytes(len(dst))  # never-written chunk: the fill value
-                elif offset + nbytes > data_end or (codec is None and nbytes != layout.chunk_bytes):
-                    raise CorruptDataError(
-                        f"{where}: chunk {chunk} at ({offset}, {nbytes}) lies outside the shard's data"
-                    )
-                elif codec is None:
+            for chunk, dst, skip, offset, nbytes in _chunk_spans(
+                index, data_end, layout, shard, chunks, start, stop, out, where
+            ):
+                if codec is None:
                     pread_into(fd, dst, offset + skip, where)
                 else:
                     blob = np.empty(nbytes, dtype=np.uint8).data  # not zero-filled: pread fills it
                     pread_into(fd, blob, offset, f"{where}: chunk {chunk}")
-                    whole = len(dst) == layout.chunk_bytes  # decode in place; a partial chunk goes through scratch
-                    scratch = dst if whole else memoryview(bytearray(layout.chunk_bytes))
-                    try:
-                        _decode_into(codec.codec, blob, scratch)
-                    except (RuntimeError, ValueError, TypeError) as exc:
-                        raise CorruptDataError(f"{where}: chunk {chunk} does not decompress ({exc})") from None
-                    if not whole:
-                        dst[:] = scratch[skip : skip + len(dst)]
+                    _decode_chunk(codec.codec, blob, dst, skip, layout.chunk_bytes, f"{where}: chunk {chunk}")
+
+
+def _chunk_spans(
+    index: np.ndarray,
+    data_end: int,
+    layout: _Layout,
+    shard: int,
+    chunks: range,
+    start: int,
+    stop: int,
+    out: memoryview,
+    where: str,
+) -> Iterator[tuple[int, memoryview, int, int, int]]:
+    """Where rows ``[start, stop)`` of each of ``chunks`` go in ``out`` and where the chunk lies in its shard.
+
+    Never-written chunks are filled here (with the fill value, zeros); a chunk
+    whose index entry points outside the shard's data is CorruptDataError.
+    Yields ``(chunk, dst, skip, offset, nbytes)``: ``dst`` the slice of ``out``,
+    ``skip`` the bytes of the chunk before its first wanted row.
+    """
+    row_bytes, cr = layout.row_bytes, layout.chunk_rows
+    for chunk in chunks:
+        offset, nbytes = (int(x) for x in index[chunk - shard * layout.chunks_per_shard])
+        lo, hi = max(start, chunk * cr), min(stop, (chunk + 1) * cr)
+        dst = out[(lo - start) * row_bytes : (hi - start) * row_bytes]
+        skip = (lo - chunk * cr) * row_bytes
+        if offset == nbytes == _EMPTY:
+            dst[:] = bytes(len(dst))  # never-written chunk: the fill value
+        elif offset + nbytes > data_end or (layout.codec is None and nbytes != layout.chunk_bytes):
+            raise CorruptDataError(f"{where}: chunk {chunk} at ({offset}, {nbytes}) lies outside the shard's data")
+        else:
+            yield chunk, dst, skip, offset, nbytes
+
+
+def _decode_chunk(codec: str, blob: Buffer, dst: memoryview, skip: int, chunk_bytes: int, where: str) -> None:
+    """Decompress one chunk into ``dst`` (its rows from byte ``skip``): in place when whole, else via scratch."""
+    whole = len(dst) == chunk_bytes
+    scratch = dst if whole else memoryview(bytearray(chunk_bytes))
+    try:
+        _decode_into(codec, blob, scratch)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CorruptDataError(f"{where} does not decompress ({exc})") from None
+    if not whole:
+        dst[:] = scratch[skip : skip + len(dst)]
 
 
 @contextlib.contextmanager
