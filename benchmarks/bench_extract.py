@@ -127,7 +127,7 @@ SCHEDULES = [
 ]
 
 
-def _record(runs: dict[str, list[dict]], label: str, child, extra: dict | None = None) -> dict:
+def _record(runs: dict[str, list[dict]], label: str, child) -> dict:
     row = {"child_wall_s": child.wall_s, "peak_rss_mb": child.peak_rss_mb, **json.loads(child.stdout.splitlines()[-1])}
     runs.setdefault(label, []).append(row)
     print(
