@@ -66,6 +66,26 @@ def test_same_result_ignores_timestamps_only(source, tmp_path):
     assert same_result(a, b) == f"{shard.name} differs"
 
 
+def test_same_result_ignores_the_free_memory_a_plan_read(source, tmp_path):
+    import json
+
+    from fisherstore import convert
+
+    stores = [convert(source, tmp_path / n) for n in ("a", "b")]
+
+    def plan(store, **fields):
+        path = store / "fisherstore.json"
+        manifest = json.loads(path.read_text())
+        manifest["provenance"]["plan"] = {"group_size": 1, "budget_bytes": 2**30, **fields}
+        path.write_text(json.dumps(manifest))
+
+    plan(stores[0])
+    plan(stores[1], budget_bytes=2**31)
+    assert same_result(*stores) == ""
+    plan(stores[1], group_size=2)
+    assert same_result(*stores) == "fisherstore.json differs"
+
+
 SLOW = {
     "convert-safetensors": ("out", lambda s, d: ["convert", s, "-o", d], None),
     "convert-zarr": ("out.zarr", lambda s, d: ["convert", s, "-o", d], None),

@@ -37,8 +37,9 @@ from ..manifest import MANIFEST_NAME
 
 __all__ = ["KillReport", "Trial", "kill_points", "run_kill_trials", "same_result"]
 
-#: Manifest keys that record when (not what): they differ between any two runs.
-_VOLATILE = ("created", "updated", "converted")
+#: Manifest keys that record when (not what), or the free memory an extraction's plan read at its start
+#: (``provenance.plan.budget_bytes``): they differ between any two runs of the same command.
+_VOLATILE = ("created", "updated", "converted", "budget_bytes")
 
 
 @dataclass
