@@ -15,13 +15,22 @@ while still holding the flock; an acquirer that locked an unlinked file
 unlinking cannot let two writers in.  Readers never take the lock: a complete
 store is immutable, and a store being written shows only committed groups.
 
-An object-store variant (``s3://…``) would implement the same
-:class:`WriterLock` interface with a lock *object* holding the same record plus
-a heartbeat: created with a conditional put (``If-None-Match: *``), the
-heartbeat rewritten by a thread every few seconds with ``If-Match`` on its
-ETag, stale once the heartbeat is older than a stated lease, taken over by a
-conditional overwrite of the stale ETag, deleted on release.  Until then a URL
-gets :class:`UnguardedLock` (no lock, said once in the log).
+On S3 (``s3://…``) the lock is an *object* at the same place,
+``.<name>.fisherstore-lock`` beside the destination's prefix (:class:`ObjectLock`),
+holding the same record plus its lease.  It is created with a conditional
+PUT (``If-None-Match: *``: of two writers exactly one succeeds) and renewed
+by a thread every quarter lease with a conditional PUT on its own ETag
+(``If-Match``).  A lock whose last renewal is older than its lease (the
+server's clock: its ``Date`` against the object's ``Last-Modified``), or
+whose holder ran on this host and is gone, is stale: it is reported and taken
+over by a conditional PUT on the stale ETag, so that of two writers taking
+over, one wins.  A holder whose renewal fails because another writer took
+the lock over has *lost* it (:attr:`WriterLock.lost`); the store writer then
+refuses to commit.  Release deletes the object.  The lease
+(:data:`LEASE_SECONDS`, ``FISHERSTORE_LOCK_LEASE``) bounds how long a writer
+may be frozen (a stopped process, a partitioned network) before another may
+take over.  Other object stores (``memory://``, GCS, ...) get
+:class:`UnguardedLock`: no lock, said once in the log.
 
 **Debris.**  Temporary names record their owner (``_io.tmp_name``:
 ``.fstmp-<pid>-<token>@<host>~<label>``).  :func:`find_debris` lists what a
@@ -46,13 +55,16 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ._io import TMP_PREFIX, Owner, parse_tmp_name, start_token, this_owner
 from .errors import StoreLockedError
+from .storage import Remote
 
 __all__ = [
     "LOCK_SUFFIX",
@@ -64,6 +76,7 @@ __all__ = [
     "find_debris",
     "lock_path",
     "lock_store",
+    "object_writer",
     "owner_state",
     "read_holder",
     "remove_stale",
@@ -75,6 +88,9 @@ log = logging.getLogger(__name__)
 LOCK_SUFFIX = ".fisherstore-lock"
 
 _LOCK_TRIES = 50
+
+#: How long an object-store lock holds without a renewal (seconds); its holder renews it every quarter lease.
+LEASE_SECONDS = 60.0
 
 
 def lock_path(dst: str | Path) -> Path:
@@ -159,6 +175,8 @@ class WriterLock:
 
     target: str
     stale: Holder | None = None
+    #: Why the lock is no longer ours although not released (another writer took it over), else ``None``.
+    lost: str | None = None
 
     def release(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -240,13 +258,168 @@ class FileLock(WriterLock):
             self.release()
 
 
-class UnguardedLock(WriterLock):
-    """No lock: for destinations without a lock implementation yet (object-store URLs)."""
+class ObjectLock(WriterLock):
+    """A lock object beside a destination on S3, renewed by a thread (see the module docstring).
 
-    def __init__(self, dst: str | Path) -> None:
+    Attributes:
+        url: the lock object's URL.
+        lease: seconds the lock holds without a renewal.
+    """
+
+    def __init__(self, dst: Remote, command: str | None = None, lease: float | None = None) -> None:
+        self.target = str(dst)
+        self._dst = dst  # errors name the destination, not the hidden lock object
+        self._remote = dst.parent
+        self._rel = f".{dst.name}{LOCK_SUFFIX}"
+        self.url = self._remote.url_of(self._rel)
+        self.lease = _lease() if lease is None else float(lease)
+        self._bucket, _, self._key = self._remote.key(self._rel).partition("/")
+        self._record = {**Holder(this_owner(), command or _command(), _now()).to_dict(), "lease_seconds": self.lease}
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        for _ in range(_LOCK_TRIES):
+            try:
+                self._etag = self._put(IfNoneMatch="*")
+                break
+            except FileExistsError:
+                pass
+            if self._take_over():
+                break
+        else:
+            raise StoreLockedError(f"{self.target}: could not take its lock {self.url} after {_LOCK_TRIES} tries")
+        self._thread = threading.Thread(target=self._renew, name=f"fisherstore-lock {self.url}", daemon=True)
+        self._thread.start()
+
+    @property
+    def held(self) -> bool:
+        return self._etag is not None and self.lost is None
+
+    def _put(self, **condition: str) -> str:
+        """PUT this holder's record under ``condition``; its new ETag.  A failed condition is FileExistsError."""
+        body = json.dumps({**self._record, "renewed": _now()}).encode()
+        try:
+            with self._dst.errors():
+                out = self._remote.fs.call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=body, **condition)
+        except OSError as exc:
+            if isinstance(exc, FileExistsError) or "PreconditionFailed" in f"{exc} {exc.__cause__}":
+                raise FileExistsError(errno.EEXIST, "the lock object changed", self.url) from None
+            raise
+        return str(out["ETag"])
+
+    def _take_over(self) -> bool:
+        """Take over the existing lock object if it is stale; False when it went away first (try again)."""
+        found = _lock_object(self._dst)
+        if found is None:
+            return False
+        etag, age, lease, holder = found
+        gone = holder is not None and owner_state(holder.owner) == "dead"
+        who = str(holder) if holder else f"an unknown writer (unreadable record in {self.url})"
+        if age <= lease and not gone:
+            raise StoreLockedError(
+                f"{self.target} is being written by {who}, its lock renewed {age:.0f} s ago (lease {lease:.0f} s); "
+                "one writer at a time: wait for it to finish or stop it"
+            )
+        try:
+            self._etag = self._put(IfMatch=etag)
+        except FileExistsError:
+            raise StoreLockedError(f"{self.target}: another writer took over its stale lock {self.url} first") from None
+        self.stale = holder
+        why = "is gone (killed or crashed)" if gone else f"has not renewed it for {age:.0f} s (lease {lease:.0f} s)"
+        log.warning("%s: its lock was left by %s, which %s; taking it over", self.target, who, why)
+        return True
+
+    def _renew(self) -> None:
+        """The renewal thread: a conditional PUT on our own ETag every quarter lease until released or lost."""
+        while not self._stop.wait(self.lease / 4):
+            etag = self._etag
+            if etag is None:
+                return
+            try:
+                self._etag = self._put(IfMatch=etag)
+            except FileExistsError:
+                self.lost = f"another writer took over {self.url}"
+                log.error("%s: lost its lock: %s; this run will not commit", self.target, self.lost)
+                return
+            except OSError as exc:  # a network error: try again; the lease covers a few misses
+                log.warning("%s: could not renew its lock %s (%s); retrying", self.target, self.url, exc)
+
+    def release(self) -> None:
+        """Stop renewing, then delete the lock object if it is still ours."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        etag, self._etag = self._etag, None
+        if etag is None or self.lost is not None:
+            return
+        with contextlib.suppress(OSError):
+            with self._dst.errors():
+                head = self._remote.fs.call_s3("head_object", Bucket=self._bucket, Key=self._key)
+            if str(head["ETag"]) == etag:
+                self._remote.rm(self._rel)
+
+
+def _lock_object(dst: Remote) -> tuple[str, float, float, Holder | None] | None:
+    """``dst``'s lock object: its ETag, age (server clock), lease and holder; None if there is none."""
+    rel = f".{dst.name}{LOCK_SUFFIX}"
+    bucket, _, key = dst.parent.key(rel).partition("/")
+    try:
+        with dst.errors():
+            head = dst.parent.fs.call_s3("head_object", Bucket=bucket, Key=key)
+            record = cast(bytes, dst.parent.fs.cat_file(dst.parent.key(rel))).decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    try:
+        lease = float(json.loads(record).get("lease_seconds", LEASE_SECONDS))
+    except (ValueError, TypeError, AttributeError):
+        lease = LEASE_SECONDS
+    return str(head["ETag"]), _age(head), lease, Holder.parse(record)
+
+
+def object_writer(dst: Remote) -> Holder | None:
+    """The live holder of ``dst``'s S3 lock object (renewed within its lease, not a dead local process), if any.
+
+    Reads only (a HEAD and a GET): never takes the lock.
+    """
+    if not _on_s3(dst):
+        return None
+    found = _lock_object(dst)
+    if found is None:
+        return None
+    _, age, lease, holder = found
+    return holder if holder is not None and age <= lease and owner_state(holder.owner) != "dead" else None
+
+
+def _on_s3(dst: Remote) -> bool:
+    """Whether ``dst`` is on S3 (conditional PUTs: the lock object works there)."""
+    protocol = dst.fs.protocol
+    return "s3" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,))
+
+
+def _lease() -> float:
+    """:data:`LEASE_SECONDS`, or ``FISHERSTORE_LOCK_LEASE`` (seconds) when set."""
+    try:
+        return max(0.1, float(os.environ.get("FISHERSTORE_LOCK_LEASE", "") or LEASE_SECONDS))
+    except ValueError:
+        return LEASE_SECONDS
+
+
+def _age(head: dict[str, Any]) -> float:
+    """Seconds since the object of a HEAD response was written, on the server's clock."""
+    date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(date) if date else None
+    modified = head["LastModified"]
+    if now is None:
+        return time.time() - modified.timestamp()
+    return (now - modified).total_seconds()
+
+
+class UnguardedLock(WriterLock):
+    """No lock: for object stores without conditional writes (``memory://``, ...)."""
+
+    def __init__(self, dst: str | Path | Remote) -> None:
         self.target = str(dst)
         self._held = True
-        log.info("%s: no writer lock for this kind of destination yet; do not run two writers on it", dst)
+        log.info("%s: no writer lock on this kind of object store; do not run two writers on it", dst)
 
     @property
     def held(self) -> bool:
@@ -256,16 +429,20 @@ class UnguardedLock(WriterLock):
         self._held = False
 
 
-def lock_store(dst: str | Path, *, command: str | None = None) -> WriterLock:
+def lock_store(dst: str | Path | Remote, *, command: str | None = None) -> WriterLock:
     """Take the one-writer lock of ``dst``; :class:`~fisherstore.errors.StoreLockedError` names a live holder.
 
     Args:
-        dst: the destination (store directory or file) about to be written; its parent is created if missing.
+        dst: the destination (store directory or file, or a resolved :class:`~fisherstore.storage.Remote`)
+            about to be written; a local parent is created if missing.
         command: what to record as the holder's command (default: this process's command line).
 
     Returns:
-        The held lock; release it when the write is finished or abandoned.
+        The held lock: a :class:`FileLock` locally, an :class:`ObjectLock` on S3, an :class:`UnguardedLock`
+        on other object stores; release it when the write is finished or abandoned.
     """
+    if isinstance(dst, Remote):
+        return ObjectLock(dst, command) if _on_s3(dst) else UnguardedLock(dst)
     if "://" in str(dst):
         return UnguardedLock(dst)
     return FileLock(dst, command)

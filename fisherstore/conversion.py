@@ -113,7 +113,7 @@ def convert(
         raise BadInputError("resume=True continues a store; a fisher.pt is written whole", param="resume")
     if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
         raise BadInputError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}", param="buffer_bytes")
-    with open_store(source) as store, lock_store(target if isinstance(target, Path) else str(target)) as guard:
+    with open_store(source) as store, lock_store(target) as guard:
         if isinstance(target, Path):  # one writer of dst at a time, for the whole run
             remove_stale(target, guard)  # a killed earlier run's temporary directory or file beside dst
             exists = target.exists()

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ._guard import find_debris, owner_state, read_holder
+from ._guard import find_debris, object_writer, owner_state, read_holder
 from .storage import Remote
 from .store import FisherStore, open_store
 
@@ -91,12 +91,13 @@ def _info(store: FisherStore) -> dict[str, Any]:
 
 
 def _guard_state(path: Path | Remote) -> dict[str, Any]:
-    """``writer`` (a live lock holder) and ``debris`` of the store at ``path`` (directory listings only).
+    """``writer`` (a live lock holder) and ``debris`` of the store at ``path``.
 
-    Object stores have no lock files or temporaries: nothing to report there.
+    Object stores have no temporaries (no debris); on S3 the writer is the live holder of the lock object.
     """
     if not isinstance(path, Path):
-        return {"writer": None, "debris": []}
+        remote_holder = object_writer(path)
+        return {"writer": remote_holder.to_dict() if remote_holder else None, "debris": []}
     holder = read_holder(path)
     live = holder is not None and owner_state(holder.owner) == "alive"
     return {

@@ -26,7 +26,7 @@ from ._guard import WriterLock, lock_store, remove_stale
 from ._io import TMP_PREFIX, write_json_atomic
 from ._readahead import PIECE_BYTES, ReadAhead
 from ._tally import Tally
-from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError
+from .errors import BadInputError, ChecksumMismatchError, IncompleteStoreError, StoreLockedError
 from .formats import get_backend
 from .formats.base import Piece
 from .manifest import (
@@ -123,7 +123,7 @@ class StoreWriter:
         backend_options, kind, provenance, attrs, resume, overwrite, storage_options``.
         """
         location = resolve(path, options.get("storage_options"), param="path")
-        guard = lock_store(location if isinstance(location, Path) else str(location)) if lock else None
+        guard = lock_store(location) if lock else None
         local = location if isinstance(location, Path) else None
         existed = local is not None and local.exists()
         try:
@@ -440,6 +440,9 @@ class StoreWriter:
         self.close()
 
     def _save_manifest(self) -> None:
+        """Commit the manifest; refused when this writer's lock was taken over (another writer owns the store)."""
+        if self._store_lock is not None and self._store_lock.lost is not None:
+            raise StoreLockedError(f"{self.root}: not committed: this writer lost its lock ({self._store_lock.lost})")
         if isinstance(self.root, Remote):  # one PUT, after the group's objects: atomic on S3
             self.root.put_json(MANIFEST_NAME, self.manifest.to_dict())
         else:

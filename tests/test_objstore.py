@@ -376,3 +376,112 @@ def test_corrupt_index_on_s3_is_corrupt_data(s3, bucket, gemma_bf16):
     s3.client().put_object(Bucket=bucket, Key=f"badindex/{name}/c.0.0", Body=b"short")
     with open_store(url, storage_options=s3.options) as store, pytest.raises(CorruptDataError, match=name):
         store.read(name)
+
+
+# -- one writer at a time on S3: a lock object with a lease --------------------------------------------------
+_HOLDER = r"""
+import json, sys, time, torch
+from fisherstore.writer import StoreWriter, plan_groups
+from fisherstore.manifest import TensorSpec
+t = {"model.layers.0.mlp.down_proj.weight": torch.ones(4, 4)}
+plan = plan_groups([TensorSpec.of(n, v) for n, v in t.items()], 1)
+w = StoreWriter.create(sys.argv[1], plan, backend="zarr", storage_options=json.loads(sys.argv[2]))
+print("held", flush=True)
+sys.stdin.readline()  # the test stops, resumes or kills this process meanwhile
+try:
+    w.write_group(0, t)
+    w.finish()
+    print("committed", flush=True)
+except Exception as exc:
+    print(type(exc).__name__, exc, flush=True)
+"""
+
+
+def _holder(s3, url: str, lease: str) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, url, _opts(s3)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FISHERSTORE_LOCK_LEASE": lease},
+    )
+    assert child.stdout is not None and child.stdout.readline() == "held\n"
+    return child
+
+
+def test_s3_lock_one_writer_at_a_time_readers_unblocked(cli, s3, bucket, gemma_bf16):
+    from fisherstore._guard import ObjectLock, lock_store
+    from fisherstore.errors import StoreLockedError
+
+    url = f"s3://{bucket}/locked"
+    write_store(url, gemma_bf16, backend="zarr", storage_options=s3.options)
+    assert ".locked.fisherstore-lock" not in _keys(s3, bucket)  # released when the writer finished
+    lock = lock_store(resolve(url, s3.options), command="test holder")
+    assert isinstance(lock, ObjectLock) and lock.held and lock.stale is None
+    record = json.loads(s3.client().get_object(Bucket=bucket, Key=".locked.fisherstore-lock")["Body"].read())
+    assert record["pid"] == os.getpid() and record["command"] == "test holder" and record["lease_seconds"] == 60
+    with pytest.raises(StoreLockedError, match=rf"being written by pid {os.getpid()} .*\(test holder"):
+        lock_store(resolve(url, s3.options))
+    code, _, err = cli("--quiet", "convert", url, "-o", url, "--overwrite", "--storage-options", _opts(s3))
+    assert code == 2 and err.count("\n") == 1, err  # refused before anything is written
+    with open_store(url, storage_options=s3.options) as store:  # a reader of the complete store is not blocked
+        assert store.complete
+        assert_same_tensors(store, gemma_bf16)
+    code, out, err = cli("info", url, "--storage-options", _opts(s3))
+    assert code == 0 and f"writing  by pid {os.getpid()} " in out and "(test holder, since" in out, (out, err)
+    lock.release()
+    assert ".locked.fisherstore-lock" not in _keys(s3, bucket) and not lock.held
+    with lock_store(resolve(url, s3.options)) as again:
+        assert again.held and again.stale is None
+    code, out, _ = cli("info", url, "--storage-options", _opts(s3))
+    assert code == 0 and "writing" not in out
+
+
+def test_s3_lock_of_a_killed_writer_is_reported_and_taken_over(s3, bucket, caplog):
+    from fisherstore._guard import lock_store
+    from fisherstore.errors import StoreLockedError
+
+    url = f"s3://{bucket}/killed"
+    child = _holder(s3, url, lease="1")
+    try:
+        import time
+
+        time.sleep(1.6)  # past the lease: the holder's thread renewed it meanwhile
+        with pytest.raises(StoreLockedError, match=rf"pid {child.pid} .*renewed [01] s ago \(lease 1 s\)"):
+            lock_store(resolve(url, s3.options))
+    finally:
+        child.kill()
+        child.wait()
+    with caplog.at_level("WARNING", logger="fisherstore"), lock_store(resolve(url, s3.options)) as lock:
+        assert lock.stale is not None and lock.stale.owner.pid == child.pid  # same host, process gone: at once
+    assert any("which is gone" in r.getMessage() for r in caplog.records)
+
+
+def test_s3_frozen_writer_loses_its_lock_and_does_not_commit(s3, bucket, caplog):
+    import signal
+    import time
+
+    from fisherstore._guard import lock_store
+
+    url = f"s3://{bucket}/frozen"
+    child = _holder(s3, url, lease="1")
+    try:
+        child.send_signal(signal.SIGSTOP)  # alive but silent: only the lease can tell
+        time.sleep(1.5)
+        with caplog.at_level("WARNING", logger="fisherstore"), lock_store(resolve(url, s3.options)) as lock:
+            assert lock.stale is not None and lock.stale.owner.pid == child.pid
+            assert any("has not renewed it" in r.getMessage() for r in caplog.records)
+            child.send_signal(signal.SIGCONT)
+            time.sleep(0.8)  # its next renewal finds another writer's ETag
+            out, _ = child.communicate("go\n", timeout=60)
+            assert lock.held  # the new writer keeps it
+    finally:
+        child.kill()
+        child.wait()
+    assert out.strip().startswith("StoreLockedError") and "lost its lock" in out, out
+    assert MANIFEST_NAME not in {k.rsplit("/", 1)[-1] for k in _keys(s3, bucket) if k.startswith("frozen/")} or (
+        json.loads(s3.client().get_object(Bucket=bucket, Key=f"frozen/{MANIFEST_NAME}")["Body"].read())["groups"][0][
+            "complete"
+        ]
+        is False
+    )

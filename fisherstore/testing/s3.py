@@ -180,13 +180,15 @@ class S3Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # moto's imports take a while on a loaded machine
         while True:  # a TCP connect, not a request: the first 5 requests are the unauthenticated ones
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 break
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.process.kill()
+                    self.process.wait()
                     raise RuntimeError("moto server did not start (is moto[server] installed?)") from None
                 time.sleep(0.1)
         import boto3
