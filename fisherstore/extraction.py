@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
+from ._dist import Ranks, default_backend
 from .digests import sha256_of
 from .dtypes import canonical_dtype
 from .errors import BadInputError, check_int
@@ -241,6 +242,9 @@ class ExtractSummary:
     peak_rss_bytes: int
     peak_device_bytes: int | None
     boundary_bytes: int
+    #: How many torchrun ranks shared the prompts, and this process's rank (0 wrote the store).
+    world_size: int = 1
+    rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as a JSON-able dict (what benchmarks record)."""
@@ -333,6 +337,8 @@ def extract(
     if cfg.group_size != "auto" and cfg.max_memory is not None:
         log.warning("group size %s is given, so the memory budget %s is not used", cfg.group_size, cfg.max_memory)
     size = auto_group_size(specs, cfg.max_memory) if cfg.group_size == "auto" else int(cfg.group_size)
+    ranks = _ranks(model)
+    size = ranks.broadcast(size)  # rank 0's plan (a memory-derived group size may differ between ranks)
     plan = plan_groups(specs, size)
     schedule = cfg.schedule
     layers = _decoder_layers(model, plan) if schedule == "pipelined" else None
@@ -349,11 +355,14 @@ def extract(
         "seed": cfg.seed,
         "tokens": tokens,
         "schedule": schedule,
+        "world_size": ranks.world,
+        "dist_backend": ranks.backend,
     }
     attrs = {"estimator": cfg.estimator, "num_samples": len(prompt_set), "tokens": tokens}
     # a transformers model (get_input_embeddings); torch's stubs type unknown attributes as Tensor | Module
     input_device = cast(Any, model).get_input_embeddings().weight.device
-    inputs = [ids.to(input_device) for ids in inputs]
+    share = _Share(ranks, tuple(ranks.share(len(inputs))), len(inputs))
+    inputs = [inputs[i].to(input_device) for i in share.indices]  # this rank's prompts
     peak_device = _reset_device_peaks(params.values())
     group_seconds: list[float] = []
     was_training = model.training
@@ -361,19 +370,9 @@ def extract(
 
     with (
         _restore_mode(model, was_training),
-        StoreWriter.create(
-            out,
-            plan,
-            backend=cfg.backend,
-            backend_options=dict(cfg.backend_options) if cfg.backend_options is not None else None,
-            kind="fisher",
-            provenance=prov,
-            attrs=attrs,
-            resume=cfg.resume,
-            overwrite=cfg.overwrite,
-        ) as writer,
+        contextlib.closing(ranks),
+        _rank_writer(ranks, out, plan, cfg, prov, attrs) as writer,
     ):
-        _check_resumable(writer.manifest.provenance, prov, out)
         todo = [g for g in plan if g.index not in writer.completed_groups]
         if len(todo) < len(plan):
             log.info("resuming: %d of %d groups already complete", len(plan) - len(todo), len(plan))
@@ -382,14 +381,14 @@ def extract(
             if todo:
                 decoder = cast(torch.nn.ModuleList, layers)  # schedule stays pipelined only when it was found
                 boundary_bytes = _pipelined(
-                    model, decoder, plan, todo, params, inputs, cfg, writer, store_dtype, group_seconds
+                    model, decoder, plan, todo, params, inputs, cfg, writer, store_dtype, group_seconds, share
                 )
         else:
             for group in todo:
                 t0 = time.perf_counter()
                 group_params = {t.name: params[t.name] for t in group.tensors}
                 fisher = _group_fisher(
-                    model, group_params, inputs, cfg.estimator, cfg.seed, desc=_describe(group, len(plan))
+                    model, group_params, inputs, cfg.estimator, cfg.seed, _describe(group, len(plan)), share
                 )
                 _submit(writer, group, fisher, store_dtype, t0, group_seconds, len(plan))
                 del fisher
@@ -415,6 +414,8 @@ def extract(
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_device_bytes=peak_device(),
         boundary_bytes=boundary_bytes,
+        world_size=ranks.world,
+        rank=ranks.rank,
     )
     log.info(
         "extracted %d groups x %d prompts (%d tokens per pass, %s schedule) in %.1f s: %.0f tokens/s, "
@@ -439,21 +440,30 @@ def _group_fisher(
     estimator: str,
     seed: int,
     desc: str,
+    share: _Share,
 ) -> dict[str, torch.Tensor]:
-    """Mean over prompts of each parameter's squared per-prompt gradient, fp32, on the parameter's device."""
-    with _accumulating(params, len(inputs)) as acc, torch.enable_grad():
-        for i, ids in enumerate(progress(inputs, desc=desc, unit="prompt")):
+    """Mean over all ranks' prompts of each parameter's squared per-prompt gradient, fp32, on its device.
+
+    ``inputs`` are this rank's prompts; ``share`` gives their global indices,
+    which seed the sampled labels, so the estimate does not depend on how
+    many ranks share the prompts.
+    """
+    with _accumulating(params, share) as acc, torch.enable_grad():
+        for i, ids in zip(share.indices, progress(inputs, desc=desc, unit="prompt"), strict=True):
             _prompt_loss(model, ids, estimator, seed, i).backward()
     return acc
 
 
 @contextlib.contextmanager
-def _accumulating(params: Mapping[str, torch.nn.Parameter], n: int) -> Iterator[dict[str, torch.Tensor]]:
-    """fp32 accumulators of ``params``' squared gradients while the block runs, divided by ``n`` at its end.
+def _accumulating(params: Mapping[str, torch.nn.Parameter], share: _Share) -> Iterator[dict[str, torch.Tensor]]:
+    """fp32 accumulators of ``params``' squared gradients while the block runs; at its end summed over the ranks
+    and divided by the global prompt count.
 
     Inside, only ``params`` require grad, each with a post-accumulate hook that
     adds its squared gradient to its accumulator; on leaving, hooks are removed
-    and nothing requires grad.
+    and nothing requires grad.  Every rank settles (:meth:`Ranks.settle`)
+    before the sum, so an error in one rank's block fails every rank instead
+    of leaving them waiting in the sum.
     """
     acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
     handles = []
@@ -462,15 +472,21 @@ def _accumulating(params: Mapping[str, torch.nn.Parameter], n: int) -> Iterator[
             p.grad = None
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(_square_into(acc[name])))
-        yield acc
+        try:
+            yield acc
+        except Exception as exc:
+            share.ranks.settle(exc, "extract")
+            raise
     finally:
         for h in handles:
             h.remove()
         for p in params.values():
             p.requires_grad_(False)
             p.grad = None
+    share.ranks.settle(None, "extract")
+    share.ranks.all_reduce(acc.values())
     for a in acc.values():
-        a.div_(n)
+        a.div_(share.total)
 
 
 def _decoder_layers(model: torch.nn.Module, plan: Sequence[GroupInfo]) -> torch.nn.ModuleList | str:
@@ -509,9 +525,10 @@ def _pipelined(
     params: Mapping[str, torch.nn.Parameter],
     inputs: Sequence[torch.Tensor],
     cfg: ExtractConfig,
-    writer: StoreWriter,
+    writer: _RankWriter,
     store_dtype: torch.dtype,
     group_seconds: list[float],
+    share: _Share,
 ) -> int:
     """Run the boundary-pipelined schedule over the groups in ``todo``, from the top one down.
 
@@ -561,7 +578,9 @@ def _pipelined(
     hooked = range(firsts[-1], firsts[0] + 1)  # the layers of calls and states, and the top group's first
     handles = [layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in hooked]
     try:
-        acc = _group_fisher(model, own(groups[0]), inputs, cfg.estimator, cfg.seed, _describe(groups[0], len(plan)))
+        acc = _group_fisher(
+            model, own(groups[0]), inputs, cfg.estimator, cfg.seed, _describe(groups[0], len(plan)), share
+        )
     finally:
         for h in handles:
             h.remove()
@@ -574,7 +593,7 @@ def _pipelined(
         starts = deque(states.pop(group.layers[0]))
         lowest = group is groups[-1]
         below: deque[torch.Tensor] = deque()
-        with _accumulating(own(group), n) as acc, torch.enable_grad():
+        with _accumulating(own(group), share) as acc, torch.enable_grad():
             for i in progress(range(n), desc=_describe(group, len(plan)), unit="prompt"):
                 start = starts.popleft()
                 if not lowest:
@@ -611,7 +630,7 @@ def _prompt_loss(model: torch.nn.Module, ids: torch.Tensor, estimator: str, seed
 
 
 def _submit(
-    writer: StoreWriter,
+    writer: _RankWriter,
     group: GroupInfo,
     fisher: dict[str, torch.Tensor],
     store_dtype: torch.dtype,
@@ -619,8 +638,8 @@ def _submit(
     group_seconds: list[float],
     total: int,
 ) -> None:
-    """Hand one group's fp32 means to the writer in the storage dtype and log its time."""
-    writer.submit_group(group.index, {n: f.to(store_dtype).cpu() for n, f in fisher.items()})
+    """Hand one group's fp32 means to the writer in the storage dtype (on rank 0: only it writes) and log its time."""
+    writer.submit_group(group.index, {n: f.to(store_dtype).cpu() for n, f in fisher.items()} if writer.writes else {})
     group_seconds.append(time.perf_counter() - t0)
     log.info("%s: %.1f s", _describe(group, total), group_seconds[-1])
 
@@ -734,3 +753,104 @@ def _reset_device_peaks(params: Any) -> Callable[[], int | None]:
     if not devices:
         return lambda: None
     return lambda: sum(torch.cuda.max_memory_allocated(d) for d in devices)
+
+
+# -- torchrun: prompts shared across ranks, rank 0 writes ------------------------------------
+
+
+@dataclass(frozen=True)
+class _Share:
+    """This rank's prompts: their global indices (which seed the sampled labels), the global count, the ranks."""
+
+    ranks: Ranks
+    indices: tuple[int, ...]
+    total: int
+
+
+def _ranks(model: torch.nn.Module) -> Ranks:
+    """This process's ranks; tensors are summed with NCCL when the model's inputs live on a GPU, else gloo."""
+    device = cast(Any, model).get_input_embeddings().weight.device
+    return Ranks(default_backend(device), device)
+
+
+class _RankWriter:
+    """The store's writer on rank 0; on the other ranks a stand-in that writes nothing.
+
+    Every call settles on every rank (:meth:`Ranks.settle`): a write that
+    fails on rank 0 (a full disk, say) fails every rank at the same point.
+    """
+
+    def __init__(self, writer: StoreWriter | None, ranks: Ranks, completed: set[int]) -> None:
+        self._writer, self._ranks = writer, ranks
+        self.completed_groups = completed
+        self.writes = writer is not None
+
+    def submit_group(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        self._settled(lambda w: w.submit_group(index, tensors))
+
+    def finish(self) -> None:
+        self._settled(lambda w: w.finish())
+
+    @property
+    def blocked_seconds(self) -> float:
+        return self._writer.blocked_seconds if self._writer is not None else 0.0
+
+    def _settled(self, call: Callable[[StoreWriter], Any]) -> None:
+        failure = None
+        if self._writer is not None:
+            try:
+                call(self._writer)
+            except Exception as exc:
+                failure = exc
+        self._ranks.settle(failure, "extract")
+
+
+@contextlib.contextmanager
+def _rank_writer(
+    ranks: Ranks,
+    out: str | Path,
+    plan: Sequence[GroupInfo],
+    cfg: ExtractConfig,
+    prov: dict[str, Any],
+    attrs: dict[str, Any],
+) -> Iterator[_RankWriter]:
+    """Rank 0 opens the store (reading its manifest on resume); every rank learns which groups are complete.
+
+    Before anything is written, rank 0 checks that every rank runs the same
+    extraction (resume keys and group plan); any refusal on rank 0 (a bad
+    ``out``, a store that cannot be resumed, ranks that disagree) is raised
+    on every rank.
+    """
+    agreed = {k: prov.get(k) for k in (*_RESUME_KEYS, "group_size", "schedule")}
+    views = ranks.gather(agreed)
+    with contextlib.ExitStack() as stack:
+        writer: StoreWriter | None = None
+        failure: Exception | None = None
+        if ranks.rank == 0:
+            try:
+                for rank, view in enumerate(views or []):
+                    diff = [k for k in agreed if view[k] != agreed[k]]
+                    if diff:
+                        raise BadInputError(
+                            f"rank {rank} runs another extraction than rank 0: {diff[0]}={view[diff[0]]!r}, "
+                            f"rank 0 has {agreed[diff[0]]!r}; give every rank the same model, prompts and options"
+                        )
+                writer = stack.enter_context(
+                    StoreWriter.create(
+                        out,
+                        plan,
+                        backend=cfg.backend,
+                        backend_options=dict(cfg.backend_options) if cfg.backend_options is not None else None,
+                        kind="fisher",
+                        provenance=prov,
+                        attrs=attrs,
+                        resume=cfg.resume,
+                        overwrite=cfg.overwrite,
+                    )
+                )
+                _check_resumable(writer.manifest.provenance, prov, out)
+            except Exception as exc:
+                failure = exc
+        ranks.settle(failure, "extract")
+        completed: set[int] = ranks.broadcast(writer.completed_groups if writer is not None else None)
+        yield _RankWriter(writer, ranks, completed)
