@@ -58,7 +58,7 @@ from ._dist import Ranks, local_device
 from ._memory import tune_allocator
 from ._svd_core import TRANSFORMS, Blocks, RowReader
 from .dtypes import canonical_dtype
-from .errors import BadInputError, FisherStoreError, check_int
+from .errors import BadInputError, check_int
 from .formats.base import rows_of
 from .manifest import DTYPES, MANIFEST_NAME, Manifest
 from .masks import (

@@ -98,6 +98,7 @@ def _run(cmd: list[str], tmp_path, timeout: float = 240) -> subprocess.Completed
     return run
 
 
+@pytest.mark.slow
 def test_cli_two_ranks_equal_one_process(tmp_path, one_process):
     out = tmp_path / "two"
     cmd = [*TORCHRUN, "-m", "fisherstore.cli.main", "extract", TINY_GEMMA4, "--out", str(out), *CLI_OPTIONS]
@@ -109,7 +110,7 @@ def test_cli_two_ranks_equal_one_process(tmp_path, one_process):
     assert prov["schedule"] == "pipelined"
 
 
-def test_one_process_records_world_size_one(one_process, tmp_path, tiny):
+def test_one_process_records_world_size_one(tmp_path, tiny):
     extract(tiny.model, tiny.tokenizer, load_prompts(limit=2), tmp_path / "s", ExtractConfig(**OPTIONS))  # type: ignore[arg-type]
     prov = _provenance(tmp_path / "s")
     assert (prov["world_size"], prov["dist_backend"]) == (1, None)
@@ -126,8 +127,10 @@ def test_library_under_torchrun_naive_and_sampled(tmp_path, one_process):
         prov = _provenance(tmp_path / name)
         assert (prov["world_size"], prov["dist_backend"], prov["estimator"]) == (2, "gloo", name.split("-")[1])
     # the sampled labels follow the global prompt index: not the empirical store, and not rank-dependent
-    assert not torch.equal(_tensors(tmp_path / "naive-sampled")["model.layers.0.mlp.up_proj.weight"],
-                           _tensors(tmp_path / "naive-empirical")["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        _tensors(tmp_path / "naive-sampled")["model.layers.0.mlp.up_proj.weight"],
+        _tensors(tmp_path / "naive-empirical")["model.layers.0.mlp.up_proj.weight"],
+    )
 
 
 @pytest.mark.slow
@@ -165,6 +168,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_a_bad_out_on_rank_0_exits_2_on_every_rank(tmp_path):
     """Only rank 0 opens --out; its refusal reaches rank 1, and both exit 2 (a hang would time out)."""
     out = tmp_path / "taken"
