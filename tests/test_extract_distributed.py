@@ -21,9 +21,11 @@ import pytest
 import torch
 
 from fisherstore import open_store
-from fisherstore.extraction import ExtractConfig, extract
+from fisherstore.extraction import ExtractConfig, extract, target_parameters
+from fisherstore.manifest import TensorSpec
 from fisherstore.models import TINY_GEMMA4, load_model
-from fisherstore.prompts import load_prompts
+from fisherstore.planning import ModelShape, plan_extraction
+from fisherstore.prompts import encode_prompts, load_prompts
 
 NUM_PROMPTS = 5  # odd: rank 0 takes prompts 0, 2, 4 and rank 1 prompts 1, 3
 OPTIONS = {"max_length": 40, "dtype": "fp32", "group_size": 2}
@@ -47,6 +49,23 @@ for name in sys.argv[2:]:
     print("done", name, s.rank, s.world_size, s.schedule, flush=True)
 dist.destroy_process_group()
 """
+
+# group_size="auto" under a budget that differs by rank, as free memory does: rank 0's plan must rule.
+PLAN_DRIVER = """\
+import json, sys, torch, torch.distributed as dist
+from fisherstore.extraction import ExtractConfig, extract
+from fisherstore.models import load_model
+from fisherstore.prompts import load_prompts
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+tiny = load_model("tiny-gemma4")
+cfg = ExtractConfig(max_length=40, dtype="fp32", group_size="auto", max_memory=int(sys.argv[2 + rank]))
+s = extract(tiny.model, tiny.tokenizer, load_prompts(limit=5), sys.argv[1], cfg)
+print("plan", rank, s.group_size, s.groups_total, json.dumps(s.plan.to_dict(), sort_keys=True), flush=True)
+dist.destroy_process_group()
+"""
+RANK_BUDGETS = (1_200_000, 1_000_000)  # bytes: the tiny model's auto group size is 2 under the first, 1 under the other
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +159,8 @@ def test_resume_with_two_ranks_gives_the_same_store(tmp_path, tiny, one_process)
     calls = []
 
     def fail_in_group_1(module, args):  # pass 1 calls layer 1 once per prompt; group 1 (layers 0-1) re-runs it
+        if not torch.is_grad_enabled():
+            return  # the pipelined schedule's no-grad check of the layer chain, before the store is created
         calls.append(1)
         if len(calls) > NUM_PROMPTS:
             raise RuntimeError("interrupted")
@@ -160,6 +181,41 @@ def test_resume_with_two_ranks_gives_the_same_store(tmp_path, tiny, one_process)
     _assert_close(resumed, whole)
     assert all(torch.equal(resumed[n], kept[n]) for n in kept)  # the complete group was kept, not rewritten
     assert _provenance(out)["world_size"] == 1  # the provenance is the run's that created the store
+
+
+@pytest.mark.slow
+def test_auto_group_size_is_rank_0s_plan_on_every_rank(tmp_path, tiny, one_process):
+    """Each rank's own plan would differ (2 layers a group on rank 0, 1 on rank 1); both run rank 0's, recorded once."""
+    specs = [TensorSpec(n, tuple(p.shape), "float32") for n, p in target_parameters(tiny.model).items()]
+    tokens = [ids.shape[1] for ids in encode_prompts(tiny.tokenizer, load_prompts(limit=NUM_PROMPTS), max_length=40)]
+    own = [
+        plan_extraction(
+            specs,
+            ModelShape.of(tiny.model),
+            tokens,
+            schedule="pipelined",
+            devices=[torch.device("cpu")],
+            max_memory=budget,
+        ).group_size
+        for budget in RANK_BUDGETS
+    ]
+    assert own == [2, 1]  # so that ranks planning for themselves would run different groups
+    out = tmp_path / "auto"
+    budgets = [str(b) for b in RANK_BUDGETS]
+    run = _run([*TORCHRUN, "--no-python", sys.executable, "-c", PLAN_DRIVER, str(out), *budgets], tmp_path)
+    lines = sorted(line.split(" ", 4)[1:] for line in run.stdout.splitlines() if line.startswith("plan "))
+    assert [line[0] for line in lines] == ["0", "1"], run.stdout
+    (_, size0, total0, plan0), (_, size1, total1, plan1) = lines
+    assert (size0, total0) == (size1, total1) == ("2", "2")
+    assert plan1 == plan0  # rank 1 runs rank 0's plan: its group size and boundary placement
+    plan = json.loads(plan0)
+    assert (plan["group_size"], plan["source"], plan["budget_bytes"]) == (2, "auto", RANK_BUDGETS[0])
+    assert plan["budget_source"] == "max_memory" and plan["boundary"] == "device"
+    state = json.loads((out / "fisherstore.json").read_text())
+    assert state["provenance"]["plan"] == plan  # the store, written by rank 0 alone, records that plan
+    assert (state["provenance"]["group_size"], state["provenance"]["world_size"]) == (2, 2)
+    assert [g["index"] for g in state["groups"]] == [0, 1] and all(g["complete"] for g in state["groups"])
+    _assert_close(_tensors(out), one_process("pipelined-empirical"))  # group_size 2 in one process
 
 
 def _free_port() -> int:
