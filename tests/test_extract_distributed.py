@@ -46,7 +46,8 @@ for name in sys.argv[2:]:
     schedule, estimator = name.split("-")
     cfg = ExtractConfig(max_length=40, dtype="fp32", group_size=2, schedule=schedule, estimator=estimator)
     s = extract(tiny.model, tiny.tokenizer, load_prompts(limit=5), f"{sys.argv[1]}/{name}", cfg)
-    print("done", name, s.rank, s.world_size, s.schedule, flush=True)
+    sys.stdout.write(f"done {name} {s.rank} {s.world_size} {s.schedule}\\n")  # one write: the ranks share stdout
+    sys.stdout.flush()
 dist.destroy_process_group()
 """
 
@@ -62,7 +63,8 @@ rank = dist.get_rank()
 tiny = load_model("tiny-gemma4")
 cfg = ExtractConfig(max_length=40, dtype="fp32", group_size="auto", max_memory=int(sys.argv[2 + rank]))
 s = extract(tiny.model, tiny.tokenizer, load_prompts(limit=5), sys.argv[1], cfg)
-print("plan", rank, s.group_size, s.groups_total, json.dumps(s.plan.to_dict(), sort_keys=True), flush=True)
+sys.stdout.write(f"plan {rank} {s.group_size} {s.groups_total} {json.dumps(s.plan.to_dict(), sort_keys=True)}\\n")
+sys.stdout.flush()
 dist.destroy_process_group()
 """
 RANK_BUDGETS = (1_200_000, 1_000_000)  # bytes: the tiny model's auto group size is 2 under the first, 1 under the other
