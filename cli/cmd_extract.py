@@ -7,6 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
+from fisherstore._dist import local_device
 from fisherstore.extraction import ESTIMATORS, SCHEDULES, ExtractConfig, extract
 from fisherstore.formats import BACKENDS
 from fisherstore.models import SMOLLM2, TINY_GEMMA4, load_model
@@ -42,6 +43,13 @@ Prompt files: JSON lines with a "prompt" field (IFEval's input_data.jsonl works 
 chat "messages" list; plain text, one prompt per line; .parquet or a datasets.save_to_disk
 folder (needs the datasets package). Default: 200 IFEval-style prompts shipped with fisherstore.
 
+Data parallel: under torchrun every rank (one per GPU: --device cuda means cuda:$LOCAL_RANK)
+takes every N-th prompt, each group's fp32 sums are all-reduced (NCCL on GPUs, gloo on CPU;
+$FISHERSTORE_DIST_BACKEND overrides) and rank 0 alone writes the store, which equals a
+one-process run within fp32 rounding (the sampled labels follow the global prompt index).
+Use the same command on several nodes (--nnodes, --rdzv-endpoint); --out is only read and
+written by rank 0, on its node.
+
 examples:
   fisherstore extract --out smollm2-fisher/ --num-prompts 64
   fisherstore extract ./gemma-4-31B-it --out fisher/ --device cuda --max-memory 40GiB
@@ -50,6 +58,7 @@ examples:
                      a model too large for one GPU, spread over all of them (accelerate)
   fisherstore extract ./model --out fisher/ --resume         continue a killed run
   fisherstore extract --out s.zarr --backend zarr --compression blosc-zstd-bitshuffle
+  torchrun --nproc-per-node 4 $(which fisherstore) extract ./model --out fisher/ --device cuda
 """
 
 
@@ -128,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = local_device(device)  # under torchrun, one GPU per rank
     options_of_storage = storage_options(args)
     resolve(args.out, options_of_storage, param="out")  # an URL's scheme is checked before the model loads
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
@@ -141,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         provenance=loaded.provenance,
         storage_options=options_of_storage,
     )
+    if summary.rank != 0:
+        return 0  # rank 0 wrote the store and reports it
     if args.json:
         print(json.dumps(summary.to_dict(), indent=1))
         return 0

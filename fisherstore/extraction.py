@@ -52,9 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
+from ._dist import Ranks, default_backend
 from .digests import sha256_of
 from .dtypes import canonical_dtype
-from .errors import BadInputError, check_int
+from .errors import BadInputError, FisherStoreError, check_int
 from .manifest import GroupInfo, TensorSpec, dtype_name
 from .models import config_hash
 from .naming import parse_name, target_regex
@@ -62,7 +63,7 @@ from .planning import ExtractPlan, ModelShape, plan_extraction, recorded_plan
 from .progress import progress
 from .prompts import PromptSet, as_prompt_set, encode_prompts
 from .sizes import parse_bytes
-from .storage import resolve
+from .storage import Remote, resolve
 from .writer import StoreWriter, plan_groups
 
 __all__ = [
@@ -247,6 +248,9 @@ class ExtractSummary:
     boundary_bytes: int
     #: The group size, the budget it was chosen under and the estimate by item (:mod:`fisherstore.planning`).
     plan: ExtractPlan | None = None
+    #: How many torchrun ranks shared the prompts, and this process's rank (0 wrote the store).
+    world_size: int = 1
+    rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as a JSON-able dict (what benchmarks record)."""
@@ -300,6 +304,38 @@ def _extract_plan(
         group_size=cfg.group_size,
         max_memory=cfg.max_memory,
     )
+
+
+def _agreed_plan(
+    ranks: Ranks,
+    model: torch.nn.Module,
+    params: Mapping[str, torch.nn.Parameter],
+    specs: Sequence[TensorSpec],
+    tokens: Sequence[int],
+    cfg: ExtractConfig,
+    schedule: str,
+    out: str | Path,
+) -> ExtractPlan:
+    """Rank 0's plan (:func:`_extract_plan`), on every rank.
+
+    Free memory differs between ranks, so plans made on each rank could
+    differ; the groups must be the same everywhere (their accumulators are
+    all-reduced group by group), so rank 0 alone plans and broadcasts its
+    group size and boundary placement.  A failure to plan on rank 0 is
+    raised on every rank.
+    """
+    mine: ExtractPlan | None = None
+    failure: Exception | None = None
+    if ranks.rank == 0:
+        try:
+            mine = _extract_plan(model, params, specs, tokens, cfg, schedule, out)
+        except Exception as exc:
+            failure = exc
+    ranks.settle(failure, "extract")
+    agreed = ranks.broadcast(mine)
+    if not isinstance(agreed, ExtractPlan):  # settle raised if rank 0 failed
+        raise FisherStoreError(f"rank 0 sent no extraction plan (got {type(agreed).__name__})")
+    return agreed
 
 
 def _max_memory_bytes(value: int | str) -> int:
@@ -356,7 +392,12 @@ def extract(
     if schedule == "pipelined" and not isinstance(layers, torch.nn.ModuleList):
         log.info("schedule naive: %s", layers)
         schedule = "naive"
-    extract_plan = _extract_plan(model, params, specs, [ids.shape[1] for ids in inputs], cfg, schedule, out)
+    ranks = _ranks(model)
+    try:
+        extract_plan = _agreed_plan(ranks, model, params, specs, [ids.shape[1] for ids in inputs], cfg, schedule, out)
+    except BaseException:
+        ranks.close()
+        raise
     log.info("extraction plan: %s", extract_plan.describe())
     size = extract_plan.group_size
     plan = plan_groups(specs, size)
@@ -371,11 +412,14 @@ def extract(
         "tokens": tokens,
         "schedule": schedule,
         "plan": extract_plan.to_dict(),
+        "world_size": ranks.world,
+        "dist_backend": ranks.backend,
     }
     attrs = {"estimator": cfg.estimator, "num_samples": len(prompt_set), "tokens": tokens}
     # a transformers model (get_input_embeddings); torch's stubs type unknown attributes as Tensor | Module
     input_device = cast(Any, model).get_input_embeddings().weight.device
-    inputs = [ids.to(input_device) for ids in inputs]
+    share = _Share(ranks, tuple(ranks.share(len(inputs))), len(inputs))
+    inputs = [inputs[i].to(input_device) for i in share.indices]  # this rank's prompts
     peak_device = _reset_device_peaks(params.values())
     group_seconds: list[float] = []
     was_training = model.training
@@ -383,19 +427,9 @@ def extract(
 
     with (
         _restore_mode(model, was_training),
-        StoreWriter.create(
-            target,
-            plan,
-            backend=cfg.backend,
-            backend_options=dict(cfg.backend_options) if cfg.backend_options is not None else None,
-            kind="fisher",
-            provenance=prov,
-            attrs=attrs,
-            resume=cfg.resume,
-            overwrite=cfg.overwrite,
-        ) as writer,
+        contextlib.closing(ranks),
+        _rank_writer(ranks, out, target, plan, cfg, prov, attrs) as writer,
     ):
-        _check_resumable(writer.manifest.provenance, prov, out)
         todo = [g for g in plan if g.index not in writer.completed_groups]
         if len(todo) < len(plan):
             log.info("resuming: %d of %d groups already complete", len(plan) - len(todo), len(plan))
@@ -414,6 +448,7 @@ def extract(
                     writer,
                     store_dtype,
                     group_seconds,
+                    share,
                     offload=extract_plan.boundary == "cpu",
                 )
         else:
@@ -421,7 +456,7 @@ def extract(
                 t0 = time.perf_counter()
                 group_params = {t.name: params[t.name] for t in group.tensors}
                 fisher = _group_fisher(
-                    model, group_params, inputs, cfg.estimator, cfg.seed, desc=_describe(group, len(plan))
+                    model, group_params, inputs, cfg.estimator, cfg.seed, _describe(group, len(plan)), share
                 )
                 _submit(writer, group, fisher, store_dtype, t0, group_seconds, len(plan))
                 del fisher
@@ -448,6 +483,8 @@ def extract(
         peak_device_bytes=peak_device(),
         boundary_bytes=boundary_bytes,
         plan=extract_plan,
+        world_size=ranks.world,
+        rank=ranks.rank,
     )
     log.info(
         "extracted %d groups x %d prompts (%d tokens per pass, %s schedule) in %.1f s: %.0f tokens/s, "
@@ -472,21 +509,30 @@ def _group_fisher(
     estimator: str,
     seed: int,
     desc: str,
+    share: _Share,
 ) -> dict[str, torch.Tensor]:
-    """Mean over prompts of each parameter's squared per-prompt gradient, fp32, on the parameter's device."""
-    with _accumulating(params, len(inputs)) as acc, torch.enable_grad():
-        for i, ids in enumerate(progress(inputs, desc=desc, unit="prompt")):
+    """Mean over all ranks' prompts of each parameter's squared per-prompt gradient, fp32, on its device.
+
+    ``inputs`` are this rank's prompts; ``share`` gives their global indices,
+    which seed the sampled labels, so the estimate does not depend on how
+    many ranks share the prompts.
+    """
+    with _accumulating(params, share) as acc, torch.enable_grad():
+        for i, ids in zip(share.indices, progress(inputs, desc=desc, unit="prompt"), strict=True):
             _prompt_loss(model, ids, estimator, seed, i).backward()
     return acc
 
 
 @contextlib.contextmanager
-def _accumulating(params: Mapping[str, torch.nn.Parameter], n: int) -> Iterator[dict[str, torch.Tensor]]:
-    """fp32 accumulators of ``params``' squared gradients while the block runs, divided by ``n`` at its end.
+def _accumulating(params: Mapping[str, torch.nn.Parameter], share: _Share) -> Iterator[dict[str, torch.Tensor]]:
+    """fp32 accumulators of ``params``' squared gradients while the block runs; at its end summed over the ranks
+    and divided by the global prompt count.
 
     Inside, only ``params`` require grad, each with a post-accumulate hook that
     adds its squared gradient to its accumulator; on leaving, hooks are removed
-    and nothing requires grad.
+    and nothing requires grad.  Every rank settles (:meth:`Ranks.settle`)
+    before the sum, so an error in one rank's block fails every rank instead
+    of leaving them waiting in the sum.
     """
     acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
     handles = []
@@ -495,15 +541,21 @@ def _accumulating(params: Mapping[str, torch.nn.Parameter], n: int) -> Iterator[
             p.grad = None
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(_square_into(acc[name])))
-        yield acc
+        try:
+            yield acc
+        except Exception as exc:
+            share.ranks.settle(exc, "extract")
+            raise
     finally:
         for h in handles:
             h.remove()
         for p in params.values():
             p.requires_grad_(False)
             p.grad = None
+    share.ranks.settle(None, "extract")
+    share.ranks.all_reduce(acc.values())
     for a in acc.values():
-        a.div_(n)
+        a.div_(share.total)
 
 
 def _decoder_layers(model: torch.nn.Module, plan: Sequence[GroupInfo]) -> torch.nn.ModuleList | str:
@@ -621,9 +673,10 @@ def _pipelined(
     params: Mapping[str, torch.nn.Parameter],
     inputs: Sequence[torch.Tensor],
     cfg: ExtractConfig,
-    writer: StoreWriter,
+    writer: _RankWriter,
     store_dtype: torch.dtype,
     group_seconds: list[float],
+    share: _Share,
     *,
     offload: bool = False,
 ) -> int:
@@ -701,7 +754,9 @@ def _pipelined(
     handles = [layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in hooked]
     handles += [layers[i].register_forward_hook(post_hook(i)) for i in hooked[:-1]]
     try:
-        acc = _group_fisher(model, own(groups[0]), inputs, cfg.estimator, cfg.seed, _describe(groups[0], len(plan)))
+        acc = _group_fisher(
+            model, own(groups[0]), inputs, cfg.estimator, cfg.seed, _describe(groups[0], len(plan)), share
+        )
     finally:
         for h in handles:
             h.remove()
@@ -715,7 +770,7 @@ def _pipelined(
         starts = deque(states.pop(group.layers[0]))
         lowest = group is groups[-1]
         below: deque[torch.Tensor] = deque()
-        with _accumulating(own(group), n) as acc, torch.enable_grad():
+        with _accumulating(own(group), share) as acc, torch.enable_grad():
             for i in progress(range(n), desc=_describe(group, len(plan)), unit="prompt"):
                 start = starts.popleft().to(devices[group.layers[0]])
                 if not lowest:
@@ -753,7 +808,7 @@ def _prompt_loss(model: torch.nn.Module, ids: torch.Tensor, estimator: str, seed
 
 
 def _submit(
-    writer: StoreWriter,
+    writer: _RankWriter,
     group: GroupInfo,
     fisher: dict[str, torch.Tensor],
     store_dtype: torch.dtype,
@@ -761,8 +816,8 @@ def _submit(
     group_seconds: list[float],
     total: int,
 ) -> None:
-    """Hand one group's fp32 means to the writer in the storage dtype and log its time."""
-    writer.submit_group(group.index, {n: f.to(store_dtype).cpu() for n, f in fisher.items()})
+    """Hand one group's fp32 means to the writer in the storage dtype (on rank 0: only it writes) and log its time."""
+    writer.submit_group(group.index, {n: f.to(store_dtype).cpu() for n, f in fisher.items()} if writer.writes else {})
     group_seconds.append(time.perf_counter() - t0)
     log.info("%s: %.1f s", _describe(group, total), group_seconds[-1])
 
@@ -876,3 +931,106 @@ def _reset_device_peaks(params: Any) -> Callable[[], int | None]:
     if not devices:
         return lambda: None
     return lambda: sum(torch.cuda.max_memory_allocated(d) for d in devices)
+
+
+# -- torchrun: prompts shared across ranks, rank 0 writes ------------------------------------
+
+
+@dataclass(frozen=True)
+class _Share:
+    """This rank's prompts: their global indices (which seed the sampled labels), the global count, the ranks."""
+
+    ranks: Ranks
+    indices: tuple[int, ...]
+    total: int
+
+
+def _ranks(model: torch.nn.Module) -> Ranks:
+    """This process's ranks; tensors are summed with NCCL when the model's inputs live on a GPU, else gloo."""
+    device = cast(Any, model).get_input_embeddings().weight.device
+    return Ranks(default_backend(device), device)
+
+
+class _RankWriter:
+    """The store's writer on rank 0; on the other ranks a stand-in that writes nothing.
+
+    Every call settles on every rank (:meth:`Ranks.settle`): a write that
+    fails on rank 0 (a full disk, say) fails every rank at the same point.
+    """
+
+    def __init__(self, writer: StoreWriter | None, ranks: Ranks, completed: set[int]) -> None:
+        self._writer, self._ranks = writer, ranks
+        self.completed_groups = completed
+        self.writes = writer is not None
+
+    def submit_group(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        self._settled(lambda w: w.submit_group(index, tensors))
+
+    def finish(self) -> None:
+        self._settled(lambda w: w.finish())
+
+    @property
+    def blocked_seconds(self) -> float:
+        return self._writer.blocked_seconds if self._writer is not None else 0.0
+
+    def _settled(self, call: Callable[[StoreWriter], Any]) -> None:
+        failure = None
+        if self._writer is not None:
+            try:
+                call(self._writer)
+            except Exception as exc:
+                failure = exc
+        self._ranks.settle(failure, "extract")
+
+
+@contextlib.contextmanager
+def _rank_writer(
+    ranks: Ranks,
+    out: str | Path,
+    target: Path | Remote,
+    plan: Sequence[GroupInfo],
+    cfg: ExtractConfig,
+    prov: dict[str, Any],
+    attrs: dict[str, Any],
+) -> Iterator[_RankWriter]:
+    """Rank 0 alone opens the store at ``target`` (a local path or an URL), reading its manifest on resume;
+    every rank learns which groups are complete.
+
+    Before anything is written, rank 0 checks that every rank runs the same
+    extraction (resume keys and group plan); any refusal on rank 0 (a bad
+    ``out``, a store that cannot be resumed, ranks that disagree) is raised
+    on every rank.
+    """
+    agreed = {k: prov.get(k) for k in (*_RESUME_KEYS, "group_size", "schedule", "plan")}
+    views = ranks.gather(agreed)
+    with contextlib.ExitStack() as stack:
+        writer: StoreWriter | None = None
+        failure: Exception | None = None
+        if ranks.rank == 0:
+            try:
+                for rank, view in enumerate(views or []):
+                    diff = [k for k in agreed if view[k] != agreed[k]]
+                    if diff:
+                        raise BadInputError(
+                            f"rank {rank} runs another extraction than rank 0: {diff[0]}={view[diff[0]]!r}, "
+                            f"rank 0 has {agreed[diff[0]]!r}; give every rank the same model, prompts and options"
+                        )
+                writer = stack.enter_context(
+                    StoreWriter.create(
+                        target,
+                        plan,
+                        backend=cfg.backend,
+                        backend_options=dict(cfg.backend_options) if cfg.backend_options is not None else None,
+                        kind="fisher",
+                        provenance=prov,
+                        attrs=attrs,
+                        resume=cfg.resume,
+                        overwrite=cfg.overwrite,
+                    )
+                )
+                _check_resumable(writer.manifest.provenance, prov, out)
+            except Exception as exc:
+                failure = exc
+        ranks.settle(failure, "extract")
+        completed: set[int] = ranks.broadcast(writer.completed_groups if writer is not None else None)
+        yield _RankWriter(writer, ranks, completed)

@@ -43,7 +43,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -55,10 +54,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import _svd_core as core
+from ._dist import Ranks, local_device
 from ._memory import tune_allocator
 from ._svd_core import TRANSFORMS, Blocks, RowReader
 from .dtypes import canonical_dtype
-from .errors import BadInputError, FisherStoreError, check_int
+from .errors import BadInputError, check_int
 from .formats.base import rows_of
 from .manifest import DTYPES, MANIFEST_NAME, Manifest
 from .masks import (
@@ -364,49 +364,6 @@ def _worker_decompose(name: str) -> SVDResult:
     return decompose_tensor(_WORKER[0], name, _WORKER[1])
 
 
-class _Ranks:
-    """This process's place among torchrun ranks; a lone process is rank 0 of 1.
-
-    Objects travel over a gloo group (CPU), whatever backend the caller
-    initialised for its own work.
-    """
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.owned = False
-        self.group = None
-        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if not dist.is_available() or not (dist.is_initialized() or launched):
-            self.rank, self.world = 0, 1
-            return
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-            self.owned = True
-        elif dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-
-    def gather(self, obj: Any) -> list[Any] | None:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world if self.rank == 0 else None
-        self.dist.gather_object(obj, out, dst=0, group=self.group)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def close(self) -> None:
-        if self.owned:
-            self.dist.destroy_process_group()
-
-
 def _balance(costs: dict[str, int], world: int) -> dict[str, int]:
     """Longest-processing-time assignment of tensors to ranks (deterministic)."""
     loads = [0] * world
@@ -490,7 +447,7 @@ def svd_store(
     """
     check_int("workers", workers, 1)
     target = resolve(out, storage_options, param="out")
-    ranks = _Ranks()
+    ranks = Ranks()
     try:
         with open_store(source, storage_options=storage_options) as store:
             return _run(
@@ -542,7 +499,7 @@ def _run(
     overwrite: bool,
     backend: str,
     backend_options: dict[str, Any] | None,
-    ranks: _Ranks,
+    ranks: Ranks,
     storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     names = _select(store, tensors)
@@ -576,7 +533,7 @@ def _run(
             )
         except Exception as exc:
             failure = exc
-    _agree(ranks, failure, [str(failure)] if failure else [])
+    ranks.agree(failure, [str(failure)] if failure else [], "svd")
     completed = ranks.broadcast(writer.completed_groups if writer else None)
     pending = [g for g in plan if g.index not in completed]
     members = {g.index: [t.name for t in mask_triples(g)] for g in pending}
@@ -585,8 +542,8 @@ def _run(
         owner.update(_balance({n: shapes[n][0] * shapes[n][1] for n in members[group.index]}, ranks.world))
     mine = [n for n in owner if owner[n] == ranks.rank]
     device = cfg.device
-    if ranks.world > 1 and device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if ranks.world > 1:
+        device = local_device(device) or device
     workers = max(1, min(workers, len(mine)))
     local_cfg = SVDConfig(**{**asdict(cfg), "device": device, "max_memory": cfg.max_memory // workers})
     log.info(
@@ -622,30 +579,13 @@ def _run(
                     except Exception as exc:
                         failure = exc
                         errors = [f"rank 0: {exc}"]
-                _agree(ranks, failure, errors)
+                ranks.agree(failure, errors, "svd")
         manifest = writer.finish() if writer else None
     finally:
         bar.close()
         if writer is not None:
             writer.close()
     return ranks.broadcast(manifest)
-
-
-def _agree(ranks: _Ranks, failure: Exception | None, errors: list[str]) -> None:
-    """Fail on every rank if any failed: the failing rank re-raises its error, the others a summary.
-
-    A lone process just re-raises.  Without this, one rank's error would
-    leave the others blocked in the next collective until its timeout.
-    """
-    if ranks.world == 1:
-        if failure is not None:
-            raise failure
-        return
-    message = ranks.broadcast("; ".join(errors) if ranks.rank == 0 else None)
-    if failure is not None:
-        raise failure
-    if message:
-        raise FisherStoreError(f"svd failed on another rank: {message}")
 
 
 @contextlib.contextmanager

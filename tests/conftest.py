@@ -33,6 +33,34 @@ def gemma_bf16(gemma_config) -> dict[str, torch.Tensor]:
     return fisher_like_tensors(gemma_config, dtype=torch.bfloat16)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    The tiny model's kernels are small: one thread is faster and immune to a busy machine.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny random Gemma-4 (model, tokenizer, provenance), loaded once per module."""
+    from fisherstore.models import TINY_GEMMA4, load_model
+
+    return load_model(TINY_GEMMA4)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """The first three bundled prompts."""
+    from fisherstore.prompts import load_prompts
+
+    return load_prompts(limit=3)
+
+
 @pytest.fixture
 def make_store(tmp_path) -> Callable[..., Path]:
     counter = iter(range(1000))

@@ -29,27 +29,13 @@ from fisherstore.planning import (
     estimate,
     plan_extraction,
 )
-from fisherstore.prompts import as_prompt_set, encode_prompts, load_prompts
+from fisherstore.prompts import as_prompt_set, encode_prompts
 
 MAX_LENGTH = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(TINY_GEMMA4)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return load_prompts(limit=3)
+# one_thread, tiny and prompts: tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
