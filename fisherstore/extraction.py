@@ -278,7 +278,7 @@ def _extract_plan(
     tokens: Sequence[int],
     cfg: ExtractConfig,
     schedule: str,
-    out: str | Path,
+    out: Path | Remote,
 ) -> ExtractPlan:
     """The group size and boundary placement of this run (:mod:`fisherstore.planning`).
 
@@ -314,7 +314,7 @@ def _agreed_plan(
     tokens: Sequence[int],
     cfg: ExtractConfig,
     schedule: str,
-    out: str | Path,
+    out: Path | Remote,
 ) -> ExtractPlan:
     """Rank 0's plan (:func:`_extract_plan`), on every rank.
 
@@ -394,7 +394,9 @@ def extract(
         schedule = "naive"
     ranks = _ranks(model)
     try:
-        extract_plan = _agreed_plan(ranks, model, params, specs, [ids.shape[1] for ids in inputs], cfg, schedule, out)
+        extract_plan = _agreed_plan(
+            ranks, model, params, specs, [ids.shape[1] for ids in inputs], cfg, schedule, target
+        )
     except BaseException:
         ranks.close()
         raise

@@ -54,6 +54,8 @@ import torch
 from .errors import BadInputError
 from .manifest import MANIFEST_NAME, Manifest, TensorSpec
 from .sizes import parse_bytes
+from .storage import Remote
+from .store import load_manifest
 from .writer import plan_groups
 
 __all__ = [
@@ -355,21 +357,26 @@ def plan_extraction(
     return smallest
 
 
-def recorded_plan(out: str | Path) -> ExtractPlan | None:
+def recorded_plan(out: str | Path | Remote) -> ExtractPlan | None:
     """The plan recorded in the store at ``out`` (a run being resumed), or None where there is none.
 
     Stores written before plans were recorded give their provenance's ``group_size``.
 
     Args:
-        out: the store directory.
+        out: the store directory, or its :class:`~fisherstore.storage.Remote` on an object store.
 
     Returns:
         The recorded plan with ``source="recorded"``, or None when ``out`` has no manifest or no group size.
     """
-    path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    provenance = Manifest.load(path).provenance
+    if isinstance(out, Remote):
+        if not out.exists(MANIFEST_NAME):
+            return None
+        provenance = load_manifest(out).provenance
+    else:
+        path = Path(out) / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        provenance = Manifest.load(path).provenance
     if isinstance(provenance.get("plan"), Mapping):
         return replace(ExtractPlan.from_dict(provenance["plan"]), source="recorded")
     if isinstance(provenance.get("group_size"), int):

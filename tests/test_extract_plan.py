@@ -304,3 +304,16 @@ def test_load_model_takes_an_explicit_device_map_as_json_and_records_it(tiny, tm
     with pytest.raises(BadInputError, match="device_map is not a valid JSON object") as e:
         load_model(tmp_path / "m", device_map="{nope")
     assert e.value.param == "device_map"
+
+
+def test_recorded_plan_is_read_from_object_stores_too(gemma_bf16):
+    from fisherstore.planning import recorded_plan
+    from fisherstore.storage import resolve
+    from fisherstore.writer import StoreWriter, plan_groups
+
+    plan = ExtractPlan(3, "auto", 123456, "max_memory", "cpu")
+    url = "memory://plans/recorded"
+    groups = plan_groups([TensorSpec.of(n, t) for n, t in gemma_bf16.items()], 3)
+    StoreWriter.create(url, groups, backend="zarr", provenance={"plan": plan.to_dict()}).close()
+    assert recorded_plan(resolve(url)) == dataclasses.replace(plan, source="recorded")
+    assert recorded_plan(resolve("memory://plans/nothing-here")) is None
