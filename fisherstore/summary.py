@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .formats import BACKENDS, get_backend
 from .store import FisherStore, open_store
 
 __all__ = ["info"]
@@ -36,8 +37,27 @@ def info(path_or_store: str | Path | FisherStore) -> dict[str, Any]:
         return _info(store)
 
 
+def _check_metadata(store: FisherStore) -> None:
+    """Refuse a store whose files' own metadata (shard headers, array ``zarr.json``) disagree with its manifest.
+
+    A manifest alone is no proof: a shard header that says ``C128`` or an
+    array of another shape would only be found by ``convert`` or ``verify``.
+    This reads metadata only (a header per shard, a small JSON per array).
+    """
+    m = store.manifest
+    if m.backend not in BACKENDS:  # a fisher.pt or a bare .safetensors: checked when it was opened
+        return
+    backend = get_backend(m.backend, store.path, m.backend_options)
+    try:
+        for name in store.names:
+            backend.check_metadata(store.info(name))
+    finally:
+        backend.close()
+
+
 def _info(store: FisherStore) -> dict[str, Any]:
     m = store.manifest
+    _check_metadata(store)
     infos = [store.info(n) for n in store.names]
     layers = store.layers
     masks = None

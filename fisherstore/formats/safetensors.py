@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._io import TMP_PREFIX, fsync, fsync_dir, pread_bytes, pread_tensor, preallocate, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
-from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
+from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec, parse_json
 from ..naming import parse_name, validate_name
 from .base import Backend, Buffer, GroupSink, check_rows, rows_of, rows_shape
 
@@ -53,6 +53,11 @@ _HEADER_CAP = 100_000_000  # the safetensors spec's cap on the JSON header
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
+def _uint(value: Any) -> bool:
+    """Whether a header value is a u64, as the spec types shapes and offsets (JSON ``true`` is no integer)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
 def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
     """Parse and validate a safetensors header.
 
@@ -68,10 +73,7 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
         raise CorruptDataError(
             f"{where}: header length {n} is invalid for a {size}-byte file (truncated or not safetensors)"
         )
-    try:
-        header = json.loads(pread_bytes(fd, n, 8, where))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptDataError(f"{where}: header is not valid JSON ({exc})") from None
+    header = parse_json(pread_bytes(fd, n, 8, where), f"{where}: header")
     if not isinstance(header, dict):
         raise CorruptDataError(f"{where}: header must be a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
@@ -87,20 +89,19 @@ def read_header(fd: int, where: str) -> tuple[int, dict[str, tuple[str, tuple[in
             validate_name(name)
         except BadInputError as exc:
             raise CorruptDataError(f"{where}: {exc}") from None
-        if not isinstance(e, dict) or e.get("dtype") not in ST_DTYPES:
+        if not isinstance(e, dict):
+            raise CorruptDataError(f"{where}: tensor {name!r} has entry {e!r:.100}, expected an object")
+        code = e.get("dtype")
+        if not isinstance(code, str) or code not in ST_DTYPES:  # a list or object is no dict key
             raise CorruptDataError(
-                f"{where}: tensor {name!r} has an unknown dtype {e.get('dtype') if isinstance(e, dict) else e!r}"
+                f"{where}: tensor {name!r} has an unknown dtype {code!r:.50}: fisherstore stores only "
+                f"{', '.join(ST_DTYPES)}"
             )
         shape, offs = e.get("shape"), e.get("data_offsets")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise CorruptDataError(f"{where}: tensor {name!r} has a bad shape {shape!r}")
-        if not (
-            isinstance(offs, list)
-            and len(offs) == 2
-            and all(isinstance(o, int) for o in offs)
-            and 0 <= offs[0] <= offs[1]
-        ):
-            raise CorruptDataError(f"{where}: tensor {name!r} has bad data_offsets {offs!r}")
+        if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+            raise CorruptDataError(f"{where}: tensor {name!r} has a bad shape {shape!r:.200}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_uint(o) for o in offs) and offs[0] <= offs[1]):
+            raise CorruptDataError(f"{where}: tensor {name!r} has bad data_offsets {offs!r:.200}")
         dtype = ST_DTYPES[e["dtype"]]
         expected = math.prod(shape) * ITEMSIZES[dtype]
         if offs[1] - offs[0] != expected:
@@ -268,6 +269,10 @@ class SafetensorsBackend(Backend):
 
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         return self._reader.read(self._file(info), info.name, info.dtype, info.shape, start, stop)
+
+    def check_metadata(self, info: TensorInfo) -> None:
+        """The tensor's shard exists and its header entry has the manifest's dtype and shape."""
+        self._reader.entry(self._file(info), info.name, info.dtype, info.shape)
 
     def byte_span(self, info: TensorInfo) -> tuple[Path, int]:
         path = self._file(info)
