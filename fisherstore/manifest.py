@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -493,7 +494,12 @@ class Manifest:
         path = Path(path)
         try:
             with open(path, "rb") as fh:
-                raw = fh.read(MAX_MANIFEST_BYTES + 1)  # the cap holds before the bytes are in memory
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_MANIFEST_BYTES:  # refused before its bytes are in memory
+                    raise CorruptDataError(
+                        f"{path}: manifest is {size} bytes, over the {MAX_MANIFEST_BYTES >> 20} MiB cap"
+                    )
+                raw = fh.read(MAX_MANIFEST_BYTES + 1)  # + 1: a file that grew since fstat is still caught
         except FileNotFoundError:
             raise CorruptDataError(f"{path}: manifest missing") from None
         return cls.parse(raw, str(path))

@@ -680,7 +680,7 @@ class ZarrBackend(Backend):
             meta_path = array_dir / "zarr.json"
             try:
                 with open(meta_path, "rb") as fh:
-                    raw = fh.read(_MAX_META_BYTES + 1)
+                    raw = fh.read(_MAX_META_BYTES + 1)  # + 1: over the cap is seen, the rest is never read
             except FileNotFoundError:
                 raise CorruptDataError(f"tensor {info.name!r}: {meta_path} is missing") from None
             if len(raw) > _MAX_META_BYTES:
