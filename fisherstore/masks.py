@@ -220,6 +220,12 @@ class MaskStore:
 
     def __init__(self, store: FisherStore) -> None:
         self.store = store
+        rank = store.manifest.attrs.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise CorruptDataError(
+                f"{store.path}: mask store manifest attrs 'rank' must be an integer >= 1, got {rank!r:.50}; "
+                "it was not written by fisherstore"
+            )
         written = set(store.names)
         #: source tensor → its stored ``<name>.S`` (the tensor holding its attrs), for every written triple.
         self._names = {t.name: t.s.name for g in store.manifest.groups for t in mask_triples(g) if t.s.name in written}

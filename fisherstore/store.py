@@ -19,7 +19,15 @@ from ._tally import Tally
 from .errors import BadInputError, CorruptDataError, StoreNotFoundError, TensorNotFoundError
 from .formats import get_backend
 from .formats.base import Backend, RowsInto, check_rows, rows_of
-from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo, importance_document, layer_sums
+from .manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    GroupInfo,
+    Manifest,
+    TensorInfo,
+    importance_document,
+    layer_sums,
+)
 from .storage import Remote, RemoteFile, resolve
 
 if TYPE_CHECKING:
@@ -108,7 +116,7 @@ def load_manifest(root: Remote) -> Manifest:
     """
     where = root.url_of(MANIFEST_NAME)
     try:
-        raw = root.cat(MANIFEST_NAME)
+        raw = root.cat(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES + 1)  # Manifest.parse refuses over the cap
     except FileNotFoundError:
         raise StoreNotFoundError(f"{where}: manifest missing") from None
     return Manifest.parse(raw, where)

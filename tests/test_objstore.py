@@ -132,6 +132,27 @@ def test_memory_interrupted_group_leaves_manifest_true_and_resumes(gemma_bf16):
         assert_same_tensors(store, gemma_bf16)
 
 
+def test_object_reads_are_capped_before_they_are_fetched(gemma_bf16, monkeypatch):
+    """``Remote.cat(limit=)`` is one bounded read; the manifest cap holds for object stores (a 1 MiB cap here)."""
+    import fisherstore.manifest
+    import fisherstore.store
+
+    url = f"memory://objstore-unit/cap{next(_ids)}"
+    write_store(url, gemma_bf16)
+    remote = resolve(url)
+    assert isinstance(remote, Remote)
+    raw = remote.cat(MANIFEST_NAME)
+    assert remote.cat(MANIFEST_NAME, limit=10) == raw[:10] and remote.cat(MANIFEST_NAME, limit=len(raw) + 9) == raw
+    monkeypatch.setattr(fisherstore.manifest, "MAX_MANIFEST_BYTES", 1 << 20)
+    monkeypatch.setattr(fisherstore.store, "MAX_MANIFEST_BYTES", 1 << 20)
+    remote.put(MANIFEST_NAME, raw + b" " * ((1 << 20) - len(raw)))  # at the cap: still read
+    with open_store(url) as store:
+        assert store.complete and len(store.names) == len(gemma_bf16)
+    remote.put(MANIFEST_NAME, raw + b" " * (1 << 20))
+    with pytest.raises(CorruptDataError, match=r"manifest is over the 1 MiB cap"):
+        open_store(url)
+
+
 # -- a real S3 server ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3():
