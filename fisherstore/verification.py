@@ -1,18 +1,33 @@
-"""Checking a store against its manifest: every tensor's bytes, shape and checksum."""
+"""Checking a store against its manifest: every tensor's bytes, shape and checksum, and the metadata files.
+
+Besides every tensor's CRC-32C, ``verify`` checks that each metadata file says
+exactly what the manifest implies, so that a flipped bit anywhere that changes
+what a reader takes from the store is reported (``tests/test_bitflips.py``):
+
+* the manifest against its own ``digest`` (FORMAT.md §2);
+* safetensors: every shard header (names, dtypes, shapes, offsets, ``__metadata__``)
+  and the HF index (``weight_map``, ``total_size``);
+* zarr: the root group's ``zarr.json`` and each array's, which must be the
+  canonical rendering of its layout, with the store's compression and level;
+* ``layer_importance.json``, which must be the manifest's sums.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._io import Checksum
 from .errors import ChecksumMismatchError, CorruptDataError
+from .manifest import IMPORTANCE_NAME, MANIFEST_NAME, document_digest, importance_document
 from .progress import progress
 from .store import FisherStore, open_store
 
-__all__ = ["Problem", "verify"]
+__all__ = ["Problem", "metadata_problems", "verify"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +62,8 @@ def verify(path: str | Path | FisherStore) -> list[Problem]:
         incomplete = store.manifest.missing_groups
         if incomplete:
             problems.append(Problem(None, f"incomplete: groups {incomplete} were never written (resume the run)"))
+        if store.format in ("safetensors", "zarr") and store.path.is_dir():
+            problems += metadata_problems(store)
         bar: Any  # a tqdm bar, or a NullBar when quiet
         with progress(total=store.nbytes, desc="verify", unit="B", unit_scale=True, unit_divisor=1024) as bar:
             for name in store.names:
@@ -70,4 +87,149 @@ def verify(path: str | Path | FisherStore) -> list[Problem]:
             store.close()
     for p in problems:
         log.debug("verify: %s", p)
+    return problems
+
+
+def _load_json(path: Path) -> Any:
+    """A small JSON file's document; CorruptDataError when it is missing or does not parse."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptDataError(f"{path.name} is missing") from None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptDataError(f"{path.name} is not valid JSON ({exc})") from None
+
+
+def _canonical(doc: Any) -> str:
+    """A JSON document's canonical text: equal texts iff the documents say the same (1 and 1.0 differ)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def metadata_problems(store: FisherStore) -> list[Problem]:
+    """What is wrong with a store directory's metadata files (module docstring); tensor bytes are not read.
+
+    Args:
+        store: an open store directory (safetensors or zarr backend).
+
+    Returns:
+        The problems, manifest first; a problem about one tensor names it.
+    """
+    problems: list[Problem] = []
+    try:
+        doc = _load_json(store.path / MANIFEST_NAME)
+        recorded = doc.get("digest") if isinstance(doc, dict) else None
+        if recorded is None:
+            unknown = sorted(set(doc) - set(store.manifest.to_dict())) if isinstance(doc, dict) else []
+            if unknown:  # a manifest from before digests has none, and no other keys either
+                problems.append(Problem(None, f"{MANIFEST_NAME}: no digest, and unknown keys {unknown}"))
+        elif recorded != document_digest(doc):
+            problems.append(
+                Problem(
+                    None,
+                    f"{MANIFEST_NAME}: its content hashes to {document_digest(doc)}, its digest says {recorded!r}: "
+                    "it was changed after it was written",
+                )
+            )
+    except CorruptDataError as exc:
+        problems.append(Problem(None, str(exc)))
+    checks = _safetensors_problems if store.format == "safetensors" else _zarr_problems
+    problems += checks(store)
+    importance = store.path / IMPORTANCE_NAME
+    if store.manifest.kind == "fisher" and importance.exists():
+        try:
+            if _canonical(_load_json(importance)) != _canonical(importance_document(store.manifest)):
+                problems.append(Problem(None, f"{IMPORTANCE_NAME} disagrees with the manifest's sums"))
+        except CorruptDataError as exc:
+            problems.append(Problem(None, str(exc)))
+    return problems
+
+
+def _safetensors_problems(store: FisherStore) -> list[Problem]:
+    """Each shard header and the HF index against the manifest."""
+    from .formats.safetensors import SHARD_METADATA, read_header
+
+    problems: list[Problem] = []
+    infos = store.manifest.tensors
+    by_file: dict[str, list[str]] = {}
+    for name, info in infos.items():
+        by_file.setdefault(str(info.location.get("file")), []).append(name)
+    for file, names in by_file.items():
+        path = store.path / file
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # the tensor loop reports a missing shard for each of its tensors
+        try:
+            _, entries, metadata = read_header(fd, str(path))
+        except CorruptDataError as exc:
+            problems.append(Problem(names[0], str(exc)))
+            continue
+        finally:
+            os.close(fd)
+        if metadata != SHARD_METADATA:
+            problems.append(Problem(None, f"{file}: header __metadata__ is {metadata}, expected {SHARD_METADATA}"))
+        for name in names:
+            info = infos[name]
+            expected = (info.dtype, info.shape, *info.location.get("offsets", ()))
+            if entries.get(name) != expected:
+                problems.append(Problem(name, f"{file}: header entry is {entries.get(name)}, manifest says {expected}"))
+        for name in sorted(set(entries) - set(names)):
+            problems.append(Problem(name, f"{file}: header lists it, the manifest does not place it there"))
+    prefix = store.manifest.backend_options.get("prefix", "fisher")
+    index_path = store.path / f"{prefix}.safetensors.index.json"
+    try:
+        index = _load_json(index_path)
+    except CorruptDataError as exc:
+        return [*problems, Problem(None, str(exc))]
+    expected_index = {
+        "metadata": {"total_size": sum(i.nbytes for i in infos.values())},
+        "weight_map": {n: i.location.get("file") for n, i in infos.items()},
+    }
+    if _canonical(index) != _canonical(expected_index):
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        weight_map = weight_map if isinstance(weight_map, dict) else {}
+        wrong = sorted(n for n in {*weight_map, *infos} if weight_map.get(n) != expected_index["weight_map"].get(n))
+        for name in wrong:
+            problems.append(
+                Problem(
+                    name,
+                    f"{index_path.name} maps it to {weight_map.get(name)!r}, "
+                    f"the manifest to {expected_index['weight_map'].get(name)!r}",
+                )
+            )
+        if not wrong:
+            problems.append(Problem(None, f"{index_path.name} disagrees with the manifest (metadata or layout)"))
+    return problems
+
+
+def _zarr_problems(store: FisherStore) -> list[Problem]:
+    """The root group's and every array's ``zarr.json``: exactly what fisherstore writes for the manifest."""
+    from .formats.zarr import _GROUP_META, _Layout
+
+    problems: list[Problem] = []
+    try:
+        if _canonical(_load_json(store.path / "zarr.json")) != _canonical(_GROUP_META):
+            problems.append(Problem(None, "zarr.json (the root group) is not the zarr v3 group fisherstore writes"))
+    except CorruptDataError as exc:
+        problems.append(Problem(None, f"root {exc}"))
+    options = store.manifest.backend_options
+    for name, info in store.manifest.tensors.items():
+        meta_path = store.path / str(info.location.get("array")) / "zarr.json"
+        try:
+            meta = _load_json(meta_path)
+            layout = _Layout.from_metadata(meta, str(meta_path))
+        except CorruptDataError:
+            continue  # the tensor loop reports it, naming the tensor
+        if _canonical(meta) != _canonical(layout.metadata()):
+            problems.append(Problem(name, f"{meta_path}: not the canonical metadata of its layout"))
+        elif (layout.compression, layout.level) != (options.get("compression"), options.get("level")):
+            problems.append(
+                Problem(
+                    name,
+                    f"{meta_path}: compression {layout.compression} level {layout.level}, the store's options say "
+                    f"{options.get('compression')} level {options.get('level')}",
+                )
+            )
     return problems
