@@ -21,7 +21,8 @@ never touched is not counted as free.  Rounds interleave the variants.
 (>= 200 single-bit flips per backend), as a table of trials / caught /
 no-op / lost per backend and location class.
 
-Usage: python benchmarks/bench_reliability.py [--part reads flips] [--repeats 3] [--workdir /tmp/fsrel]
+Usage: python benchmarks/bench_reliability.py [--part reads flips] [--repeats 3] [--stores safetensors ...]
+       [--workdir /tmp/fsrel]
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ g = torch.Generator().manual_seed(0)
 tensors = {f"model.layers.{l}.{k}.weight": fisher_like(s, g, torch.bfloat16)
            for l in range(L) for k, s in shapes.items()}
 root = sys.argv[1]
-write_store(root + "/st", tensors, group_size=4)
-write_store(root + "/z", tensors, backend="zarr", group_size=4)
-write_store(root + "/zc", tensors, backend="zarr", group_size=4, compression="blosc-zstd-bitshuffle")
+if "st" in sys.argv[2:]:
+    write_store(root + "/st", tensors, group_size=4)
+if "z" in sys.argv[2:]:
+    write_store(root + "/z", tensors, backend="zarr", group_size=4)
+if "zc" in sys.argv[2:]:
+    write_store(root + "/zc", tensors, backend="zarr", group_size=4, compression="blosc-zstd-bitshuffle")
 print(len(tensors), sum(t.numel() * t.element_size() for t in tensors.values()))
 """
 
@@ -91,15 +95,16 @@ def cold(path: Path) -> None:
             os.close(fd)
 
 
-def bench_reads(work: Path, repeats: int) -> dict:
+def bench_reads(work: Path, repeats: int, stores: list[str]) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    n, nbytes = run_child("generate", python(GEN, str(work)), env={"FISHERSTORE_NO_FSYNC": "1"}).stdout.split()
+    gen = python(GEN, str(work), *(STORES[s] for s in stores))
+    n, nbytes = run_child("generate", gen, env={"FISHERSTORE_NO_FSYNC": "1"}).stdout.split()
     print(f"{n} tensors, {int(nbytes) / 1e6:.0f} MB", flush=True)
     variants = [
         (store, mode, cache, verify)
-        for store in STORES
+        for store in stores
         for mode in ("whole", "rows")
         for cache in ("warm", "cold")
         for verify in (False, True)
@@ -189,13 +194,14 @@ def main() -> None:
     ap.add_argument("--part", nargs="+", choices=("reads", "flips"), default=["reads", "flips"])
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the read benchmark")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/fisherstore-reliability"))
+    ap.add_argument("--stores", nargs="+", choices=list(STORES), default=list(STORES), help="stores to read")
     args = ap.parse_args()
     if "flips" in args.part:
         res = bench_flips(args.workdir / "flips")
         write_results("reliability", this_command(), res, flips_table(res))
         print(flips_table(res))
     if "reads" in args.part:
-        res = bench_reads(args.workdir / "reads", args.repeats)
+        res = bench_reads(args.workdir / "reads", args.repeats, args.stores)
         write_results("verify_reads", this_command(), res, reads_table(res))
         print(reads_table(res))
 

@@ -183,20 +183,18 @@ def _safetensors_problems(store: FisherStore) -> list[Problem]:
         index = _load_json(index_path)
     except CorruptDataError as exc:
         return [*problems, Problem(None, str(exc))]
-    expected_index = {
-        "metadata": {"total_size": sum(i.nbytes for i in infos.values())},
-        "weight_map": {n: i.location.get("file") for n, i in infos.items()},
-    }
+    expected_map = {n: i.location.get("file") for n, i in infos.items()}
+    expected_index = {"metadata": {"total_size": sum(i.nbytes for i in infos.values())}, "weight_map": expected_map}
     if _canonical(index) != _canonical(expected_index):
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         weight_map = weight_map if isinstance(weight_map, dict) else {}
-        wrong = sorted(n for n in {*weight_map, *infos} if weight_map.get(n) != expected_index["weight_map"].get(n))
+        wrong = sorted(n for n in {*weight_map, *infos} if weight_map.get(n) != expected_map.get(n))
         for name in wrong:
             problems.append(
                 Problem(
                     name,
                     f"{index_path.name} maps it to {weight_map.get(name)!r}, "
-                    f"the manifest to {expected_index['weight_map'].get(name)!r}",
+                    f"the manifest to {expected_map.get(name)!r}",
                 )
             )
         if not wrong:
