@@ -4,7 +4,7 @@
 bf16, 212 MB; synthetic Fisher-like values) is written as safetensors, zarr
 and compressed zarr; then each reader runs as its own child process (wall
 time and peak RSS from ``wait4``, the read time measured inside the child,
-imports excluded) and reads every tensor of the store, with
+imports excluded, with its CPU time) and reads every tensor of the store, with
 ``open_store(verify=False)`` and ``verify=True``:
 
   whole   ``store[name]`` for every tensor
@@ -64,14 +64,14 @@ from fisherstore.store import open_store
 import fisherstore.formats.safetensors, fisherstore.formats.zarr
 path, verify, mode = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 touched = 0
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 with open_store(path, verify=verify) as s:
     for name in s.names:
         blocks = [(0, s[name])] if mode == "whole" else s.iter_rows(name, 64)
         for _, x in blocks:
             touched += int(x.reshape(-1).view(torch.uint8)[::4096].sum())  # one byte per page
     assert not verify or len(s.verified) == len(s)
-print(time.perf_counter() - t0)
+print(time.perf_counter() - t0, time.process_time() - c0)
 """
 
 STORES = {"safetensors": "st", "zarr (none)": "z", "zarr (blosc-zstd-bitshuffle)": "zc"}
@@ -117,8 +117,11 @@ def bench_reads(work: Path, repeats: int, stores: list[str]) -> dict:
             path = work / STORES[store]
             (warm if cache == "warm" else cold)(path)
             r = run_child(str(v), python(READ, str(path), "1" if verify else "0", mode))
-            runs[v].append((float(r.stdout.splitlines()[-1]), r.peak_rss_mb, r.wall_s))
-            print(f"  {store:<30} {mode:<5} {cache:<4} verify={verify!s:<5} {runs[v][-1][0]:7.3f} s", flush=True)
+            wall, cpu = map(float, r.stdout.splitlines()[-1].split())
+            runs[v].append((wall, r.peak_rss_mb, r.wall_s, cpu))
+            print(
+                f"  {store:<30} {mode:<5} {cache:<4} verify={verify!s:<5} {wall:7.3f} s  cpu {cpu:7.3f} s", flush=True
+            )
     rows = []
     for v in variants:
         store, mode, cache, verify = v
@@ -132,6 +135,8 @@ def bench_reads(work: Path, repeats: int, stores: list[str]) -> dict:
                 "read_s": statistics.median(r[0] for r in runs[v]),
                 "runs_s": [r[0] for r in runs[v]],
                 "x_verify_off": statistics.median(r[0] / o[0] for r, o in zip(runs[v], off)),
+                "cpu_s": statistics.median(r[3] for r in runs[v]),
+                "cpu_x_verify_off": statistics.median(r[3] / o[3] for r, o in zip(runs[v], off)),
                 "peak_rss_mb": statistics.median(r[1] for r in runs[v]),
                 "child_wall_s": statistics.median(r[2] for r in runs[v]),
             }
@@ -144,17 +149,18 @@ def reads_table(res: dict) -> str:
     lines = [
         f"Every tensor of a SmolLM2-135M-shaped store ({res['tensors']} bf16 tensors, "
         f"{res['tensor_bytes'] / 1e6:.0f} MB), read in a child process; read s = median inside the child "
-        "(imports excluded); x off = median ratio to the same variant without verify, within a round.",
+        "(imports excluded); CPU s = the child's user + system time over the same span (less sensitive to "
+        "other load than wall time); x off = median ratio to the same variant without verify, within a round.",
         "",
-        "| store | reads | cache | verify | read s | runs s | MB/s | x off | peak RSS MiB |",
-        "|---|---|---|---|---:|---|---:|---:|---:|",
+        "| store | reads | cache | verify | read s | runs s | MB/s | x off | CPU s | CPU x off | peak RSS MiB |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         runs = " ".join(f"{x:.3f}" for x in r["runs_s"])
         lines.append(
             f"| {r['store']} | {r['reads']} | {r['cache']} | {'on' if r['verify'] else 'off'} | {r['read_s']:.3f} "
             f"| {runs} | {res['tensor_bytes'] / 1e6 / r['read_s']:.0f} | {r['x_verify_off']:.2f} "
-            f"| {r['peak_rss_mb']:.0f} |"
+            f"| {r['cpu_s']:.3f} | {r['cpu_x_verify_off']:.2f} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
 

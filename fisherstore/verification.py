@@ -46,8 +46,11 @@ class Problem:
 def verify(path: str | Path | FisherStore) -> list[Problem]:
     """Read every tensor once and compare it with the manifest; return the problems found.
 
-    Sources without checksums (a legacy ``fisher.pt``) are checked for
-    structure and readability only.
+    A store directory's metadata files are checked against the manifest too
+    (:func:`metadata_problems`: the manifest's digest, shard headers, the HF
+    index, ``zarr.json`` files, ``layer_importance.json``).  Sources without
+    checksums (a legacy ``fisher.pt``) are checked for structure and
+    readability only.
 
     Args:
         path: a store directory, mask store, ``fisher.pt``, or an open :class:`~fisherstore.store.FisherStore`
