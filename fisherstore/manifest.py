@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .digests import sha256_of
 from .errors import CorruptDataError
 from .naming import parse_name, validate_name
 
@@ -35,6 +36,7 @@ __all__ = [
     "Manifest",
     "TensorInfo",
     "TensorSpec",
+    "document_digest",
     "dtype_name",
     "importance_document",
     "layer_sums",
@@ -422,8 +424,8 @@ class Manifest:
         return replace(self, groups=groups, tensors=tensors, updated=now_iso())
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-able form written to ``fisherstore.json`` (:meth:`from_dict` reads it back)."""
-        return {
+        """The JSON-able form written to ``fisherstore.json`` (:meth:`from_dict` reads it back), with its digest."""
+        doc = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "kind": self.kind,
@@ -437,6 +439,8 @@ class Manifest:
             "provenance": self.provenance,
             "attrs": self.attrs,
         }
+        doc["digest"] = document_digest(doc)
+        return doc
 
     @classmethod
     def from_dict(cls, d: Any, where: str = MANIFEST_NAME) -> Manifest:
@@ -522,6 +526,24 @@ class Manifest:
         if len(raw) > MAX_MANIFEST_BYTES:
             raise CorruptDataError(f"{where}: manifest is over the {MAX_MANIFEST_BYTES >> 20} MiB cap")
         return cls.from_dict(parse_json(raw, where), where)
+
+
+def document_digest(doc: Mapping[str, Any]) -> str:
+    """The ``digest`` a manifest records of itself: SHA-256 of its canonical JSON, the ``digest`` key left out.
+
+    Canonical: keys sorted, no spaces, ASCII escapes, Python's shortest float
+    spelling; so the digest depends only on the parsed document, never on its
+    whitespace, and ``fisherstore verify`` detects any change to what the
+    manifest says (FORMAT.md §2).
+
+    Args:
+        doc: the manifest as a JSON document (a ``dict``); a ``digest`` key in it is ignored.
+
+    Returns:
+        ``"sha256:<hex>"``.
+    """
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    return sha256_of(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def layer_sums(

@@ -324,6 +324,13 @@ def test_verify_catches_a_corrupted_object(cli, s3, bucket, gemma_bf16):
     assert code == 1
     bad = [line for line in err.splitlines() if line.startswith("BAD")]
     assert len(bad) == 1 and name in bad[0] and "checksum mismatch" in bad[0], err
+    key = "corrupt/fisherstore.json"  # the manifest PUT by the writer records its digest; verify checks it there too
+    doc = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert doc["digest"].startswith("sha256:")
+    doc["tensors"][name]["sum"] *= 1.5  # still a valid manifest: only the digest can tell
+    client.put_object(Bucket=bucket, Key=key, Body=json.dumps(doc).encode())
+    code, _, err = cli("--quiet", "verify", url, "--storage-options", _opts(s3))
+    assert code == 1 and "changed after it was written" in err, err
 
 
 def _one_line_exit_2(result) -> str:

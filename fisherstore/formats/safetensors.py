@@ -34,7 +34,7 @@ from .base import Backend, Buffer, GroupSink, check_rows, rows_of, rows_shape
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ST_DTYPES", "SafetensorsBackend", "SafetensorsFileSource", "read_header"]
+__all__ = ["SHARD_METADATA", "ST_DTYPES", "SafetensorsBackend", "SafetensorsFileSource", "read_header"]
 
 #: safetensors dtype codes ↔ manifest dtype names.
 ST_DTYPES: dict[str, str] = {
@@ -51,6 +51,8 @@ ST_DTYPES: dict[str, str] = {
 }
 _CODES = {v: k for k, v in ST_DTYPES.items()}
 _HEADER_CAP = 100_000_000  # the safetensors spec's cap on the JSON header
+#: The ``__metadata__`` of every shard this backend writes (``fisherstore verify`` expects exactly this).
+SHARD_METADATA = {"format": "pt", "producer": "fisherstore"}
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
@@ -148,7 +150,7 @@ class _ShardSink(GroupSink):
         self.fh: Any = None
         self.final = backend.root / backend.shard_name(group.index, num_groups)
         self.tmp = backend.root / f"{TMP_PREFIX}{self.final.name}"
-        header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "fisherstore"}}
+        header: dict[str, Any] = {"__metadata__": dict(SHARD_METADATA)}
         pos = 0
         for spec in group.tensors:
             header[spec.name] = {
