@@ -20,7 +20,7 @@ import torch
 
 from fisherstore import open_store
 from fisherstore.conversion import convert
-from fisherstore.errors import BadInputError, CorruptDataError
+from fisherstore.errors import BadInputError, ChecksumMismatchError, CorruptDataError
 from fisherstore.manifest import MANIFEST_NAME, TensorSpec
 from fisherstore.masks import open_masks
 from fisherstore.models import TINY_GEMMA4
@@ -130,6 +130,27 @@ def test_memory_interrupted_group_leaves_manifest_true_and_resumes(gemma_bf16):
         w.finish()
     with open_store(url) as store:
         assert_same_tensors(store, gemma_bf16)
+
+
+def test_verify_on_read_checks_objects(gemma_bf16):
+    """``open_store(url, verify=True)``: a flipped bit in a shard object is a ChecksumMismatchError on first read."""
+    url = f"memory://objstore-unit/vor{next(_ids)}"
+    write_store(url, gemma_bf16, backend="zarr")
+    remote = resolve(url)
+    assert isinstance(remote, Remote)
+    name = sorted(gemma_bf16)[2]
+    key = f"{name}/c.0.0"
+    data = bytearray(remote.cat(key))
+    data[3] ^= 0x10  # a byte of the first chunk; the shard index (at the end) is intact
+    remote.put(key, bytes(data))
+    with open_store(url) as store:  # off: the bytes come back unchecked
+        assert not torch.equal(store.read(name).view(torch.uint8), gemma_bf16[name].view(torch.uint8))
+    with open_store(url, verify=True) as store:
+        with pytest.raises(ChecksumMismatchError, match=name):
+            store.read(name, (0, 1))
+        other = sorted(gemma_bf16)[0]
+        assert torch.equal(store.read(other).view(torch.uint8), gemma_bf16[other].view(torch.uint8))
+        assert store.verified == {other}
 
 
 def test_object_reads_are_capped_before_they_are_fetched(gemma_bf16, monkeypatch):
