@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .digests import sha256_of
 from .errors import CorruptDataError
 from .naming import parse_name, validate_name
 
@@ -34,14 +36,18 @@ __all__ = [
     "Manifest",
     "TensorInfo",
     "TensorSpec",
+    "document_digest",
     "dtype_name",
     "importance_document",
     "layer_sums",
     "now_iso",
+    "parse_json",
     "torch_dtype",
 ]
 
 FORMAT_NAME = "fisherstore"
+#: The largest manifest read: ~2 KB per tensor, so this is millions of tensors; checked before anything is read.
+MAX_MANIFEST_BYTES = 256 << 20
 FORMAT_VERSION = 1
 MANIFEST_NAME = "fisherstore.json"
 #: The per-layer importance document a store keeps beside its manifest (:func:`importance_document`).
@@ -116,6 +122,29 @@ def _dtype(value: Any) -> str:
     return value
 
 
+def parse_json(raw: bytes | bytearray | str, where: str) -> Any:
+    """Parse a JSON document of a store (manifest, header, array metadata); :class:`CorruptDataError` if it is not.
+
+    ``json.loads`` raises more than ``JSONDecodeError`` on hostile bytes:
+    ``UnicodeDecodeError``, ``ValueError`` for an integer of over 4300 digits
+    and ``RecursionError`` for arrays nested some thousand deep; each becomes
+    one line naming ``where``.
+
+    Args:
+        raw: the document's bytes (UTF-8) or text.
+        where: the file (or object) it came from, named in the error.
+
+    Returns:
+        The parsed value (any JSON type: callers check the shape they need).
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise CorruptDataError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, the int digit limit
+        raise CorruptDataError(f"{where}: not valid JSON ({' '.join(str(exc).split())})") from None
+
+
 def _bool(value: Any, where: str, key: str) -> bool:
     if not isinstance(value, bool):
         raise _bad(where, f"{key} must be true or false, got {value!r}")
@@ -130,8 +159,21 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
     ):
-        raise _bad(where, f"shape must be a list of non-negative integers, got {value!r}")
+        raise _bad(where, f"shape must be a list of non-negative integers, got {value!r:.200}")
     return tuple(value)
+
+
+#: The largest finite float: JSON integers beyond it have no float (``float(10**400)`` overflows).
+_MAX_FLOAT = 1.7976931348623157e308
+#: Tensor sizes are 64-bit byte counts everywhere (safetensors offsets, zarr shard indices, file offsets).
+_MAX_NBYTES = 1 << 63
+
+
+def _sized(shape: tuple[int, ...], dtype: str, where: str) -> tuple[int, ...]:
+    """``shape`` if a tensor of it in ``dtype`` has fewer than 2**63 bytes (no real file can hold more)."""
+    if math.prod(shape) * ITEMSIZES[dtype] >= _MAX_NBYTES:
+        raise _bad(where, f"shape {list(shape)!r:.200} of {dtype} is over 2**63 bytes: no file holds that")
+    return shape
 
 
 @dataclass(frozen=True)
@@ -171,7 +213,8 @@ class TensorSpec:
         if not isinstance(d, dict):
             raise _bad(where, f"expected an object, got {d!r}")
         try:
-            return cls(validate_name(d.get("name")), _shape(d.get("shape"), where), _dtype(d.get("dtype")))
+            dtype = _dtype(d.get("dtype"))
+            return cls(validate_name(d.get("name")), _sized(_shape(d.get("shape"), where), dtype, where), dtype)
         except CorruptDataError:
             raise
         except ValueError as exc:
@@ -248,15 +291,20 @@ class TensorInfo:
             raise _bad(where, f"location must be an object, got {d['location']!r}")
         if not isinstance(d["checksum"], str) or not _CHECKSUM_RE.fullmatch(d["checksum"]):
             raise _bad(where, f"checksum must look like 'crc32c:xxxxxxxx', got {d['checksum']!r}")
-        if not isinstance(d["sum"], (int, float)) or isinstance(d["sum"], bool):
-            raise _bad(where, f"sum must be a number, got {d['sum']!r}")
+        if (
+            not isinstance(d["sum"], (int, float))
+            or isinstance(d["sum"], bool)
+            or (isinstance(d["sum"], int) and abs(d["sum"]) > _MAX_FLOAT)
+        ):
+            raise _bad(where, f"sum must be a number, got {d['sum']!r:.100}")
         attrs = d.get("attrs", {})
         if not isinstance(attrs, dict):
             raise _bad(where, f"attrs must be an object, got {attrs!r}")
+        dtype = _dtype(d["dtype"])
         return cls(
             name=name,
-            shape=_shape(d["shape"], where),
-            dtype=_dtype(d["dtype"]),
+            shape=_sized(_shape(d["shape"], where), dtype, where),
+            dtype=dtype,
             group=group,
             location=d["location"],
             checksum=d["checksum"],
@@ -376,8 +424,8 @@ class Manifest:
         return replace(self, groups=groups, tensors=tensors, updated=now_iso())
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-able form written to ``fisherstore.json`` (:meth:`from_dict` reads it back)."""
-        return {
+        """The JSON-able form written to ``fisherstore.json`` (:meth:`from_dict` reads it back), with its digest."""
+        doc = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "kind": self.kind,
@@ -391,6 +439,8 @@ class Manifest:
             "provenance": self.provenance,
             "attrs": self.attrs,
         }
+        doc["digest"] = document_digest(doc)
+        return doc
 
     @classmethod
     def from_dict(cls, d: Any, where: str = MANIFEST_NAME) -> Manifest:
@@ -400,7 +450,7 @@ class Manifest:
         if d.get("format") != FORMAT_NAME:
             raise _bad(where, f"format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
         version = d.get("version")
-        if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > FORMAT_VERSION:
             raise _bad(
                 where,
                 f"version {version!r} is not supported (this fisherstore reads 1..{FORMAT_VERSION}); "
@@ -425,7 +475,10 @@ class Manifest:
         if "complete" in d:
             _bool(d["complete"], where, "complete")
         parsed_groups = tuple(GroupInfo.from_dict(g, f"{where} group {i}") for i, g in enumerate(groups))
-        parsed = {n: TensorInfo.from_dict(n, t) for n, t in tensors.items()}
+        try:
+            parsed = {n: TensorInfo.from_dict(n, t) for n, t in tensors.items()}
+        except CorruptDataError as exc:  # name the file: a tensor's entry alone does not say which manifest
+            raise _bad(where, str(exc).removeprefix("manifest: ")) from None
         _check_plan(parsed_groups, parsed, where)
         return cls(
             backend=backend,
@@ -444,29 +497,53 @@ class Manifest:
         """Read and validate a manifest file."""
         path = Path(path)
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_MANIFEST_BYTES:  # refused before its bytes are in memory
+                    raise CorruptDataError(
+                        f"{path}: manifest is {size} bytes, over the {MAX_MANIFEST_BYTES >> 20} MiB cap"
+                    )
+                raw = fh.read(MAX_MANIFEST_BYTES + 1)  # + 1: a file that grew since fstat is still caught
         except FileNotFoundError:
             raise CorruptDataError(f"{path}: manifest missing") from None
         return cls.parse(raw, str(path))
 
     @classmethod
-    def parse(cls, raw: bytes, where: str) -> Manifest:
+    def parse(cls, raw: bytes | bytearray, where: str) -> Manifest:
         """Validate a manifest's bytes, wherever they were read from (a file, an object store's GET).
 
+        The one manifest parser: :meth:`load` (local files) and
+        ``store.load_manifest`` (object stores) both end here, so the cap and
+        the JSON checks of :func:`parse_json` hold for either.
+
         Args:
-            raw: the manifest document's bytes.
+            raw: the manifest document's bytes (callers read at most ``MAX_MANIFEST_BYTES + 1`` of them).
             where: what to name in errors (its path or URL).
 
         Returns:
             The validated manifest; over the 256 MiB cap, not JSON or not FORMAT.md §2 is CorruptDataError.
         """
-        if len(raw) > 256 << 20:
-            raise CorruptDataError(f"{where}: manifest is {len(raw)} bytes, over the 256 MiB cap")
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptDataError(f"{where}: not valid JSON ({exc})") from None
-        return cls.from_dict(data, where)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise CorruptDataError(f"{where}: manifest is over the {MAX_MANIFEST_BYTES >> 20} MiB cap")
+        return cls.from_dict(parse_json(raw, where), where)
+
+
+def document_digest(doc: Mapping[str, Any]) -> str:
+    """The ``digest`` a manifest records of itself: SHA-256 of its canonical JSON, the ``digest`` key left out.
+
+    Canonical: keys sorted, no spaces, ASCII escapes, Python's shortest float
+    spelling; so the digest depends only on the parsed document, never on its
+    whitespace, and ``fisherstore verify`` detects any change to what the
+    manifest says (FORMAT.md §2).
+
+    Args:
+        doc: the manifest as a JSON document (a ``dict``); a ``digest`` key in it is ignored.
+
+    Returns:
+        ``"sha256:<hex>"``.
+    """
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    return sha256_of(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def layer_sums(

@@ -220,6 +220,12 @@ class MaskStore:
 
     def __init__(self, store: FisherStore) -> None:
         self.store = store
+        rank = store.manifest.attrs.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise CorruptDataError(
+                f"{store.path}: mask store manifest attrs 'rank' must be an integer >= 1, got {rank!r:.50}; "
+                "it was not written by fisherstore"
+            )
         written = set(store.names)
         #: source tensor → its stored ``<name>.S`` (the tensor holding its attrs), for every written triple.
         self._names = {t.name: t.s.name for g in store.manifest.groups for t in mask_triples(g) if t.s.name in written}
@@ -353,17 +359,23 @@ class MaskStore:
         return f"MaskStore({str(self.path)!r}, {len(self)} tensors, rank {self.manifest.attrs.get('rank')})"
 
 
-def open_masks(path: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> MaskStore:
+def open_masks(path: str | Path, *, storage_options: Mapping[str, Any] | None = None, verify: bool = True) -> MaskStore:
     """Open a mask store for lazy reading; refuses a store of any other kind.
+
+    Masks are small (``U``, ``S``, ``V`` of rank k per tensor) and read whole,
+    so checking their checksums costs one CRC-32C pass over bytes already in
+    memory: it is on by default here, unlike :func:`~fisherstore.store.open_store`.
 
     Args:
         path: a mask store directory written by :func:`write_masks` or ``fisherstore svd``, or its URL.
         storage_options: keyword arguments of the URL's filesystem (credentials, ``endpoint_url``, ...).
+        verify: check each tensor's CRC-32C on its first read (a corrupt mask raises
+            :class:`~fisherstore.errors.ChecksumMismatchError` instead of reaching a model).
 
     Returns:
         The :class:`MaskStore`; masks are read on :meth:`MaskStore.get`.
     """
-    store = open_store(path, storage_options=storage_options)
+    store = open_store(path, storage_options=storage_options, verify=verify)
     if store.manifest.kind != MASK_KIND:
         kind = store.manifest.kind
         store.close()

@@ -197,9 +197,12 @@ def _parse_jsonl(raw: bytes, where: str) -> Iterable[Messages]:
         loc = f"{where}:{number}"
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except RecursionError:  # arrays nested some thousand deep
+            raise BadInputError(f"{loc}: not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else " ".join(str(exc).split())
             raise BadInputError(
-                f"{loc}: not valid JSON ({exc.msg}); JSON lines files hold one object per line"
+                f"{loc}: not valid JSON ({reason}); JSON lines files hold one object per line"
             ) from None
         out.append(_messages(obj, loc))
     return out

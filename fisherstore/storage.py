@@ -214,10 +214,16 @@ class Remote:
             raise OSError(errno.EIO, f"{type(exc).__name__}: {_message(exc)}", where) from None
 
     # -- reading ------------------------------------------------------------------------------------
-    def cat(self, rel: str) -> bytes:
-        """The whole object ``rel`` (small ones only: manifests, metadata)."""
+    def cat(self, rel: str, limit: int | None = None) -> bytes:
+        """The whole object ``rel`` (small ones only: manifests, metadata), or its first ``limit`` bytes.
+
+        With ``limit`` it is one range request, so a reader that caps a
+        document (``limit`` = cap + 1) never fetches more than that of a huge one.
+        """
         with self.errors(rel):
-            return cast(bytes, self.fs.cat_file(self.key(rel)))
+            if limit is None:
+                return cast(bytes, self.fs.cat_file(self.key(rel)))
+            return cast(bytes, self.fs.cat_file(self.key(rel), start=0, end=limit))
 
     def read(self, rel: str, start: int, end: int, where: str | None = None) -> bytes:
         """Bytes ``[start, end)`` of object ``rel`` in one range request; a short object is CorruptDataError."""

@@ -8,27 +8,41 @@ loads a whole store or a whole file.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._io import VIEW_BYTES, FileSpan
+from ._io import VIEW_BYTES, Checksum, FileSpan
 from ._tally import Tally
-from .errors import BadInputError, CorruptDataError, StoreNotFoundError, TensorNotFoundError
+from .errors import BadInputError, ChecksumMismatchError, CorruptDataError, StoreNotFoundError, TensorNotFoundError
 from .formats import get_backend
 from .formats.base import Backend, RowsInto, check_rows, rows_of
-from .manifest import MANIFEST_NAME, GroupInfo, Manifest, TensorInfo, importance_document, layer_sums
+from .manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    GroupInfo,
+    Manifest,
+    TensorInfo,
+    importance_document,
+    layer_sums,
+)
 from .storage import Remote, RemoteFile, resolve
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT_PIECE_BYTES", "FisherStore", "TensorSource", "load_manifest", "open_store"]
+__all__ = ["CHECK_PIECE_BYTES", "DEFAULT_PIECE_BYTES", "FisherStore", "TensorSource", "load_manifest", "open_store"]
+
+log = logging.getLogger(__name__)
 
 #: Bounded buffer used when streaming a tensor's bytes (conversion, verify).
 DEFAULT_PIECE_BYTES = 64 << 20
+#: Buffer in which verify-on-read streams a tensor it must check before serving rows of it (bounded RSS).
+CHECK_PIECE_BYTES = 4 << 20
 
 
 class TensorSource(Protocol):
@@ -108,13 +122,15 @@ def load_manifest(root: Remote) -> Manifest:
     """
     where = root.url_of(MANIFEST_NAME)
     try:
-        raw = root.cat(MANIFEST_NAME)
+        raw = root.cat(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES + 1)  # Manifest.parse refuses over the cap
     except FileNotFoundError:
         raise StoreNotFoundError(f"{where}: manifest missing") from None
     return Manifest.parse(raw, where)
 
 
-def open_store(path: str | Path | Remote, *, storage_options: Mapping[str, Any] | None = None) -> FisherStore:
+def open_store(
+    path: str | Path | Remote, *, storage_options: Mapping[str, Any] | None = None, verify: bool = False
+) -> FisherStore:
     """Open a store directory, a legacy ``fisher.pt`` or a ``.safetensors`` file for lazy reading.
 
     Raises :class:`StoreNotFoundError` when nothing is there and
@@ -123,17 +139,27 @@ def open_store(path: str | Path | Remote, *, storage_options: Mapping[str, Any] 
     object store only the manifest is read here; a tensor's read then fetches
     its array's metadata, its shard index and the byte ranges of its rows.
 
+    With ``verify=True`` each tensor's bytes are checked against the CRC-32C
+    its manifest records the first time the tensor is read, and a mismatch
+    raises :class:`~fisherstore.errors.ChecksumMismatchError` instead of
+    returning the bytes (see :meth:`FisherStore.check` for what that costs).
+    Off by default: the readers that stream whole stores (conversion,
+    ``verify``) check checksums themselves, and a row read of an unchecked
+    tensor pays one extra pass over the whole tensor (README, "Integrity on read").
+
     Args:
         path: a store directory (its ``fisherstore.json``), a ``fisher.pt`` or a bare ``.safetensors`` file;
             or an fsspec URL of a store or a ``.safetensors`` file (``s3://bucket/store``, ``memory://x``).
         storage_options: keyword arguments of the URL's filesystem (credentials, ``endpoint_url``, ...).
+        verify: check each tensor's checksum on its first read (sources without checksums, a ``fisher.pt``
+            or a bare ``.safetensors`` file, have nothing to check: a warning says so).
 
     Returns:
         A :class:`FisherStore`; nothing but metadata is read until a tensor is asked for.
     """
     location = resolve(path, storage_options, param="path")
     if isinstance(location, Remote):
-        return _open_remote(location)
+        return _open_remote(location, verify)
     path = location
     if path.is_dir():
         manifest_path = path / MANIFEST_NAME
@@ -141,7 +167,7 @@ def open_store(path: str | Path | Remote, *, storage_options: Mapping[str, Any] 
             raise StoreNotFoundError(f"{path} is a directory without {MANIFEST_NAME}: not a fisherstore store")
         manifest = Manifest.load(manifest_path)
         backend = get_backend(manifest.backend, path, manifest.backend_options)
-        return FisherStore(path, manifest, _BackendSource(manifest, backend))
+        return FisherStore(path, manifest, _BackendSource(manifest, backend), verify=verify)
     if not path.is_file():
         raise StoreNotFoundError(f"{path}: no such store or file")
     kind = _sniff(path)
@@ -166,10 +192,12 @@ def open_store(path: str | Path | Remote, *, storage_options: Mapping[str, Any] 
         tensors=source.infos,
         provenance={"source_file": str(path)},
     )
-    return FisherStore(path, manifest, source)
+    if verify and not any(i.checksum for i in source.infos.values()):
+        log.warning("%s records no checksums: verify=True has nothing to check its tensors against", path)
+    return FisherStore(path, manifest, source, verify=verify)
 
 
-def _open_remote(root: Remote) -> FisherStore:
+def _open_remote(root: Remote, verify: bool) -> FisherStore:
     """:func:`open_store` for an URL: a store (its manifest) or a bare ``.safetensors`` object."""
     try:
         manifest = load_manifest(root)
@@ -193,9 +221,11 @@ def _open_remote(root: Remote) -> FisherStore:
             tensors=source.infos,
             provenance={"source_file": str(root)},
         )
-        return FisherStore(root, file_manifest, source)
+        if verify:
+            log.warning("%s records no checksums: verify=True has nothing to check its tensors against", root)
+        return FisherStore(root, file_manifest, source, verify=verify)
     backend = get_backend(manifest.backend, root, manifest.backend_options)
-    return FisherStore(root, manifest, _BackendSource(manifest, backend))
+    return FisherStore(root, manifest, _BackendSource(manifest, backend), verify=verify)
 
 
 #: Reads at least this large are memory-mapped instead of copied (see :meth:`FisherStore.read`).
@@ -221,13 +251,22 @@ def _mapped_tensor(path: Path, offset: int, nbytes: int, info: TensorInfo, start
 
 
 class FisherStore:
-    """Lazy, read-only access to the tensors of a store (see :func:`open_store`)."""
+    """Lazy, read-only access to the tensors of a store (see :func:`open_store`).
 
-    def __init__(self, path: Path | Remote, manifest: Manifest, source: TensorSource) -> None:
+    With ``verify`` (``open_store(..., verify=True)``) the first read of each
+    tensor checks its CRC-32C (:meth:`check`); :attr:`verified` lists the
+    tensors checked so far.
+    """
+
+    def __init__(self, path: Path | Remote, manifest: Manifest, source: TensorSource, *, verify: bool = False) -> None:
         #: The store's local path, or its :class:`~fisherstore.storage.Remote` (``str()`` is the URL).
         self.path = path
         self.manifest = manifest
         self._source = source
+        #: Whether reads check each tensor's checksum the first time it is read.
+        self.verify = verify
+        self._verified: set[str] = set()
+        self._verify_lock = threading.Lock()
 
     # -- what is there --------------------------------------------------------------------
     @property
@@ -301,6 +340,11 @@ class FisherStore:
 
         ``dtype``/``device`` convert after reading (e.g. ``dtype=torch.float32``
         for numerics: bf16 has no SVD kernels).
+
+        With :attr:`verify`, the first read of a tensor checks its checksum:
+        a whole-tensor read hashes the bytes it returns (a memory-mapped read
+        thereby faults every page in), a row read first streams the whole
+        tensor through :meth:`check`.
         """
         info = self.info(name)
         nrows = rows_of(info.shape)[0]
@@ -314,12 +358,21 @@ class FisherStore:
         else:
             start, stop = rows
             check_rows(name, start, stop, nrows)
+        whole = start == 0 and stop == nrows
+        if self.verify and not whole:
+            self.check(name)  # rows cannot be checked alone: stream the whole tensor once, then serve the rows
         per_row = rows_of(info.shape)[1] * info.itemsize
         span = self._source.byte_span(info) if (stop - start) * per_row >= MAP_MIN_BYTES else None
         if span is not None:
             out = _mapped_tensor(span[0], span[1] + start * per_row, (stop - start) * per_row, info, start, stop)
         else:
             out = self._source.read_rows(info, start, stop)
+        if self.verify and whole and name not in self._verified:
+            import torch
+
+            checksum = Checksum()  # the bytes are here already: hash them where they lie, no second read
+            checksum.update(out.reshape(-1).view(torch.uint8).numpy().data if out.numel() else b"")
+            self._settle(info, checksum, info.nbytes)
         if dtype is not None or device is not None:
             out = out.to(device=device, dtype=dtype)
         return out
@@ -332,6 +385,10 @@ class FisherStore:
         On an object store the next block is fetched while the caller works on
         this one (a read-ahead of one block: two in memory at most), so the
         round trips overlap the caller's work.
+
+        With :attr:`verify`, the first block of a tensor not checked yet waits
+        for :meth:`check` to stream the whole tensor once (a row block cannot
+        be checked on its own), so no unchecked byte is ever served.
         """
         if block_rows < 1:
             raise BadInputError(f"block_rows must be >= 1, got {block_rows}", param="block_rows")
@@ -386,6 +443,12 @@ class FisherStore:
         Returns:
             An iterator of buffers (valid until the next item) and file spans, in order.
         """
+        if self.verify:
+            self.check(name)  # before the first piece: a consumer may act on pieces before the last one
+        return self._pieces(name, piece_bytes)
+
+    def _pieces(self, name: str, piece_bytes: int) -> Iterator[memoryview | FileSpan]:
+        """:meth:`iter_pieces` without the verify-on-read check (what :meth:`check` streams)."""
         info = self.info(name)
         if info.nbytes == 0:
             return
@@ -410,8 +473,54 @@ class FisherStore:
             return
         import torch  # strided fisher.pt views are gathered by torch
 
-        for _, rows in self.iter_rows(name, block):
+        for start in range(0, nrows, block):
+            rows = self._source.read_rows(info, start, min(nrows, start + block))
             yield rows.reshape(-1).view(torch.uint8).numpy().data
+
+    # -- integrity on read ----------------------------------------------------------------
+    @property
+    def verified(self) -> frozenset[str]:
+        """Tensors whose bytes were checked against their recorded checksum (:meth:`check`) so far."""
+        with self._verify_lock:
+            return frozenset(self._verified)
+
+    def check(self, name: str, piece_bytes: int = CHECK_PIECE_BYTES) -> None:
+        """Check tensor ``name``'s bytes against its recorded CRC-32C, once; later calls return at once.
+
+        The tensor is streamed once in buffers of ``piece_bytes`` (peak
+        memory stays bounded whatever its size), so a row read that triggers
+        it costs one extra pass over the whole tensor the first time.  A
+        tensor whose source records no checksum (``fisher.pt``) only has its
+        size checked.  Raises :class:`~fisherstore.errors.ChecksumMismatchError`
+        on a mismatch and :class:`~fisherstore.errors.CorruptDataError` when
+        the bytes cannot be read; a failed tensor is checked again next time.
+
+        Args:
+            name: the tensor.
+            piece_bytes: the streaming buffer's size.
+
+        Returns:
+            ``None``; the tensor is in :attr:`verified` afterwards.
+        """
+        info = self.info(name)
+        with self._verify_lock:
+            if name in self._verified:
+                return
+        checksum, nbytes = Checksum(), 0
+        for piece in self._pieces(name, piece_bytes):
+            for view in piece.views(min(piece_bytes, VIEW_BYTES)) if isinstance(piece, FileSpan) else (piece,):
+                checksum.update(view)
+                nbytes += len(view)
+        self._settle(info, checksum, nbytes)
+
+    def _settle(self, info: TensorInfo, checksum: Checksum, nbytes: int) -> None:
+        """Compare what a tensor's bytes hashed to with its manifest entry; remember it when they agree."""
+        if nbytes != info.nbytes:
+            raise CorruptDataError(f"{self.path}: tensor {info.name!r}: {nbytes} bytes read, {info.nbytes} expected")
+        if info.checksum and checksum.hexdigest() != info.checksum:
+            raise ChecksumMismatchError.for_tensor(info.name, checksum.hexdigest(), info.checksum)
+        with self._verify_lock:
+            self._verified.add(info.name)
 
     def iter_chunks(self, name: str, chunk_bytes: int = DEFAULT_PIECE_BYTES) -> Iterator[memoryview | FileSpan]:
         """Deprecated alias of :meth:`iter_pieces` (kept for one release: "chunk" now means only a zarr chunk)."""

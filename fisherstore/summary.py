@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._guard import find_debris, object_writer, owner_state, read_holder
+from .formats import BACKENDS, get_backend
 from .storage import Remote
 from .store import FisherStore, open_store
 
@@ -45,8 +46,29 @@ def info(
         return _info(store)
 
 
+def _check_metadata(store: FisherStore) -> None:
+    """Refuse a store whose files' own metadata (shard headers, array ``zarr.json``) disagree with its manifest.
+
+    A manifest alone is no proof: a shard header that says ``C128`` or an
+    array of another shape would only be found by ``convert`` or ``verify``.
+    This reads metadata only (a header per shard, a small JSON per array);
+    on an object store (``store.path`` a :class:`Remote`) the backend makes
+    the same checks by range and size requests.
+    """
+    m = store.manifest
+    if m.backend not in BACKENDS:  # a fisher.pt or a bare .safetensors: checked when it was opened
+        return
+    backend = get_backend(m.backend, store.path, m.backend_options)
+    try:
+        for name in store.names:
+            backend.check_metadata(store.info(name))
+    finally:
+        backend.close()
+
+
 def _info(store: FisherStore) -> dict[str, Any]:
     m = store.manifest
+    _check_metadata(store)
     infos = [store.info(n) for n in store.names]
     layers = store.layers
     masks = None

@@ -386,6 +386,9 @@ class ProjectorConfig:
     adapters: tuple[str, ...] | None = None
     #: Raise instead of only reporting when a selected module has no usable mask.
     strict: bool = False
+    #: Check each mask's CRC-32C as it is loaded from a mask store path (a corrupt mask raises
+    #: ChecksumMismatchError instead of steering training); costs one CRC pass over U, S and V.
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -410,6 +413,8 @@ class ProjectorConfig:
             object.__setattr__(
                 self, "adapters", (self.adapters,) if isinstance(self.adapters, str) else tuple(self.adapters)
             )
+        if not isinstance(self.verify, bool):
+            raise BadInputError(f"verify must be True or False, got {self.verify!r}", param="verify")
 
     def selects(self, layer: int | None, kind: str) -> str | None:
         """Why a module of this layer and kind is not selected, or ``None`` when it is."""
@@ -433,11 +438,11 @@ class _Target:
     V: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
-def _open_masks(masks: str | os.PathLike[str] | MaskSource) -> MaskSource:
+def _open_masks(masks: str | os.PathLike[str] | MaskSource, verify: bool) -> MaskSource:
     if isinstance(masks, (str, os.PathLike)):
         from .masks import open_masks
 
-        return open_masks(Path(masks))
+        return open_masks(Path(masks), verify=verify)
     return masks
 
 
@@ -486,7 +491,7 @@ class SubspaceProjector:
         if config is not None and options:
             raise BadInputError(f"give either a ProjectorConfig or options {sorted(options)}, not both")
         self.config = config or ProjectorConfig(**options)
-        store = _open_masks(masks)
+        store = _open_masks(masks, self.config.verify)
         stored = int(store.rank)
         if self.config.rank is not None and self.config.rank > stored:
             raise BadInputError(f"rank {self.config.rank} exceeds the mask store's rank k={stored}", param="rank")

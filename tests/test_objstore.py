@@ -20,7 +20,7 @@ import torch
 
 from fisherstore import open_store
 from fisherstore.conversion import convert
-from fisherstore.errors import BadInputError, CorruptDataError
+from fisherstore.errors import BadInputError, ChecksumMismatchError, CorruptDataError
 from fisherstore.manifest import MANIFEST_NAME, TensorSpec
 from fisherstore.masks import open_masks
 from fisherstore.models import TINY_GEMMA4
@@ -130,6 +130,48 @@ def test_memory_interrupted_group_leaves_manifest_true_and_resumes(gemma_bf16):
         w.finish()
     with open_store(url) as store:
         assert_same_tensors(store, gemma_bf16)
+
+
+def test_verify_on_read_checks_objects(gemma_bf16):
+    """``open_store(url, verify=True)``: a flipped bit in a shard object is a ChecksumMismatchError on first read."""
+    url = f"memory://objstore-unit/vor{next(_ids)}"
+    write_store(url, gemma_bf16, backend="zarr")
+    remote = resolve(url)
+    assert isinstance(remote, Remote)
+    name = sorted(gemma_bf16)[2]
+    key = f"{name}/c.0.0"
+    data = bytearray(remote.cat(key))
+    data[3] ^= 0x10  # a byte of the first chunk; the shard index (at the end) is intact
+    remote.put(key, bytes(data))
+    with open_store(url) as store:  # off: the bytes come back unchecked
+        assert not torch.equal(store.read(name).view(torch.uint8), gemma_bf16[name].view(torch.uint8))
+    with open_store(url, verify=True) as store:
+        with pytest.raises(ChecksumMismatchError, match=name):
+            store.read(name, (0, 1))
+        other = sorted(gemma_bf16)[0]
+        assert torch.equal(store.read(other).view(torch.uint8), gemma_bf16[other].view(torch.uint8))
+        assert store.verified == {other}
+
+
+def test_object_reads_are_capped_before_they_are_fetched(gemma_bf16, monkeypatch):
+    """``Remote.cat(limit=)`` is one bounded read; the manifest cap holds for object stores (a 1 MiB cap here)."""
+    import fisherstore.manifest
+    import fisherstore.store
+
+    url = f"memory://objstore-unit/cap{next(_ids)}"
+    write_store(url, gemma_bf16)
+    remote = resolve(url)
+    assert isinstance(remote, Remote)
+    raw = remote.cat(MANIFEST_NAME)
+    assert remote.cat(MANIFEST_NAME, limit=10) == raw[:10] and remote.cat(MANIFEST_NAME, limit=len(raw) + 9) == raw
+    monkeypatch.setattr(fisherstore.manifest, "MAX_MANIFEST_BYTES", 1 << 20)
+    monkeypatch.setattr(fisherstore.store, "MAX_MANIFEST_BYTES", 1 << 20)
+    remote.put(MANIFEST_NAME, raw + b" " * ((1 << 20) - len(raw)))  # at the cap: still read
+    with open_store(url) as store:
+        assert store.complete and len(store.names) == len(gemma_bf16)
+    remote.put(MANIFEST_NAME, raw + b" " * (1 << 20))
+    with pytest.raises(CorruptDataError, match=r"manifest is over the 1 MiB cap"):
+        open_store(url)
 
 
 # -- a real S3 server ---------------------------------------------------------------------------------------
@@ -303,6 +345,13 @@ def test_verify_catches_a_corrupted_object(cli, s3, bucket, gemma_bf16):
     assert code == 1
     bad = [line for line in err.splitlines() if line.startswith("BAD")]
     assert len(bad) == 1 and name in bad[0] and "checksum mismatch" in bad[0], err
+    key = "corrupt/fisherstore.json"  # the manifest PUT by the writer records its digest; verify checks it there too
+    doc = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert doc["digest"].startswith("sha256:")
+    doc["tensors"][name]["sum"] *= 1.5  # still a valid manifest: only the digest can tell
+    client.put_object(Bucket=bucket, Key=key, Body=json.dumps(doc).encode())
+    code, _, err = cli("--quiet", "verify", url, "--storage-options", _opts(s3))
+    assert code == 1 and "changed after it was written" in err, err
 
 
 def _one_line_exit_2(result) -> str:

@@ -135,6 +135,15 @@ class Backend(abc.ABC):
         """``(file, offset)`` of a tensor's raw contiguous bytes, for zero-copy streaming; ``None`` if encoded."""
         return None
 
+    def check_metadata(self, info: TensorInfo) -> None:  # noqa: B027 - optional: a backend with no metadata
+        """Raise :class:`~fisherstore.errors.CorruptDataError` where the container's own metadata of a tensor
+        (a shard header, an array's ``zarr.json``) disagrees with ``info`` or is missing; reads no tensor bytes.
+
+        ``fisherstore info`` runs it on every tensor, so that a store whose
+        files say another dtype or shape than its manifest is refused there,
+        not first by ``convert`` or ``verify``.
+        """
+
     def finalize(self, tensors: dict[str, TensorInfo], groups: tuple[GroupInfo, ...]) -> None:  # noqa: B027 - optional
         """Write any whole-store side files (e.g. an HF index) after a group commits."""
 

@@ -271,6 +271,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self._allowed[(module, name)]
         except (KeyError, TypeError):
             pass
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v3"):  # torch's rebuild for dtypes without a storage
+            raise BadInputError(  # class (uint16/32/64, float8, ...), none of which fisherstore stores
+                f"{self._path}: holds a tensor of a dtype fisherstore cannot store (it needs _rebuild_tensor_v3; "
+                f"supported: {', '.join(ITEMSIZES)}); convert the tensors before saving"
+            )
         if module in ("torch", "torch.cuda") and isinstance(name, str) and _STORAGE_NAME_RE.fullmatch(name):
             raise BadInputError(
                 f"{self._path}: holds a tensor of storage type {module}.{name}, whose dtype fisherstore cannot store "

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._io import TMP_PREFIX, fsync, fsync_dir, pread_bytes, pread_tensor, preallocate, write_all, write_json_atomic
 from ..errors import BadInputError, CorruptDataError
-from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
+from ..manifest import DTYPES, ITEMSIZES, GroupInfo, TensorInfo, TensorSpec, parse_json
 from ..naming import parse_name, validate_name
 from ..storage import RemoteFile
 from .base import Backend, Buffer, GroupSink, check_rows, rows_of, rows_shape
@@ -34,7 +34,7 @@ from .base import Backend, Buffer, GroupSink, check_rows, rows_of, rows_shape
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ST_DTYPES", "SafetensorsBackend", "SafetensorsFileSource", "read_header"]
+__all__ = ["SHARD_METADATA", "ST_DTYPES", "SafetensorsBackend", "SafetensorsFileSource", "read_header"]
 
 #: safetensors dtype codes ↔ manifest dtype names.
 ST_DTYPES: dict[str, str] = {
@@ -51,7 +51,14 @@ ST_DTYPES: dict[str, str] = {
 }
 _CODES = {v: k for k, v in ST_DTYPES.items()}
 _HEADER_CAP = 100_000_000  # the safetensors spec's cap on the JSON header
+#: The ``__metadata__`` of every shard this backend writes (``fisherstore verify`` expects exactly this).
+SHARD_METADATA = {"format": "pt", "producer": "fisherstore"}
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def _uint(value: Any) -> bool:
+    """Whether a header value is a u64, as the spec types shapes and offsets (JSON ``true`` is no integer)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
 
 
 def _size(fd: int | RemoteFile) -> int:
@@ -80,10 +87,7 @@ def read_header(
         raise CorruptDataError(
             f"{where}: header length {n} is invalid for a {size}-byte file (truncated or not safetensors)"
         )
-    try:
-        header = json.loads(_pread(fd, n, 8, where))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptDataError(f"{where}: header is not valid JSON ({exc})") from None
+    header = parse_json(_pread(fd, n, 8, where), f"{where}: header")
     if not isinstance(header, dict):
         raise CorruptDataError(f"{where}: header must be a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
@@ -99,20 +103,19 @@ def read_header(
             validate_name(name)
         except BadInputError as exc:
             raise CorruptDataError(f"{where}: {exc}") from None
-        if not isinstance(e, dict) or e.get("dtype") not in ST_DTYPES:
+        if not isinstance(e, dict):
+            raise CorruptDataError(f"{where}: tensor {name!r} has entry {e!r:.100}, expected an object")
+        code = e.get("dtype")
+        if not isinstance(code, str) or code not in ST_DTYPES:  # a list or object is no dict key
             raise CorruptDataError(
-                f"{where}: tensor {name!r} has an unknown dtype {e.get('dtype') if isinstance(e, dict) else e!r}"
+                f"{where}: tensor {name!r} has an unknown dtype {code!r:.50}: fisherstore stores only "
+                f"{', '.join(ST_DTYPES)}"
             )
         shape, offs = e.get("shape"), e.get("data_offsets")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise CorruptDataError(f"{where}: tensor {name!r} has a bad shape {shape!r}")
-        if not (
-            isinstance(offs, list)
-            and len(offs) == 2
-            and all(isinstance(o, int) for o in offs)
-            and 0 <= offs[0] <= offs[1]
-        ):
-            raise CorruptDataError(f"{where}: tensor {name!r} has bad data_offsets {offs!r}")
+        if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+            raise CorruptDataError(f"{where}: tensor {name!r} has a bad shape {shape!r:.200}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_uint(o) for o in offs) and offs[0] <= offs[1]):
+            raise CorruptDataError(f"{where}: tensor {name!r} has bad data_offsets {offs!r:.200}")
         dtype = ST_DTYPES[e["dtype"]]
         expected = math.prod(shape) * ITEMSIZES[dtype]
         if offs[1] - offs[0] != expected:
@@ -147,7 +150,7 @@ class _ShardSink(GroupSink):
         self.fh: Any = None
         self.final = backend.root / backend.shard_name(group.index, num_groups)
         self.tmp = backend.root / f"{TMP_PREFIX}{self.final.name}"
-        header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "fisherstore"}}
+        header: dict[str, Any] = {"__metadata__": dict(SHARD_METADATA)}
         pos = 0
         for spec in group.tensors:
             header[spec.name] = {
@@ -241,21 +244,25 @@ class _ShardReader:
                     raise CorruptDataError(f"{key}: shard object is missing") from None
             return self._objects[key][1]
 
+    def object_entry(self, obj: RemoteFile, name: str, dtype: str, shape: tuple[int, ...]) -> int:
+        """A tensor's absolute data offset in an object, after checking its header agrees with the manifest."""
+        entry = self.object_entries(obj).get(name)
+        if entry is None or entry[0] != dtype or entry[1] != shape:
+            raise CorruptDataError(
+                f"{obj}: header entry for {name!r} is {entry and entry[:2]}, manifest says {(dtype, shape)}"
+            )
+        return entry[2]
+
     def read_object(
         self, obj: RemoteFile, name: str, dtype: str, shape: tuple[int, ...], start: int, stop: int
     ) -> torch.Tensor:
         """Rows of a tensor in an object: one range request for exactly their bytes."""
         import torch
 
-        entry = self.object_entries(obj).get(name)
-        if entry is None or entry[0] != dtype or entry[1] != shape:
-            raise CorruptDataError(
-                f"{obj}: header entry for {name!r} is {entry and entry[:2]}, manifest says {(dtype, shape)}"
-            )
         nrows, per_row = rows_of(shape)
         check_rows(name, start, stop, nrows)
         row_bytes = per_row * ITEMSIZES[dtype]
-        begin = entry[2] + start * row_bytes
+        begin = self.object_entry(obj, name, dtype, shape) + start * row_bytes
         data = bytearray(obj.remote.read(obj.rel, begin, begin + (stop - start) * row_bytes, f"{obj} tensor {name!r}"))
         raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         return raw.view(DTYPES[dtype]).reshape(rows_shape(shape, start, stop))
@@ -352,6 +359,13 @@ class SafetensorsBackend(Backend):
             obj = RemoteFile(self.remote, self._file(info).name)
             return self._reader.read_object(obj, info.name, info.dtype, info.shape, start, stop)
         return self._reader.read(self._file(info), info.name, info.dtype, info.shape, start, stop)
+
+    def check_metadata(self, info: TensorInfo) -> None:
+        """The tensor's shard (file or object) exists and its header entry has the manifest's dtype and shape."""
+        if self.remote is not None:
+            self._reader.object_entry(RemoteFile(self.remote, self._file(info).name), info.name, info.dtype, info.shape)
+            return
+        self._reader.entry(self._file(info), info.name, info.dtype, info.shape)
 
     def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
         if self.remote is not None:  # objects are read by range requests, never mapped

@@ -72,7 +72,7 @@ from .._io import (
 )
 from .._memory import tune_allocator
 from ..errors import BadInputError, CorruptDataError
-from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec
+from ..manifest import ITEMSIZES, GroupInfo, TensorInfo, TensorSpec, parse_json
 from ..naming import validate_name
 from ..storage import Remote
 from .base import Backend, Buffer, GroupSink, check_rows, rows_of, rows_shape
@@ -85,6 +85,10 @@ __all__ = ["COMPRESSIONS", "ZarrBackend"]
 log = logging.getLogger(__name__)
 
 _MIB = 1 << 20
+#: The largest inner chunk read (decoded): the writer's chunks are at most ``chunk_mb`` (<= 1 GiB) plus a row.
+_MAX_CHUNK_BYTES = 2 << 30
+#: The largest array ``zarr.json`` read: fisherstore's are about 1 KB.
+_MAX_META_BYTES = 1 << 20
 _EMPTY = 2**64 - 1  # shard index entry of a chunk that was never written
 _WORKERS = min(8, os.cpu_count() or 1)
 _IN_FLIGHT = 2 * _WORKERS  # chunks being compressed while the next one is gathered
@@ -294,6 +298,11 @@ class _Layout:
     @classmethod
     def from_metadata(cls, meta: Any, where: str) -> _Layout:
         """Parse a ``zarr.json`` this module wrote; anything else is :class:`CorruptDataError`."""
+        data_type = meta.get("data_type") if isinstance(meta, dict) else None
+        if isinstance(data_type, str) and data_type not in ITEMSIZES:
+            raise CorruptDataError(
+                f"{where}: data_type {data_type!r:.50} is not one fisherstore stores ({', '.join(ITEMSIZES)})"
+            )
         try:
             shape = tuple(meta["shape"])
             dtype = meta["data_type"]
@@ -326,11 +335,21 @@ class _Layout:
             ok = (
                 all(isinstance(r, int) and r >= 1 for r in (layout.chunk_rows, layout.shard_rows))
                 and layout.shard_rows % layout.chunk_rows == 0
+                and layout.chunk_bytes <= _MAX_CHUNK_BYTES  # a reader holds a chunk in memory: refuse before that
                 and all(
                     meta.get(k) == v for k, v in expected.items() if k not in ("attributes", "storage_transformers")
                 )
             )
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration, ZeroDivisionError):
+        except (
+            KeyError,
+            IndexError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            StopIteration,
+            ZeroDivisionError,
+            OverflowError,
+        ):
             ok = False
         if not ok:
             raise CorruptDataError(
@@ -783,13 +802,16 @@ class ZarrBackend(Backend):
             try:
                 if self.remote is not None:
                     meta_path = self.remote.url_of(f"{array}/zarr.json")
-                    meta = json.loads(self.remote.cat(f"{array}/zarr.json"))
+                    # one range request: over the cap is seen, the rest is never fetched
+                    raw = self.remote.cat(f"{array}/zarr.json", limit=_MAX_META_BYTES + 1)
                 else:
-                    meta = json.loads(Path(meta_path).read_bytes())
+                    with open(meta_path, "rb") as fh:
+                        raw = fh.read(_MAX_META_BYTES + 1)  # + 1: over the cap is seen, the rest is never read
             except FileNotFoundError:
                 raise CorruptDataError(f"tensor {info.name!r}: {meta_path} is missing") from None
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CorruptDataError(f"tensor {info.name!r}: {meta_path} is not valid JSON ({exc})") from None
+            if len(raw) > _MAX_META_BYTES:
+                raise CorruptDataError(f"tensor {info.name!r}: {meta_path} is over {_MAX_META_BYTES >> 20} MiB")
+            meta = parse_json(raw, f"tensor {info.name!r}: {meta_path}")
             layout = _Layout.from_metadata(meta, f"tensor {info.name!r}: {meta_path}")
             if layout.shape != info.shape or layout.dtype != info.dtype:
                 raise CorruptDataError(
@@ -798,6 +820,28 @@ class ZarrBackend(Backend):
                 )
             self._layouts[array] = layout
         return array_dir, layout
+
+    def check_metadata(self, info: TensorInfo) -> None:
+        """The array's ``zarr.json`` is fisherstore's layout of the manifest's dtype and shape, every shard is there.
+
+        On an object store the same checks run: ``zarr.json`` through the same
+        capped parse, and each shard's existence by a size request.
+        """
+        array_dir, layout = self._layout(info)
+        shards = -(-layout.num_chunks // layout.chunks_per_shard)
+        for shard in range(shards):
+            if self.remote is not None:
+                key = f"{array_dir.name}/{layout.shard_key(shard)}"
+                try:
+                    self.remote.size(key)
+                except FileNotFoundError:
+                    raise CorruptDataError(
+                        f"tensor {info.name!r}: shard object {self.remote.url_of(key)} is missing; the store is damaged"
+                    ) from None
+                continue
+            path = array_dir / layout.shard_key(shard)
+            if not path.is_file():
+                raise CorruptDataError(f"tensor {info.name!r}: shard file {path} is missing; the store is damaged")
 
     def byte_span(self, info: TensorInfo) -> tuple[Path, int] | None:
         """Where an uncompressed tensor held in one shard lies raw: its chunks are the tensor's bytes in order.

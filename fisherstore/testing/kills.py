@@ -130,7 +130,10 @@ def _normal_manifest(data: bytes) -> Any:
             return [strip(v) for v in obj]
         return obj
 
-    return strip(json.loads(data))
+    doc = strip(json.loads(data))
+    if isinstance(doc, dict):  # the manifest's own digest covers its timestamps: it differs whenever they do
+        doc.pop("digest", None)
+    return doc
 
 
 def same_result(a: Path, b: Path) -> str:
