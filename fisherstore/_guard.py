@@ -135,8 +135,20 @@ def _command() -> str:
     name = Path(argv[0]).name
     if name in ("main.py", "__main__.py", "-c", ""):
         name = "fisherstore" if "fisherstore" in argv[0] or name == "main.py" else "python"
-    text = " ".join([name, *argv[1:]])
+    text = " ".join([name, *_redacted(argv[1:])])
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _redacted(args: list[str]) -> list[str]:
+    """``args`` without storage options (credentials: ``--storage-options JSON`` or any JSON object argument)."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--storage-options="):
+            arg = "--storage-options=…"
+        elif arg.lstrip().startswith("{") or (i and args[i - 1] == "--storage-options"):
+            arg = "…"
+        out.append(arg)
+    return out
 
 
 def _now() -> str:

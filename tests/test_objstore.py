@@ -469,6 +469,13 @@ def test_s3_lock_one_writer_at_a_time_readers_unblocked(cli, s3, bucket, gemma_b
     assert isinstance(lock, ObjectLock) and lock.held and lock.stale is None
     record = json.loads(s3.client().get_object(Bucket=bucket, Key=".locked.fisherstore-lock")["Body"].read())
     assert record["pid"] == os.getpid() and record["command"] == "test holder" and record["lease_seconds"] == 60
+    child = _holder(s3, f"s3://{bucket}/other", lease="60")
+    try:  # a holder's command line is recorded without its storage options (credentials)
+        other = json.loads(s3.client().get_object(Bucket=bucket, Key=".other.fisherstore-lock")["Body"].read())
+        assert s3.options["secret"] not in other["command"] and other["command"].endswith(f"s3://{bucket}/other …")
+    finally:
+        child.kill()
+        child.wait()
     with pytest.raises(StoreLockedError, match=rf"being written by pid {os.getpid()} .*\(test holder"):
         lock_store(resolve(url, s3.options))
     code, _, err = cli("--quiet", "convert", url, "-o", url, "--overwrite", "--storage-options", _opts(s3))
@@ -516,7 +523,7 @@ def test_s3_frozen_writer_loses_its_lock_and_does_not_commit(s3, bucket, caplog)
     child = _holder(s3, url, lease="1")
     try:
         child.send_signal(signal.SIGSTOP)  # alive but silent: only the lease can tell
-        time.sleep(1.5)
+        time.sleep(2.5)  # the server's clock counts whole seconds
         with caplog.at_level("WARNING", logger="fisherstore"), lock_store(resolve(url, s3.options)) as lock:
             assert lock.stale is not None and lock.stale.owner.pid == child.pid
             assert any("has not renewed it" in r.getMessage() for r in caplog.records)
