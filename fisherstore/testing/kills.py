@@ -128,7 +128,14 @@ def kill_points(events: int, count: int) -> list[int]:
     return sorted({round(1 + i * (events - 1) / (count - 1)) for i in range(count)})
 
 
-def _digest(path: Path | None) -> str:
+def _digest(path: Where | None, storage_options: dict[str, Any] | None = None) -> str:
+    if isinstance(path, str):  # an URL: every object's name and bytes
+        root = _remote(path, storage_options)
+        h = hashlib.sha256()
+        for rel in _objects(root):
+            h.update(rel.encode())
+            h.update(root.cat(rel))
+        return h.hexdigest()
     if path is None or not path.exists():
         return ""
     h = hashlib.sha256()
@@ -392,7 +399,7 @@ def run_kill_trials(
     *,
     name: str,
     points: int,
-    source: Path | None = None,
+    source: Where | None = None,
     resume_flag: str | None = None,
     env: dict[str, str] | None = None,
     fork: bool = False,
@@ -407,7 +414,7 @@ def run_kill_trials(
         work: a scratch folder (created).
         name: the destination's file name (``out``, ``out.zarr``).
         points: how many kill points (spread by :func:`kill_points`).
-        source: a path the command only reads (checked unchanged after every trial), if any.
+        source: a path (or an URL) the command only reads (checked unchanged after every trial), if any.
         resume_flag: the flag a rerun adds when the killed run left a destination (``--resume``), if any.
         env: extra environment for the command.
         fork: run each command in a forked child instead of a new interpreter (fast; no torch work).
@@ -429,7 +436,7 @@ def run_kill_trials(
         ref = f"{remote.rstrip('/')}/reference/{name}"
     events = count_writes(argv(ref), work, env=env, fork=fork)
     report = KillReport(label, " ".join(["fisherstore", *map(str, argv(name if remote else Path(name)))]), events)
-    source_digest = _digest(source)
+    source_digest = _digest(source, storage_options)
     for n in kill_points(events, points):
         dst: Where
         if remote is None:
@@ -483,7 +490,7 @@ def run_kill_trials(
                 rerun_rc=rerun_rc,
                 debris_left=len(left),
                 mismatch=mismatch,
-                source_changed=_digest(source) != source_digest,
+                source_changed=_digest(source, storage_options) != source_digest,
                 note=note,
                 open_uploads=uploads,
             )
