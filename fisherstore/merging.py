@@ -17,8 +17,9 @@ element offsets and checked against the input's recorded checksum on the way
 rounded once to the inputs' storage dtype and streamed into a
 :class:`~fisherstore.writer.StoreWriter`.  So memory is a few blocks per input
 whatever the store's size, the output commits group by group (a killed merge
-leaves a store whose manifest says incomplete), and a failed merge removes
-what it wrote.  The writer tallies the output's checksums and sums, so the
+leaves a store whose manifest says incomplete, which ``resume=True``
+continues given the same inputs in the same order), and a failed merge
+removes what it wrote.  The writer tallies the output's checksums and sums, so the
 per-tensor sums and ``layer_importance.json`` describe the merged bytes.
 
 Inputs must agree on what was estimated: the model (``config_hash``), the
