@@ -42,6 +42,7 @@ from harness import this_command, write_results
 from fisherstore.testing.kills import KillReport, run_kill_trials
 
 ZSTD = ("--compression", "blosc-zstd-bitshuffle")
+ZARR = ("--backend", "zarr")  # on s3://: an object per array and shard, so >= 20 durable writes
 EXTRACT = ("--num-prompts", "2", "--max-length", "16", "--group-size", "1", "--dtype", "fp32")
 
 #: The labels of the commands whose destinations are s3:// URLs (they need the S3 server).
@@ -66,11 +67,11 @@ def commands(src: Path, s3: Any = None) -> dict[str, tuple[str, Any, str | None,
             "convert-s3-zarr": ("out.zarr", lambda d: ["convert", src, "-o", d, *opts], "--resume", src),
             "extract-s3": (
                 "fisher",
-                lambda d: ["extract", "tiny-gemma4", "--out", d, *EXTRACT, *opts],
+                lambda d: ["extract", "tiny-gemma4", "--out", d, *EXTRACT, *ZARR, *opts],
                 "--resume",
                 None,
             ),
-            "svd-s3": ("masks", lambda d: ["svd", s3src, "--rank", "2", "-o", d, *opts], "--resume", s3src),
+            "svd-s3": ("masks", lambda d: ["svd", s3src, "--rank", "2", "-o", d, *ZARR, *opts], "--resume", s3src),
         }
     return chosen
 

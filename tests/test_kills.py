@@ -209,10 +209,11 @@ def bucket(s3):
 
 def _s3_argv(label, source, s3_source, opts):
     extract = ["--num-prompts", "2", "--max-length", "16", "--group-size", "1", "--dtype", "fp32"]
+    zarr = ["--backend", "zarr"]  # an object per array and shard: >= 20 durable writes (safetensors: 14 for extract)
     return {
         "convert-s3-zarr": lambda d: ["convert", source, "-o", d, "--storage-options", opts],
-        "extract-s3": lambda d: ["extract", "tiny-gemma4", "--out", d, *extract, "--storage-options", opts],
-        "svd-s3": lambda d: ["svd", s3_source, "--rank", "2", "-o", d, "--storage-options", opts],
+        "extract-s3": lambda d: ["extract", "tiny-gemma4", "--out", d, *extract, *zarr, "--storage-options", opts],
+        "svd-s3": lambda d: ["svd", s3_source, "--rank", "2", "-o", d, *zarr, "--storage-options", opts],
     }[label]
 
 
