@@ -435,7 +435,8 @@ def run_kill_trials(
     else:
         ref = f"{remote.rstrip('/')}/reference/{name}"
     events = count_writes(argv(ref), work, env=env, fork=fork)
-    report = KillReport(label, " ".join(["fisherstore", *map(str, argv(name if remote else Path(name)))]), events)
+    shown: Where = f"{remote.rstrip('/')}/…/{name}" if remote else Path(name)
+    report = KillReport(label, " ".join(["fisherstore", *map(str, argv(shown))]), events)
     source_digest = _digest(source, storage_options)
     for n in kill_points(events, points):
         dst: Where
