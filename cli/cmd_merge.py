@@ -16,7 +16,10 @@ input's num_prompts: the store one run over all the prompts would have written, 
 rounding. Values are accumulated in fp32 a block at a time and stored in the inputs' dtype;
 every input's checksums are verified while it is read; memory stays a few blocks per input
 whatever the stores' size. Groups are committed one by one, so a killed merge leaves a store
-that says INCOMPLETE (fisherstore info); a failed one leaves nothing.
+that says INCOMPLETE (fisherstore info); --resume continues it (the committed groups are kept,
+only the missing ones merged), given the same inputs in the same order, as its provenance
+records them (anything else is refused, exit 2); a failed merge leaves nothing (a failed
+resumed one leaves the store as it was).
 
 Refused (exit 2, nothing written): fewer than two inputs, an output that is an input,
 incomplete stores, and stores of different models (config hash), targets, estimators,
@@ -30,6 +33,7 @@ examples:
   fisherstore merge shard-0/ shard-1/ shard-2/ -o fisher/
   fisherstore merge runs/fisher-* -o fisher.zarr --compression blosc-zstd-bitshuffle
   fisherstore merge a/ b/ -o merged/ --to safetensors --overwrite
+  fisherstore merge shard-0/ shard-1/ -o fisher/ --resume   continue a killed merge
   fisherstore info merged/ --json        the inputs, under provenance.merged_from
 """
 
@@ -62,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"(default {human_bytes(DEFAULT_BLOCK_BYTES)})",
     )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (removed when the merge starts)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed merge into DST (same inputs, same order): committed groups are kept",
+    )
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=run)
 
@@ -69,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out is None:
         raise BadInputError("no destination: give -o/--out DST")
+    if args.resume and args.overwrite:
+        raise BadInputError("--resume and --overwrite contradict each other; pick one")
     summary = merge_stores(
         args.inputs,
         args.out,
@@ -76,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         backend_options=zarr_options(args, "zarr") or None,  # the library refuses them for a safetensors output
         overwrite=args.overwrite,
         block_bytes=args.block_bytes,
+        resume=args.resume,
     )
     if args.json:
         print_json(summary.to_dict())

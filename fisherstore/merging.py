@@ -17,8 +17,9 @@ element offsets and checked against the input's recorded checksum on the way
 rounded once to the inputs' storage dtype and streamed into a
 :class:`~fisherstore.writer.StoreWriter`.  So memory is a few blocks per input
 whatever the store's size, the output commits group by group (a killed merge
-leaves a store whose manifest says incomplete), and a failed merge removes
-what it wrote.  The writer tallies the output's checksums and sums, so the
+leaves a store whose manifest says incomplete, which ``resume=True``
+continues given the same inputs in the same order), and a failed merge
+removes what it wrote.  The writer tallies the output's checksums and sums, so the
 per-tensor sums and ``layer_importance.json`` describe the merged bytes.
 
 Inputs must agree on what was estimated: the model (``config_hash``), the
@@ -50,7 +51,7 @@ from .digests import sha256_of
 from .errors import BadInputError, IncompleteStoreError
 from .formats import BACKENDS
 from .formats.base import Buffer
-from .manifest import ITEMSIZES, GroupInfo, Manifest, TensorSpec, now_iso
+from .manifest import ITEMSIZES, MANIFEST_NAME, GroupInfo, Manifest, TensorSpec, now_iso
 from .progress import NullBar, progress
 from .store import FisherStore, open_store
 from .writer import StoreWriter
@@ -129,6 +130,7 @@ def merge_stores(
     backend_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    resume: bool = False,
 ) -> MergeSummary:
     """Write the Fisher of the union of the inputs' (disjoint) prompt sets as a new store at ``out``.
 
@@ -148,6 +150,10 @@ def merge_stores(
         backend_options: the target backend's options (zarr: compression, level, chunk_mb, shard_mb).
         overwrite: replace an existing store at ``out`` (it is removed when the merge starts).
         block_bytes: bytes of the fp32 accumulator of one block; bounds memory (a few blocks per input).
+        resume: continue a killed merge into ``out``: its committed groups are kept and only the missing ones
+            are merged.  The inputs must be those, in the same order and with the same tensors, that the
+            output's provenance records (``merged_from``); anything else is refused before ``out`` is touched.
+            Without an output yet, the merge starts as usual.
 
     Returns:
         The :class:`MergeSummary`, with the output's :class:`~fisherstore.manifest.Manifest`.
@@ -157,6 +163,8 @@ def merge_stores(
     out = Path(out)
     if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 4:
         raise BadInputError(f"block_bytes must be an integer >= 4, got {block_bytes!r}", param="block_bytes")
+    if resume and overwrite:
+        raise BadInputError("resume=True and overwrite=True contradict each other; pick one", param="resume")
     _check_paths(paths, out)
     with contextlib.ExitStack() as stack:
         stores = [stack.enter_context(open_store(p)) for p in paths]
@@ -169,30 +177,42 @@ def merge_stores(
         plan = tuple(replace(g, complete=False) for g in first.manifest.groups)
         nbytes = sum(s.nbytes for g in plan for s in g.tensors)
         _warn_same_prompts(stores)
+        provenance = _provenance(stores, counts)
+        resuming = resume and (out / MANIFEST_NAME).is_file()
+        if resuming:
+            _check_resumable(out, provenance)
         writer = StoreWriter.create(
             out,
             plan,
             backend=backend,
             backend_options=options,
             kind="fisher",
-            provenance=_provenance(stores, counts),
+            provenance=provenance,
             attrs=_attrs(stores, counts),
             overwrite=overwrite,
+            resume=resume,
         )
         try:
             with writer:
                 readers = [stack.enter_context(_read_ahead()) for _ in stores]
                 bar: Any  # a tqdm bar, or a NullBar when quiet
                 with progress(total=nbytes, desc="merge", unit="B", unit_scale=True, unit_divisor=1024) as bar:
+                    done = writer.completed_groups
+                    if done:
+                        log.info("resuming %s: %d of %d groups already merged", out, len(done), len(plan))
+                        bar.update(sum(s.nbytes for g in plan if g.index in done for s in g.tensors))
                     for group in writer.manifest.groups:
+                        if group.index in done:
+                            continue
                         items = (
                             (spec, _merged(spec, stores, readers, counts, block_bytes, bar)) for spec in group.tensors
                         )
                         writer.stream_group(group.index, items, attrs=_tensor_attrs(stores, group))
                 manifest = writer.finish()
         except BaseException:
-            shutil.rmtree(out, ignore_errors=True)  # a store this merge started: nothing half-written stays
-            raise
+            if not resuming:  # a store this merge started: nothing half-written stays
+                shutil.rmtree(out, ignore_errors=True)
+            raise  # a resumed store keeps its committed groups (and says incomplete), for the next --resume
     seconds = time.perf_counter() - start
     summary = MergeSummary(
         store=str(out),
@@ -271,6 +291,33 @@ def _check_input(store: FisherStore) -> int:
             f"({', '.join(_FLOAT_DTYPES)})"
         )
     return n
+
+
+#: What a resumed merge compares, per input, between the inputs given and the output's ``merged_from``.
+_RESUME_KEYS = ("path", "num_prompts", "tensors_sha256")
+
+
+def _check_resumable(out: Path, provenance: Mapping[str, Any]) -> None:
+    """Refuse to resume ``out`` unless its provenance records these inputs, in this order, with these tensors."""
+    old = Manifest.load(out / MANIFEST_NAME)
+    recorded = old.provenance.get("merged_from")
+    if not isinstance(recorded, list) or not all(isinstance(e, dict) for e in recorded):
+        raise BadInputError(f"{out} is not the output of a merge (no merged_from in its provenance); cannot resume it")
+    given = [{k: e.get(k) for k in _RESUME_KEYS} for e in provenance["merged_from"]]
+    then = [{k: e.get(k) for k in _RESUME_KEYS} for e in recorded]
+    if given == then:
+        return
+    if [g["path"] for g in given] != [t["path"] for t in then]:
+        what = f"was merged from {', '.join(str(t['path']) for t in then)}"
+        if sorted(map(str, (g["path"] for g in given))) == sorted(map(str, (t["path"] for t in then))):
+            what += " in that order"
+    else:
+        changed = next(g["path"] for g, t in zip(given, then, strict=True) if g != t)
+        what = f"was merged from another version of {changed} (its tensors or prompt count differ)"
+    raise BadInputError(
+        f"cannot resume {out}: it {what}; give the same inputs in the same order, or pass overwrite=True",
+        param="resume",
+    )
 
 
 def _storage_dtype(store: FisherStore) -> str:

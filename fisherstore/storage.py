@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from . import _io
 from .errors import BadInputError, CorruptDataError
 
 __all__ = ["UPLOAD_BLOCK_BYTES", "Remote", "RemoteFile", "is_url", "resolve"]
@@ -288,6 +289,8 @@ class Remote:
         """Write object ``rel`` in one request (a PUT is atomic on S3: readers see the old or the new object)."""
         with self.errors(rel):
             self.fs.pipe_file(self.key(rel), data)
+        if _io._FAULTS:  # the object exists: a durable write, as a rename's directory fsync is locally
+            _io._fault_point(self.url_of(rel), before=False)
 
     def put_json(self, rel: str, obj: Any) -> None:
         """``obj`` as indented JSON in one PUT (the local counterpart is ``_io.write_json_atomic``)."""
@@ -297,10 +300,13 @@ class Remote:
         """A file object writing object ``rel`` in parts of :data:`UPLOAD_BLOCK_BYTES` (multipart on S3).
 
         The object appears when the file is closed; a file abandoned without
-        ``close`` leaves nothing (an S3 multipart upload that is never completed).
+        ``close`` leaves no object (an S3 multipart upload that is never
+        completed: invisible to listings and reads, its parts kept, and billed,
+        by S3 until aborted or removed by a bucket lifecycle rule).
         """
         with self.errors(rel):
-            return cast(BinaryIO, self.fs.open(self.key(rel), "wb", block_size=UPLOAD_BLOCK_BYTES))
+            fh = self.fs.open(self.key(rel), "wb", block_size=UPLOAD_BLOCK_BYTES)
+        return cast(BinaryIO, _Upload(fh, self.url_of(rel)) if _io._FAULTS else fh)
 
     def rm(self, rel: str = "", *, recursive: bool = False) -> None:
         """Remove ``rel`` (a whole prefix with ``recursive``); nothing there is fine."""
@@ -308,6 +314,32 @@ class Remote:
             self.fs.rm(self.key(rel), recursive=recursive)
         with contextlib.suppress(Exception):
             self.fs.invalidate_cache(self.key(rel))
+
+
+class _Upload:
+    """An upload whose completion (``close``, once the object exists) is a fault point of the reliability tests."""
+
+    def __init__(self, fh: Any, where: str) -> None:
+        self._fh = fh
+        self._where = where
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+    def write(self, data: Any) -> int:
+        return cast(int, self._fh.write(data))
+
+    def close(self) -> None:
+        done = self._fh.closed
+        self._fh.close()
+        if not done:
+            _io._fault_point(self._where, before=False)
+
+    def __enter__(self) -> _Upload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _takes_refresh(fs: Any) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from fisherstore.manifest import IMPORTANCE_NAME, TensorSpec, importance_documen
 from fisherstore.merging import merge_stores
 from fisherstore.models import TINY_GEMMA4, load_model
 from fisherstore.testing import fisher_like_tensors, tiny_gemma4_config
+from fisherstore.testing.kills import count_writes, killed_run, run_kill_trials, same_result
 from fisherstore.writer import StoreWriter, plan_groups
 
 from .conftest import tree_digest
@@ -299,23 +301,79 @@ def test_overwrite_and_help(cli, tmp_path, fp32_tensors):
     assert code == 0 and "examples:" in stdout and "num_prompts" in stdout and "fisherstore merge" in stdout
 
 
-def test_killed_merge_leaves_an_incomplete_store(tmp_path, fp32_tensors):
-    """Groups commit one by one: a merge killed after its first group leaves a store that says incomplete."""
-    a = synthetic(tmp_path / "a", fp32_tensors)
-    b = synthetic(tmp_path / "b", fp32_tensors)
-    script = (
-        "import os, sys\n"
-        "from fisherstore import writer\n"
-        "commit = writer.StoreWriter._save_manifest\n"
-        "def save(self):\n"
-        "    commit(self)\n"
-        "    if self.completed_groups: os._exit(9)\n"  # as SIGKILL: no cleanup runs
-        "writer.StoreWriter._save_manifest = save\n"
-        "from fisherstore.merging import merge_stores\n"
-        "merge_stores(sys.argv[1:3], sys.argv[3])\n"
-    )
-    res = subprocess.run([sys.executable, "-c", script, str(a), str(b), str(tmp_path / "out")], capture_output=True)
-    assert res.returncode == 9, res.stderr
-    with open_store(tmp_path / "out") as s:
+def _merge_killed_after_group_0(tmp_path, tensors):
+    """Inputs a, b and a merge into ``out`` SIGKILLed (in a forked child) before it could commit group 1.
+
+    The kill point is the uninterrupted run's write count less 4: the final manifest save and
+    ``layer_importance.json`` are two durable writes each (fsync, directory fsync), so the kill comes right
+    after group 1's shard is durable and before the manifest names it.
+    """
+    a = synthetic(tmp_path / "a", tensors)
+    b = synthetic(tmp_path / "b", tensors, {"num_prompts": 2})
+    out = tmp_path / "out"
+    writes = count_writes(["merge", a, b, "-o", tmp_path / "ref" / "out"], tmp_path, fork=True)
+    rc, err = killed_run(["merge", a, b, "-o", out], writes - 4, fork=True)
+    assert rc == -signal.SIGKILL, err
+    return a, b, out, tmp_path / "ref" / "out"
+
+
+def test_killed_merge_resumes_to_the_uninterrupted_store(cli, tmp_path, fp32_tensors):
+    """A real SIGKILL leaves a store that says incomplete; --resume keeps group 0 and equals an uninterrupted run."""
+    a, b, out, ref = _merge_killed_after_group_0(tmp_path, fp32_tensors)
+    with open_store(out) as s:
         assert not s.complete and s.manifest.missing_groups == [1]
-    shutil.rmtree(tmp_path / "out")
+        kept = {out / s.info(n).location["file"] for n in s.names if s.info(n).group == 0}
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept}
+    assert len(stamps) == 1
+    before = (tree_digest(a), tree_digest(b))
+    code, _, err = cli("merge", a, b, "-o", out)  # without --resume: refused, the store left as it is
+    assert code == 2 and "already exists" in err and "--resume" in err, err
+    code, _, err = cli("merge", a, b, "-o", out, "--resume")
+    assert code == 0, err
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == stamps  # group 0 was not rewritten
+    assert same_result(out, ref) == "" and verify(out) == []
+    assert (tree_digest(a), tree_digest(b)) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no debris beside out
+
+
+def test_resume_refuses_other_inputs_or_order_in_one_line(cli, tmp_path, fp32_tensors):
+    a, b, out, _ = _merge_killed_after_group_0(tmp_path, fp32_tensors)
+    c = synthetic(tmp_path / "c", fp32_tensors, {"num_prompts": 2})  # b's tensors and count, another path
+    other = synthetic(tmp_path / "d", fisher_like_tensors(tiny_gemma4_config(), dtype=torch.float32, seed=3))
+    before = tree_digest(out)
+    for argv, words in (
+        ([b, a], "in that order"),
+        ([a, c], f"was merged from {a.resolve()}, {b.resolve()};"),
+        ([a, b, c], "give the same inputs in the same order, or pass --overwrite"),
+    ):
+        code, stdout, err = cli("merge", *argv, "-o", out, "--resume")
+        assert code == 2 and stdout == "" and err.count("\n") == 1 and words in err, err
+        assert tree_digest(out) == before
+    shutil.copytree(other, tmp_path / "b2")  # an input changed in place since: its tensors differ
+    shutil.rmtree(b)
+    shutil.copytree(tmp_path / "b2", b)
+    (b / "fisherstore.json").write_text(
+        (b / "fisherstore.json").read_text().replace('"num_prompts": 4', '"num_prompts": 2')
+    )
+    code, _, err = cli("merge", a, b, "-o", out, "--resume")
+    assert code == 2 and f"another version of {b.resolve()}" in err, err
+    code, _, err = cli("merge", a, c, "-o", other, "--resume")  # not a merge's output
+    assert code == 2 and "not the output of a merge" in err, err
+    code, _, err = cli("merge", a, b, "-o", out, "--resume", "--overwrite")
+    assert code == 2 and "contradict" in err, err
+    assert tree_digest(out) == before
+
+
+def test_merge_kill_trials_rerun_bit_identical(tmp_path, fp32_tensors):
+    """Three real kill points (first write, middle, last) of a merge, each rerun with --resume."""
+    a = synthetic(tmp_path / "a", fp32_tensors)
+    b = synthetic(tmp_path / "b", fp32_tensors, {"num_prompts": 2})
+    report = run_kill_trials(
+        "merge", lambda d: ["--no-fsync", "merge", a, b, "-o", d], tmp_path / "trials", name="out", points=3,
+        resume_flag="--resume", fork=True,
+    )  # fmt: skip
+    counts = report.counts()
+    assert counts["trials"] == counts["killed"] == 3, report.to_dict()
+    bad = {k: counts[k] for k in ("debris_left", "wrong_complete", "mismatches", "source_changed")}
+    assert bad == dict.fromkeys(bad, 0), [t.note for t in report.trials]
+    assert counts["incomplete_after_kill"] >= 1 and counts["complete_after_kill"] == 1

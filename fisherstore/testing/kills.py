@@ -10,6 +10,15 @@ where the destination exists and the command resumes, as documented) and
 compares the result with the reference.  Points are spread evenly over the
 run, first and last write included, so they are the same on every machine.
 
+A destination may be an URL (``remote=``: ``s3://bucket/prefix``; each trial
+writes under its own prefix there, the reference too).  There the durable
+writes are the object PUTs and the completed uploads (``storage.Remote``);
+what a kill left is opened and verified through the URL, the rerun's result
+is compared object by object with the reference's, and "nothing beside the
+destination" means the listing of the trial's prefix holds the destination
+alone.  An S3 multipart upload a kill abandoned is no object (listings and
+reads do not see it); it is counted apart (``open_uploads``), not as debris.
+
 Counted per trial: whether the killed run left a destination that claims to
 be complete but is not (``wrong_complete``: must be 0), debris after the kill
 (temporaries and lock files; expected, removed by the rerun) and after the
@@ -30,16 +39,22 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._io import TMP_PREFIX
 from ..manifest import MANIFEST_NAME
 
-__all__ = ["KillReport", "Trial", "kill_points", "run_kill_trials", "same_result"]
+if TYPE_CHECKING:
+    from ..storage import Remote
 
-#: Manifest keys that record when (not what), or the free memory an extraction's plan read at its start
-#: (``provenance.plan.budget_bytes``): they differ between any two runs of the same command.
-_VOLATILE = ("created", "updated", "converted", "budget_bytes")
+__all__ = ["KillReport", "Trial", "count_writes", "kill_points", "killed_run", "run_kill_trials", "same_result"]
+
+#: Manifest keys that record when (not what: a merge's ``provenance.merged.at`` too), or the free memory an
+#: extraction's plan read at its start (``provenance.plan.budget_bytes``): they differ between any two runs.
+_VOLATILE = ("created", "updated", "converted", "at", "budget_bytes")
+
+#: A location a trial writes: a local path, or an URL's :class:`~fisherstore.storage.Remote`.
+Where = Path | str
 
 
 @dataclass
@@ -56,6 +71,7 @@ class Trial:
     mismatch: bool
     source_changed: bool
     note: str = ""
+    open_uploads: int = 0  # S3 multipart uploads left open (no objects: not debris; see the module docstring)
 
 
 @dataclass
@@ -82,6 +98,7 @@ class KillReport:
             "wrong_complete": sum(x.wrong_complete for x in t),
             "mismatches": sum(x.mismatch for x in t),
             "source_changed": sum(x.source_changed for x in t),
+            "open_uploads": sum(x.open_uploads > 0 for x in t),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +128,14 @@ def kill_points(events: int, count: int) -> list[int]:
     return sorted({round(1 + i * (events - 1) / (count - 1)) for i in range(count)})
 
 
-def _digest(path: Path | None) -> str:
+def _digest(path: Where | None, storage_options: dict[str, Any] | None = None) -> str:
+    if isinstance(path, str):  # an URL: every object's name and bytes
+        root = _remote(path, storage_options)
+        h = hashlib.sha256()
+        for rel in _objects(root):
+            h.update(rel.encode())
+            h.update(root.cat(rel))
+        return h.hexdigest()
     if path is None or not path.exists():
         return ""
     h = hashlib.sha256()
@@ -136,16 +160,19 @@ def _normal_manifest(data: bytes) -> Any:
     return doc
 
 
-def same_result(a: Path, b: Path) -> str:
+def same_result(a: Where, b: Where, storage_options: dict[str, Any] | None = None) -> str:
     """``""`` when stores (or files) ``a`` and ``b`` hold the same bytes, manifests equal but for timestamps.
 
     Args:
-        a: a store directory or file.
+        a: a store directory or file, or the URL of a store (compared object by object).
         b: another.
+        storage_options: the URLs' filesystem options.
 
     Returns:
         ``""``, or what differs (the first difference found).
     """
+    if isinstance(a, str) or isinstance(b, str):
+        return _same_objects(_remote(a, storage_options), _remote(b, storage_options))
     if a.is_file() or b.is_file():
         return "" if a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes() else f"{a.name} differs"
     fa = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
@@ -160,6 +187,78 @@ def same_result(a: Path, b: Path) -> str:
         elif x != y:
             return f"{rel} differs"
     return ""
+
+
+def _remote(url: Where, storage_options: dict[str, Any] | None) -> Remote:
+    from ..storage import Remote, resolve
+
+    where = resolve(str(url), storage_options)
+    assert isinstance(where, Remote), url
+    return where
+
+
+def _objects(root: Remote) -> list[str]:
+    """Every object under ``root``, relative to it, sorted (a fresh listing: nothing cached)."""
+    fs = root.fs
+    fs.invalidate_cache()
+    return sorted(str(k)[len(root.root) + 1 :] for k in fs.find(root.root))
+
+
+def _same_objects(a: Remote, b: Remote) -> str:
+    fa, fb = _objects(a), _objects(b)
+    if fa != fb:
+        return f"objects differ: {sorted(set(fa) ^ set(fb))[:5]}"
+    for rel in fa:
+        x, y = a.cat(rel), b.cat(rel)
+        if rel.endswith(".json"):
+            if _normal_manifest(x) != _normal_manifest(y):
+                return f"{rel} differs"
+        elif x != y:
+            return f"{rel} differs"
+    return ""
+
+
+def _remote_debris(dst: Remote) -> list[str]:
+    """Everything in the listing of ``dst``'s prefix but ``dst`` itself, and temporaries inside ``dst``."""
+    beside = [n for n in dst.parent.listing() if n != dst.name]
+    inside = [n for n in _objects(dst) if n.rsplit("/", 1)[-1].startswith(TMP_PREFIX)]
+    return beside + [f"{dst.name}/{n}" for n in inside]
+
+
+def _remote_state(dst: Remote, storage_options: dict[str, Any] | None) -> tuple[str, bool]:
+    """:func:`_state` through an URL."""
+    from ..store import open_store
+    from ..verification import verify
+
+    names = dst.listing()
+    if not names:
+        return "absent", True
+    if MANIFEST_NAME not in names:
+        return "incomplete", True
+    try:
+        with open_store(dst.url, storage_options=storage_options) as store:
+            complete = store.complete
+    except Exception:
+        return "incomplete", True
+    if not complete:
+        return "incomplete", True
+    try:
+        return "complete", not verify(dst.url, storage_options=storage_options)
+    except Exception:
+        return "complete", False
+
+
+def _open_uploads(dst: Remote) -> int:
+    """S3 multipart uploads begun under ``dst`` and never completed or aborted (0 where the API has none)."""
+    lister = getattr(dst.fs, "list_multipart_uploads", None)
+    if lister is None:
+        return 0
+    bucket, _, prefix = dst.root.partition("/")
+    try:
+        uploads = lister(bucket)
+    except Exception:
+        return 0
+    return sum(1 for u in uploads if str(u.get("Key", "")).startswith(prefix + "/"))
 
 
 def _debris(dst: Path) -> list[str]:
@@ -251,17 +350,64 @@ def _wait(pid: int, timeout: float = 600.0) -> int:
         time.sleep(0.02)
 
 
+def count_writes(
+    args: Sequence[str | Path], work: Path, *, env: dict[str, str] | None = None, fork: bool = False
+) -> int:
+    """Run the CLI with ``args`` once, uninterrupted, and return how many durable writes it made.
+
+    Args:
+        args: the command's arguments (after ``fisherstore``).
+        work: a folder for the count file.
+        env: extra environment for the command.
+        fork: run it in a forked child of this process (see :func:`run_kill_trials`).
+
+    Returns:
+        The number of durable writes (the largest kill point).
+    """
+    count_file = work / "events.txt"
+    rc, err = _run(list(map(str, args)), {**_base(env), "FISHERSTORE_TEST_COUNT_FILE": str(count_file)}, fork)
+    if rc != 0:
+        raise RuntimeError(f"the uninterrupted run failed ({rc}): {err[-2000:]}")
+    return int(count_file.read_text())
+
+
+def killed_run(
+    args: Sequence[str | Path], after: int, *, env: dict[str, str] | None = None, fork: bool = False
+) -> tuple[int, str]:
+    """Run the CLI with ``args``, SIGKILLed right after its ``after``-th durable write.
+
+    Args:
+        args: the command's arguments (after ``fisherstore``).
+        after: the durable write after which the process kills itself.
+        env: extra environment for the command.
+        fork: run it in a forked child of this process (see :func:`run_kill_trials`).
+
+    Returns:
+        ``(exit code, stderr)``; the exit code is ``-signal.SIGKILL`` when the kill happened.
+    """
+    return _run(list(map(str, args)), {**_base(env), "FISHERSTORE_TEST_KILL_AFTER": str(after)}, fork)
+
+
+def _base(env: dict[str, str] | None) -> dict[str, str]:
+    base = {**os.environ, **(env or {})}
+    for key in ("FISHERSTORE_TEST_KILL_AFTER", "FISHERSTORE_TEST_ENOSPC_AFTER", "FISHERSTORE_TEST_COUNT_FILE"):
+        base.pop(key, None)
+    return base
+
+
 def run_kill_trials(
     label: str,
-    argv: Callable[[Path], list[str]],
+    argv: Callable[[Where], list[Any]],
     work: Path,
     *,
     name: str,
     points: int,
-    source: Path | None = None,
+    source: Where | None = None,
     resume_flag: str | None = None,
     env: dict[str, str] | None = None,
     fork: bool = False,
+    remote: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> KillReport:
     """Run ``argv(dst)`` once whole, then killed at ``points`` durable writes, each followed by a rerun.
 
@@ -271,47 +417,73 @@ def run_kill_trials(
         work: a scratch folder (created).
         name: the destination's file name (``out``, ``out.zarr``).
         points: how many kill points (spread by :func:`kill_points`).
-        source: a path the command only reads (checked unchanged after every trial), if any.
+        source: a path (or an URL) the command only reads (checked unchanged after every trial), if any.
         resume_flag: the flag a rerun adds when the killed run left a destination (``--resume``), if any.
         env: extra environment for the command.
         fork: run each command in a forked child instead of a new interpreter (fast; no torch work).
+        remote: an URL prefix (``s3://bucket/kills``): the destinations are URLs under it, one prefix per trial
+            (``argv`` gets the URL as a string); ``None``: local folders under ``work``.
+        storage_options: the URL's filesystem options, for inspecting what a trial left (the command gets its
+            own through ``argv`` or ``env``).
 
     Returns:
         The report; each trial's rerun destination is removed once compared.
     """
     work.mkdir(parents=True, exist_ok=True)
-    base = {**os.environ, **(env or {})}
-    for key in ("FISHERSTORE_TEST_KILL_AFTER", "FISHERSTORE_TEST_ENOSPC_AFTER", "FISHERSTORE_TEST_COUNT_FILE"):
-        base.pop(key, None)
-    ref = work / "reference" / name
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    count_file = work / "events.txt"
-    rc, err = _run(argv(ref), {**base, "FISHERSTORE_TEST_COUNT_FILE": str(count_file)}, fork)
-    if rc != 0:
-        raise RuntimeError(f"{label}: the uninterrupted run failed ({rc}): {err[-2000:]}")
-    events = int(count_file.read_text())
-    report = KillReport(label, " ".join(["fisherstore", *map(str, argv(Path(name)))]), events)
-    source_digest = _digest(source)
+    base = _base(env)
+    ref: Where
+    if remote is None:
+        ref = work / "reference" / name
+        ref.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        ref = f"{remote.rstrip('/')}/reference/{name}"
+    events = count_writes(argv(ref), work, env=env, fork=fork)
+    shown: Where = f"{remote.rstrip('/')}/…/{name}" if remote else Path(name)
+    report = KillReport(label, " ".join(["fisherstore", *map(str, argv(shown))]), events)
+    source_digest = _digest(source, storage_options)
     for n in kill_points(events, points):
-        dst = work / f"kill-{n:05d}" / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        killed = _run(argv(dst), {**base, "FISHERSTORE_TEST_KILL_AFTER": str(n)}, fork)[0] == -signal.SIGKILL
-        after, verifies = _state(dst)
-        wrong = after == "complete" and (not verifies or bool(same_result(dst, ref)))
-        debris_after = len(_debris(dst))
-        extra = [resume_flag] if resume_flag and dst.exists() else []
-        rerun_rc, rerun_err = _run([*argv(dst), *extra], base, fork)
+        dst: Where
+        if remote is None:
+            dst = work / f"kill-{n:05d}" / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            dst = f"{remote.rstrip('/')}/kill-{n:05d}/{name}"
+        killed = killed_run(argv(dst), n, env=env, fork=fork)[0] == -signal.SIGKILL
+        if isinstance(dst, str):
+            at = _remote(dst, storage_options)
+            after, verifies = _remote_state(at, storage_options)
+            debris_after = len(_remote_debris(at))
+            uploads = _open_uploads(at)
+            exists = after != "absent"
+        else:
+            after, verifies = _state(dst)
+            debris_after = len(_debris(dst))
+            uploads = 0
+            exists = dst.exists()
+        wrong = after == "complete" and (not verifies or bool(same_result(dst, ref, storage_options)))
+        extra = [resume_flag] if resume_flag and exists else []
+        rerun_rc, rerun_err = _run([*map(str, argv(dst)), *extra], base, fork)
         note = ""
         ok_rerun = rerun_rc == 0 or (after == "complete" and "already exists" in rerun_err)
         if not ok_rerun:
             note = f"rerun failed ({rerun_rc}): {rerun_err.strip()[-300:]}"
-        diff = same_result(dst, ref) if ok_rerun and dst.exists() else "no result"
+        if isinstance(dst, str):
+            left = _remote_debris(at)
+            diff = same_result(dst, ref, storage_options) if ok_rerun and at.listing() else "no result"
+        else:
+            left = _debris(dst)
+            diff = same_result(dst, ref) if ok_rerun and dst.exists() else "no result"
         mismatch = bool(diff)
         if ok_rerun and diff:
             note = diff
-        left = _debris(dst)
         if left:
             note = (note + "; " if note else "") + f"left: {left[:4]}"
+        if wrong:
+            note = (
+                (note + "; " if note else "")
+                + "complete after the kill but "
+                + ("does not verify" if not verifies else same_result(dst, ref, storage_options))
+            )
         report.trials.append(
             Trial(
                 point=n,
@@ -322,11 +494,15 @@ def run_kill_trials(
                 rerun_rc=rerun_rc,
                 debris_left=len(left),
                 mismatch=mismatch,
-                source_changed=_digest(source) != source_digest,
+                source_changed=_digest(source, storage_options) != source_digest,
                 note=note,
+                open_uploads=uploads,
             )
         )
-        shutil.rmtree(dst.parent, ignore_errors=True)
+        if isinstance(dst, str):
+            at.parent.rm(recursive=True)
+        else:
+            shutil.rmtree(dst.parent, ignore_errors=True)
     return report
 
 
