@@ -342,6 +342,8 @@ class StoreWriter:
         with self._lock:
             self.manifest = self.manifest.with_group(replace(group, complete=True), infos)
             self.backend.finalize(self.manifest.tensors, self.manifest.groups)
+            if not self.manifest.missing_groups:  # before the manifest that says complete: a kill between
+                self._save_importance()  # the two leaves an incomplete store, never a complete one without it
             self._save_manifest()
         log.debug("group %d committed (%d tensors)", index, len(infos))
         return infos
@@ -403,7 +405,7 @@ class StoreWriter:
         self._futures.clear()
 
     def finish(self) -> Manifest:
-        """Wait for background writes, write ``layer_importance.json`` and return the final manifest.
+        """Wait for background writes and return the final manifest (``layer_importance.json`` is written).
 
         Raises :class:`IncompleteStoreError` if planned groups were never written.
         """
@@ -411,11 +413,6 @@ class StoreWriter:
         missing = self.manifest.missing_groups
         if missing:
             raise IncompleteStoreError(f"{self.root}: groups {missing} were never written; the store is incomplete")
-        if self.manifest.kind == "fisher":
-            if isinstance(self.root, Remote):
-                self.root.put_json(IMPORTANCE_NAME, importance_document(self.manifest))
-            else:
-                write_json_atomic(self.root / IMPORTANCE_NAME, importance_document(self.manifest))
         self.close()
         return self.manifest
 
@@ -438,6 +435,15 @@ class StoreWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _save_importance(self) -> None:
+        """``layer_importance.json`` of a Fisher store whose groups are all written (mask stores have none)."""
+        if self.manifest.kind != "fisher":
+            return
+        if isinstance(self.root, Remote):
+            self.root.put_json(IMPORTANCE_NAME, importance_document(self.manifest))
+        else:
+            write_json_atomic(self.root / IMPORTANCE_NAME, importance_document(self.manifest))
 
     def _save_manifest(self) -> None:
         """Commit the manifest; refused when this writer's lock was taken over (another writer owns the store)."""
