@@ -7,7 +7,16 @@ import argparse
 from fisherstore.errors import BadInputError
 from fisherstore.merging import DEFAULT_BLOCK_BYTES, MERGE_TARGETS, merge_stores
 
-from ._common import add_out_option, add_zarr_options, human_bytes, parse_size, print_json, zarr_options
+from ._common import (
+    add_out_option,
+    add_storage_options,
+    add_zarr_options,
+    human_bytes,
+    parse_size,
+    print_json,
+    storage_options,
+    zarr_options,
+)
 
 EPILOG = """\
 Each input is a complete Fisher store of its own prompts (a job of a batch array, say).
@@ -34,6 +43,7 @@ examples:
   fisherstore merge runs/fisher-* -o fisher.zarr --compression blosc-zstd-bitshuffle
   fisherstore merge a/ b/ -o merged/ --to safetensors --overwrite
   fisherstore merge shard-0/ shard-1/ -o fisher/ --resume   continue a killed merge
+  fisherstore merge s3://b/shard-0 s3://b/shard-1 -o s3://b/fisher   on an object store
   fisherstore info merged/ --json        the inputs, under provenance.merged_from
 """
 
@@ -46,8 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="STORE", help="two or more complete Fisher store directories")
-    add_out_option(p, "the new store directory", metavar="DST")
+    p.add_argument(
+        "inputs", nargs="+", metavar="STORE", help="two or more complete Fisher stores (directories or URLs)"
+    )
+    add_out_option(p, "the new store (a directory or an URL such as s3://bucket/fisher)", metavar="DST")
     p.add_argument(
         "--to",
         "--format",
@@ -71,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue a killed merge into DST (same inputs, same order): committed groups are kept",
     )
+    add_storage_options(p)
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=run)
 
@@ -88,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         block_bytes=args.block_bytes,
         resume=args.resume,
+        storage_options=storage_options(args),
     )
     if args.json:
         print_json(summary.to_dict())

@@ -53,7 +53,8 @@ from .formats import BACKENDS
 from .formats.base import Buffer
 from .manifest import ITEMSIZES, MANIFEST_NAME, GroupInfo, Manifest, TensorSpec, now_iso
 from .progress import NullBar, progress
-from .store import FisherStore, open_store
+from .storage import Remote, resolve
+from .store import FisherStore, load_manifest, open_store
 from .writer import StoreWriter
 
 __all__ = ["DEFAULT_BLOCK_BYTES", "MERGE_KEYS", "MERGE_TARGETS", "MergeSummary", "merge_stores"]
@@ -131,6 +132,7 @@ def merge_stores(
     overwrite: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     resume: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> MergeSummary:
     """Write the Fisher of the union of the inputs' (disjoint) prompt sets as a new store at ``out``.
 
@@ -143,8 +145,9 @@ def merge_stores(
     refused before ``out`` is touched.
 
     Args:
-        inputs: two or more complete Fisher store directories (as ``fisherstore extract`` or ``merge`` write them).
-        out: the new store directory; must not be an input, lie inside one or contain one.
+        inputs: two or more complete Fisher stores (directories or URLs, as ``fisherstore extract`` or
+            ``merge`` write them).
+        out: the new store (a directory or an URL); must not be an input, lie inside one or contain one.
         to: ``"safetensors"`` or ``"zarr"``; default: zarr for an ``out`` named ``*.zarr``, else the first
             input's backend (with its backend options).
         backend_options: the target backend's options (zarr: compression, level, chunk_mb, shard_mb).
@@ -154,35 +157,38 @@ def merge_stores(
             are merged.  The inputs must be those, in the same order and with the same tensors, that the
             output's provenance records (``merged_from``); anything else is refused before ``out`` is touched.
             Without an output yet, the merge starts as usual.
+        storage_options: keyword arguments of the filesystem of URL inputs and output (``s3://...``).
 
     Returns:
         The :class:`MergeSummary`, with the output's :class:`~fisherstore.manifest.Manifest`.
     """
     start = time.perf_counter()
-    paths = [Path(p) for p in inputs]
-    out = Path(out)
+    paths = [resolve(p, storage_options, param="inputs") for p in inputs]
+    target = resolve(out, storage_options, param="out")
     if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 4:
         raise BadInputError(f"block_bytes must be an integer >= 4, got {block_bytes!r}", param="block_bytes")
     if resume and overwrite:
         raise BadInputError("resume=True and overwrite=True contradict each other; pick one", param="resume")
-    _check_paths(paths, out)
+    _check_paths(paths, target)
     with contextlib.ExitStack() as stack:
-        stores = [stack.enter_context(open_store(p)) for p in paths]
+        stores = [stack.enter_context(open_store(p, storage_options=storage_options)) for p in paths]
         counts = [_check_input(s) for s in stores]
         _check_compatible(stores)
         first = stores[0]
-        backend = _target(to, out, first)
+        backend = _target(to, target, first)
         options = _options(backend, backend_options, first)
         total = sum(counts)
         plan = tuple(replace(g, complete=False) for g in first.manifest.groups)
         nbytes = sum(s.nbytes for g in plan for s in g.tensors)
         _warn_same_prompts(stores)
         provenance = _provenance(stores, counts)
-        resuming = resume and (out / MANIFEST_NAME).is_file()
+        resuming = resume and (
+            target.exists(MANIFEST_NAME) if isinstance(target, Remote) else (target / MANIFEST_NAME).is_file()
+        )
         if resuming:
-            _check_resumable(out, provenance)
+            _check_resumable(target, provenance)
         writer = StoreWriter.create(
-            out,
+            target,
             plan,
             backend=backend,
             backend_options=options,
@@ -191,6 +197,7 @@ def merge_stores(
             attrs=_attrs(stores, counts),
             overwrite=overwrite,
             resume=resume,
+            storage_options=storage_options,
         )
         try:
             with writer:
@@ -199,7 +206,7 @@ def merge_stores(
                 with progress(total=nbytes, desc="merge", unit="B", unit_scale=True, unit_divisor=1024) as bar:
                     done = writer.completed_groups
                     if done:
-                        log.info("resuming %s: %d of %d groups already merged", out, len(done), len(plan))
+                        log.info("resuming %s: %d of %d groups already merged", target, len(done), len(plan))
                         bar.update(sum(s.nbytes for g in plan if g.index in done for s in g.tensors))
                     for group in writer.manifest.groups:
                         if group.index in done:
@@ -211,11 +218,16 @@ def merge_stores(
                 manifest = writer.finish()
         except BaseException:
             if not resuming:  # a store this merge started: nothing half-written stays
-                shutil.rmtree(out, ignore_errors=True)
+                if isinstance(target, Remote):
+                    with contextlib.suppress(OSError):
+                        target.rm(MANIFEST_NAME)  # first: what is left while the rest goes claims nothing
+                        target.rm(recursive=True)
+                else:
+                    shutil.rmtree(target, ignore_errors=True)
             raise  # a resumed store keeps its committed groups (and says incomplete), for the next --resume
     seconds = time.perf_counter() - start
     summary = MergeSummary(
-        store=str(out),
+        store=str(target),
         inputs=tuple(str(p) for p in paths),
         num_prompts=total,
         counts=tuple(counts),
@@ -231,7 +243,7 @@ def merge_stores(
         "merged %d stores (%s prompts) into %s: %d tensors, %.1f MiB in %.1f s",
         len(paths),
         " + ".join(map(str, counts)),
-        out,
+        target,
         summary.tensors,
         nbytes / 2**20,
         seconds,
@@ -242,26 +254,34 @@ def merge_stores(
 # -- refusals -------------------------------------------------------------------------------------
 
 
-def _check_paths(paths: list[Path], out: Path) -> None:
+def _check_paths(paths: list[Path | Remote], out: Path | Remote) -> None:
     """At least two distinct inputs; ``out`` is none of them, lies inside none and contains none."""
     if len(paths) < 2:
         raise BadInputError(
             f"merge needs at least two input stores, got {len(paths)}; a single store is already its own merge",
             param="inputs",
         )
-    seen: dict[Path, Path] = {}
-    dst = out.resolve()
+    seen: dict[str, Path | Remote] = {}
+    dst = _where(out)
     for p in paths:
-        r = p.resolve()
+        r = _where(p)
         if r in seen:
             raise BadInputError(
                 f"{p} is given twice (as {seen[r]} too); each prompt set must be counted once", param="inputs"
             )
         seen[r] = p
-        if dst == r or r in dst.parents:
+        if dst == r or dst.startswith(r + "/"):
             raise BadInputError(f"out {out} must not be an input or lie inside one ({p})", param="out")
-        if dst in r.parents:
+        if r.startswith(dst + "/"):
             raise BadInputError(f"out {out} contains the input {p}; write the merge elsewhere", param="out")
+
+
+def _where(location: Path | Remote) -> str:
+    """A location's absolute spelling, for comparisons: the resolved path, or the filesystem's URL."""
+    if isinstance(location, Remote):
+        protocol = location.fs.protocol
+        return f"{protocol[0] if isinstance(protocol, (tuple, list)) else protocol}://{location.root}"
+    return str(location.resolve())
 
 
 def _check_input(store: FisherStore) -> int:
@@ -297,9 +317,9 @@ def _check_input(store: FisherStore) -> int:
 _RESUME_KEYS = ("path", "num_prompts", "tensors_sha256")
 
 
-def _check_resumable(out: Path, provenance: Mapping[str, Any]) -> None:
+def _check_resumable(out: Path | Remote, provenance: Mapping[str, Any]) -> None:
     """Refuse to resume ``out`` unless its provenance records these inputs, in this order, with these tensors."""
-    old = Manifest.load(out / MANIFEST_NAME)
+    old = load_manifest(out) if isinstance(out, Remote) else Manifest.load(out / MANIFEST_NAME)
     recorded = old.provenance.get("merged_from")
     if not isinstance(recorded, list) or not all(isinstance(e, dict) for e in recorded):
         raise BadInputError(f"{out} is not the output of a merge (no merged_from in its provenance); cannot resume it")
@@ -362,15 +382,16 @@ def _check_compatible(stores: list[FisherStore]) -> None:
                 )
 
 
-def _target(to: str | None, out: Path, first: FisherStore) -> str:
+def _target(to: str | None, out: Path | Remote, first: FisherStore) -> str:
+    suffix = Path(out.name).suffix
     if to is None:
-        if out.suffix in (".pt", ".pth"):
+        if suffix in (".pt", ".pth"):
             raise BadInputError(
                 f"out {out}: merge writes a store directory, not a fisher.pt; merge into a store, "
                 "then fisherstore convert it",
                 param="out",
             )
-        return "zarr" if out.suffix == ".zarr" else first.format
+        return "zarr" if suffix == ".zarr" else first.format
     if to not in MERGE_TARGETS:
         raise BadInputError(
             f"to={to!r} is not a store format a merge writes; choose one of {MERGE_TARGETS}", param="to"

@@ -541,3 +541,35 @@ def test_s3_frozen_writer_loses_its_lock_and_does_not_commit(s3, bucket, caplog)
         ]
         is False
     )
+
+
+def test_merge_of_s3_stores_into_s3_equals_the_local_merge(cli, s3, bucket, tmp_path, gemma_bf16):
+    from fisherstore.merging import merge_stores
+    from fisherstore.testing.synthetic import fisher_like_tensors, tiny_gemma4_config
+
+    other = fisher_like_tensors(tiny_gemma4_config(), dtype=torch.bfloat16, seed=1)
+    plan = plan_groups([TensorSpec.of(k, t) for k, t in gemma_bf16.items()], 2)
+    for name, tensors, n in (("a", gemma_bf16, 3), ("b", other, 5)):
+        for where, opts in ((f"s3://{bucket}/{name}", s3.options), (tmp_path / name, None)):
+            with StoreWriter.create(
+                where, plan, backend="zarr", provenance={"num_prompts": n}, storage_options=opts
+            ) as w:
+                for g in plan:
+                    w.write_group(g.index, {s.name: tensors[s.name] for s in g.tensors})
+                w.finish()
+    local = merge_stores([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    url = f"s3://{bucket}/merged"
+    code, out, err = cli(
+        "--quiet", "merge", f"s3://{bucket}/a", f"s3://{bucket}/b", "-o", url, "--storage-options", _opts(s3)
+    )
+    assert code == 0, err
+    assert f"wrote {url} (zarr)" in out and "8 prompts (3 + 5)" in out
+    with open_store(url, storage_options=s3.options) as got, open_store(local.store) as want:
+        assert got.complete and got.manifest.provenance["num_prompts"] == 8
+        assert [e["path"] for e in got.manifest.provenance["merged_from"]] == [f"s3://{bucket}/a", f"s3://{bucket}/b"]
+        assert_same_tensors(got, {n: want[n] for n in want.names})
+    assert verify(url, storage_options=s3.options) == []
+    code, _, err = cli(
+        "merge", f"s3://{bucket}/a", f"s3://{bucket}/b", "-o", f"s3://{bucket}/a/x", "--storage-options", _opts(s3)
+    )
+    assert code == 2 and "must not be an input or lie inside one" in err and err.count("\n") == 1
