@@ -177,6 +177,15 @@ def _header(raw: bytes) -> tuple[dict[str, Any], bytes]:
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
+def _read_safetensors(path: Path) -> None:
+    """Open a bare .safetensors file and read every tensor of it."""
+    src = SafetensorsFileSource(path)
+    try:
+        _read_all(src)
+    finally:
+        src.close()
+
+
 @FUZZ
 @given(data=st.data())
 def test_fuzz_safetensors_bytes(work, good, data):
@@ -186,14 +195,7 @@ def test_fuzz_safetensors_bytes(work, good, data):
     path = work / "m.safetensors"
     path.write_bytes(data.draw(mutated(raw, focus)))
 
-    def run() -> None:
-        src = SafetensorsFileSource(path)
-        try:
-            _read_all(src)
-        finally:
-            src.close()
-
-    _only_our_errors(run)
+    _only_our_errors(lambda: _read_safetensors(path))
 
 
 @FUZZ
@@ -205,14 +207,7 @@ def test_fuzz_safetensors_header_values(work, good, data):
     path = work / "h.safetensors"
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + body)
 
-    def run() -> None:
-        src = SafetensorsFileSource(path)
-        try:
-            _read_all(src)
-        finally:
-            src.close()
-
-    _only_our_errors(run)
+    _only_our_errors(lambda: _read_safetensors(path))
 
 
 # -- zarr -------------------------------------------------------------------------------------------------------

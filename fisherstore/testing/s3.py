@@ -61,6 +61,11 @@ class _Proxy(ThreadingHTTPServer):
         self.log: list[Request] = []
         self.lock = threading.Lock()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client killed mid-request (the kill trials do that) is expected; report anything else."""
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and 100-continue answered for large uploads
