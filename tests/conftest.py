@@ -96,3 +96,12 @@ def tree_digest(path: Path) -> str:
         h.update(str(p.relative_to(path.parent)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 server (moto on loopback behind a request-counting proxy), one per test module."""
+    from fisherstore.testing.s3 import S3Server
+
+    with S3Server() as server:
+        yield server

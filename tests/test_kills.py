@@ -191,14 +191,6 @@ def test_twenty_kill_points_per_long_command(source, merge_inputs, tmp_path, lab
 
 
 # -- object-store destinations (a real S3 server: moto behind a proxy, fisherstore.testing.s3) ------------
-@pytest.fixture(scope="module")
-def s3():
-    from fisherstore.testing.s3 import S3Server
-
-    with S3Server() as server:
-        yield server
-
-
 @pytest.fixture
 def bucket(s3):
     name = f"kills-{next(_ids)}"

@@ -175,14 +175,6 @@ def test_object_reads_are_capped_before_they_are_fetched(gemma_bf16, monkeypatch
 
 
 # -- a real S3 server ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3():
-    from fisherstore.testing.s3 import S3Server
-
-    with S3Server() as server:
-        yield server
-
-
 @pytest.fixture
 def bucket(s3):
     name = f"objstore-{next(_ids)}"

@@ -177,10 +177,15 @@ def same_result(a: Where, b: Where, storage_options: dict[str, Any] | None = Non
         return "" if a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes() else f"{a.name} differs"
     fa = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
     fb = sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    return _same_contents("files", fa, fb, lambda rel: ((a / rel).read_bytes(), (b / rel).read_bytes()))
+
+
+def _same_contents(what: str, fa: list[str], fb: list[str], read: Callable[[str], tuple[bytes, bytes]]) -> str:
+    """``""`` when both listings match and each name's two contents (``read``) agree, JSON as documents."""
     if fa != fb:
-        return f"files differ: {sorted(set(fa) ^ set(fb))[:5]}"
+        return f"{what} differ: {sorted(set(fa) ^ set(fb))[:5]}"
     for rel in fa:
-        x, y = (a / rel).read_bytes(), (b / rel).read_bytes()
+        x, y = read(rel)
         if rel.endswith(".json"):
             if _normal_manifest(x) != _normal_manifest(y):
                 return f"{rel} differs"
@@ -205,17 +210,7 @@ def _objects(root: Remote) -> list[str]:
 
 
 def _same_objects(a: Remote, b: Remote) -> str:
-    fa, fb = _objects(a), _objects(b)
-    if fa != fb:
-        return f"objects differ: {sorted(set(fa) ^ set(fb))[:5]}"
-    for rel in fa:
-        x, y = a.cat(rel), b.cat(rel)
-        if rel.endswith(".json"):
-            if _normal_manifest(x) != _normal_manifest(y):
-                return f"{rel} differs"
-        elif x != y:
-            return f"{rel} differs"
-    return ""
+    return _same_contents("objects", _objects(a), _objects(b), lambda rel: (a.cat(rel), b.cat(rel)))
 
 
 def _remote_debris(dst: Remote) -> list[str]:
