@@ -222,23 +222,28 @@ def _remote_debris(dst: Remote) -> list[str]:
 
 def _remote_state(dst: Remote, storage_options: dict[str, Any] | None) -> tuple[str, bool]:
     """:func:`_state` through an URL."""
-    from ..store import open_store
-    from ..verification import verify
-
     names = dst.listing()
     if not names:
         return "absent", True
     if MANIFEST_NAME not in names:
         return "incomplete", True
+    return _opened_state(dst.url, storage_options)
+
+
+def _opened_state(where: str | Path, storage_options: dict[str, Any] | None) -> tuple[str, bool]:
+    """The state of a store with a manifest: incomplete, or complete and whether it verifies."""
+    from ..store import open_store
+    from ..verification import verify
+
     try:
-        with open_store(dst.url, storage_options=storage_options) as store:
+        with open_store(where, storage_options=storage_options) as store:
             complete = store.complete
     except Exception:
         return "incomplete", True
     if not complete:
         return "incomplete", True
     try:
-        return "complete", not verify(dst.url, storage_options=storage_options)
+        return "complete", not verify(where, storage_options=storage_options)
     except Exception:
         return "complete", False
 
@@ -265,24 +270,11 @@ def _debris(dst: Path) -> list[str]:
 
 def _state(dst: Path) -> tuple[str, bool]:
     """What a killed run left at ``dst``, and whether it verifies (only meaningful when it claims completeness)."""
-    from ..store import open_store
-    from ..verification import verify
-
     if not dst.exists() or (dst.is_dir() and not (dst / MANIFEST_NAME).exists() and not any(dst.iterdir())):
         return "absent", True
     if dst.is_dir() and not (dst / MANIFEST_NAME).exists():
         return "incomplete", True
-    try:
-        with open_store(dst) as store:
-            complete = store.complete
-    except Exception:
-        return "incomplete", True
-    if not complete:
-        return "incomplete", True
-    try:
-        return "complete", not verify(dst)
-    except Exception:
-        return "complete", False
+    return _opened_state(dst, None)
 
 
 def _run(args: Sequence[str], env: dict[str, str], fork: bool) -> tuple[int, str]:
