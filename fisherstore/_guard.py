@@ -403,8 +403,7 @@ def object_writer(dst: Remote) -> Holder | None:
 
 def _on_s3(dst: Remote) -> bool:
     """Whether ``dst`` is on S3 (conditional PUTs: the lock object works there)."""
-    protocol = dst.fs.protocol
-    return "s3" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,))
+    return "s3" in dst.protocols
 
 
 def _lease() -> float:

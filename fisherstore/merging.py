@@ -279,8 +279,7 @@ def _check_paths(paths: list[Path | Remote], out: Path | Remote) -> None:
 def _where(location: Path | Remote) -> str:
     """A location's absolute spelling, for comparisons: the resolved path, or the filesystem's URL."""
     if isinstance(location, Remote):
-        protocol = location.fs.protocol
-        return f"{protocol[0] if isinstance(protocol, (tuple, list)) else protocol}://{location.root}"
+        return f"{location.protocols[0]}://{location.root}"
     return str(location.resolve())
 
 

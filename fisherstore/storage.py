@@ -158,6 +158,12 @@ class Remote:
         return hash(self.root)
 
     @property
+    def protocols(self) -> tuple[str, ...]:
+        """The filesystem's protocol names (``("s3", "s3a")``, ``("memory",)``), the first the canonical one."""
+        protocol = self.fs.protocol
+        return tuple(protocol) if isinstance(protocol, (tuple, list)) else (str(protocol),)
+
+    @property
     def name(self) -> str:
         """The last part of the root (as ``Path.name``)."""
         return self.root.rsplit("/", 1)[-1]
